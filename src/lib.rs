@@ -1,0 +1,9 @@
+pub mod action;
+pub mod batch;
+pub mod diagnostic;
+pub mod lsn;
+pub mod pgoutput;
+pub mod progress;
+pub mod rules;
+pub mod sink;
+pub mod throwaway;

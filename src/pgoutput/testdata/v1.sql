@@ -1,0 +1,26 @@
+-- Protocol 1 workload: one change kind per transaction.
+SELECT 'init' FROM pg_create_logical_replication_slot('s1', 'pgoutput');
+INSERT INTO items VALUES (1, 'apple', 1.50, 'happy', NULL), (2, 'pear', NULL, NULL, 'ripe');
+UPDATE items SET name = 'green apple' WHERE id = 1;
+UPDATE items SET id = 10 WHERE id = 2;
+DELETE FROM items WHERE id = 10;
+INSERT INTO audit VALUES (1, 1, 'created');
+UPDATE audit SET what = 'touched' WHERE id = 1;
+DELETE FROM audit WHERE id = 1;
+UPDATE docs SET rev = 2 WHERE id = 1;
+INSERT INTO codes VALUES ('A1', 'eu', 'alpha');
+UPDATE codes SET region = 'us' WHERE code = 'A1';
+INSERT INTO events VALUES ('2024-05-06 07:08:09+00', NULL);
+SELECT 'msg' FROM pg_logical_emit_message(true, 'walbust', '{"keys":["a"]}');
+SELECT 'msg' FROM pg_logical_emit_message(false, 'walbust', '{"keys":["b"]}');
+ALTER TABLE items ADD COLUMN stock int DEFAULT 0;
+INSERT INTO items (id, name, stock) VALUES (3, 'plum', 7);
+INSERT INTO parent DEFAULT VALUES;
+INSERT INTO child (parent_id) VALUES (1);
+TRUNCATE parent, child RESTART IDENTITY CASCADE;
+SELECT 'origin' FROM pg_replication_origin_session_setup('upstream');
+BEGIN;
+SELECT 'origin' FROM pg_replication_origin_xact_setup('0/1234ABCD', '2024-01-02 03:04:05+00');
+INSERT INTO items (id, name) VALUES (4, 'fig');
+COMMIT;
+SELECT 'origin' FROM pg_replication_origin_session_reset();

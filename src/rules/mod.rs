@@ -1,0 +1,240 @@
+//! Rule files: the DBA's mapping from changed tables and rows to cache keys.
+//!
+//! Raw serde structs ([`raw`]) become a validated [`RuleSet`] here; the [`router`] binds
+//! the set to the relations the stream announces and turns each change into actions.
+//!
+//! ```toml
+//! [[rule]]
+//! name = "user settings"
+//! table = "public.user_settings"
+//! on = ["insert", "update", "delete", "truncate"]
+//! keys = ["user:{user_id}:settings:all"]
+//! patterns = ["plans_list_{org_slug}_*"]
+//! ```
+
+mod raw;
+pub mod router;
+pub mod template;
+
+pub use router::{Change, Routed, Router, Widening};
+pub use template::Template;
+
+use crate::diagnostic::{Diagnostic, Diagnostics, did_you_mean};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A kind of change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    /// A new row.
+    Insert,
+    /// A changed row.
+    Update,
+    /// A removed row.
+    Delete,
+    /// Every row of the table removed.
+    Truncate,
+}
+
+impl Op {
+    /// Every op, in the order rules list them.
+    pub const ALL: [Op; 4] = [Op::Insert, Op::Update, Op::Delete, Op::Truncate];
+
+    /// The lowercase name used in rule files and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of ops a rule fires on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpSet(u8);
+
+impl OpSet {
+    /// All four ops: the default when a rule gives no `on`.
+    pub const ALL: OpSet = OpSet(0b1111);
+
+    /// True when `op` is in the set.
+    pub fn contains(self, op: Op) -> bool {
+        self.0 & op.bit() != 0
+    }
+}
+
+/// A table, schema-qualified.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// Schema; `public` when the rule gave a bare name.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// One validated rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Unique name, shown in logs and test output.
+    pub name: Arc<str>,
+    /// The table whose changes it routes.
+    pub table: TableName,
+    /// The ops it fires on.
+    pub on: OpSet,
+    /// Exact keys to UNLINK.
+    pub keys: Vec<Template>,
+    /// Globs to SCAN and UNLINK; row values in them are escaped.
+    pub patterns: Vec<Template>,
+    /// The file the rule is written in.
+    pub file: PathBuf,
+    /// The line its `[[rule]]` header is on.
+    pub line: usize,
+}
+
+impl Rule {
+    /// Where the rule is written: `file:line`.
+    pub fn origin(&self) -> String {
+        format!("{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// Every rule, indexed by table.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    rules: Vec<Arc<Rule>>,
+    by_table: HashMap<TableName, Vec<Arc<Rule>>>,
+}
+
+/// A rule set together with the warnings found while loading it.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The rules.
+    pub rules: RuleSet,
+    /// Problems that do not stop the rules from running.
+    pub warnings: Diagnostics,
+    /// The files read, in load order.
+    pub files: Vec<PathBuf>,
+}
+
+impl RuleSet {
+    /// Loads every file matched by `globs`; fails with all errors (and warnings) found.
+    pub fn load(globs: &[String]) -> Result<Loaded, Diagnostics> {
+        let mut problems = Vec::new();
+        let mut files = Vec::new();
+        for pattern in globs {
+            let mut matched: Vec<PathBuf> = match glob::glob(pattern) {
+                Ok(paths) => paths.filter_map(Result::ok).filter(|p| p.is_file()).collect(),
+                Err(e) => {
+                    problems.push(Diagnostic::error(Path::new(pattern), "", None, format!("invalid rules glob: {}", e.msg)));
+                    continue;
+                }
+            };
+            if matched.is_empty() {
+                problems.push(
+                    Diagnostic::error(Path::new(pattern), "", None, format!("rules glob `{pattern}` matches no files"))
+                        .with_hint("check the `rules` list in config.toml; globs are relative to the config file"),
+                );
+            }
+            matched.sort();
+            files.extend(matched.into_iter().filter(|p| !files.contains(p)).collect::<Vec<_>>());
+        }
+        let mut sources = Vec::new();
+        for file in &files {
+            match std::fs::read_to_string(file) {
+                Ok(text) => sources.push((file.clone(), text)),
+                Err(e) => problems.push(Diagnostic::error(file, "", None, format!("cannot read rule file: {e}"))),
+            }
+        }
+        let mut loaded = RuleSet::from_sources(&sources).map_err(|mut d| {
+            problems.append(&mut d.0);
+            Diagnostics(std::mem::take(&mut problems))
+        })?;
+        if !problems.is_empty() {
+            problems.append(&mut loaded.warnings.0);
+            return Err(Diagnostics(problems));
+        }
+        loaded.files = files;
+        Ok(loaded)
+    }
+
+    /// Validates rule files given as `(path, contents)`, collecting every problem.
+    pub fn from_sources(sources: &[(PathBuf, String)]) -> Result<Loaded, Diagnostics> {
+        let mut problems = Vec::new();
+        let mut rules: Vec<Arc<Rule>> = Vec::new();
+        let mut names: BTreeMap<Arc<str>, String> = BTreeMap::new();
+        for (path, text) in sources {
+            for rule in raw::parse_file(path, text, &mut problems) {
+                if let Some(first) = names.get(&rule.name) {
+                    let mut d = Diagnostic::error(path, text, None, format!("duplicate rule name `{}`", rule.name))
+                        .with_hint(format!("the name is already used at {first}; rule names must be unique"));
+                    (d.line, d.col) = (rule.line, 1);
+                    problems.push(d);
+                    continue;
+                }
+                names.insert(rule.name.clone(), rule.origin());
+                rules.push(Arc::new(rule));
+            }
+        }
+        let diagnostics = Diagnostics(problems);
+        if diagnostics.has_errors() {
+            return Err(diagnostics);
+        }
+        let mut by_table: HashMap<TableName, Vec<Arc<Rule>>> = HashMap::new();
+        for rule in &rules {
+            by_table.entry(rule.table.clone()).or_default().push(rule.clone());
+        }
+        Ok(Loaded {
+            rules: RuleSet { rules, by_table },
+            warnings: diagnostics,
+            files: sources.iter().map(|(p, _)| p.clone()).collect(),
+        })
+    }
+
+    /// Every rule, in file order.
+    pub fn rules(&self) -> &[Arc<Rule>] {
+        &self.rules
+    }
+
+    /// The rules for one table.
+    pub fn for_table(&self, table: &TableName) -> &[Arc<Rule>] {
+        self.by_table.get(table).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every table some rule names, sorted.
+    pub fn tables(&self) -> Vec<&TableName> {
+        let mut t: Vec<&TableName> = self.by_table.keys().collect();
+        t.sort();
+        t
+    }
+}
+
+/// Parses an op name, suggesting the closest one when it is misspelt.
+fn parse_op(s: &str) -> Result<Op, String> {
+    Op::ALL.into_iter().find(|op| op.as_str() == s).ok_or_else(|| {
+        let names = Op::ALL.map(Op::as_str);
+        match did_you_mean(s, names) {
+            Some(m) => format!("did you mean `{m}`?"),
+            None => format!("use any of {}", names.join(", ")),
+        }
+    })
+}
