@@ -34,7 +34,14 @@ impl Diagnostic {
     /// An error at the byte `span` of `source`, the text of `file`.
     pub fn error(file: &Path, source: &str, span: Option<Range<usize>>, message: impl Into<String>) -> Self {
         let (line, col) = span.map_or((0, 0), |s| line_col(source, s.start));
-        Diagnostic { severity: Severity::Error, file: file.to_path_buf(), line, col, message: message.into(), hint: None }
+        Diagnostic {
+            severity: Severity::Error,
+            file: file.to_path_buf(),
+            line,
+            col,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     /// A warning at the byte `span` of `source`, the text of `file`.

@@ -54,7 +54,9 @@ pub enum ThrowawayError {
         tail: String,
     },
     /// Running as root without a `postgres` user to run the server as.
-    #[error("running as root and there is no `postgres` OS user to run the throwaway Postgres as; create one (useradd --system postgres) or run as an ordinary user")]
+    #[error(
+        "running as root and there is no `postgres` OS user to run the throwaway Postgres as; create one (useradd --system postgres) or run as an ordinary user"
+    )]
     NoPostgresUser,
 }
 
@@ -91,7 +93,10 @@ impl ThrowawayPostgres {
         let root = temp_root("pg")?;
         let mut pg = ThrowawayPostgres { root, bin, port: free_port()?, owner, child: None };
         pg.chown(&pg.root.clone())?;
-        spawn_watchdog(&pg.root, &format!("kill -QUIT $(head -n1 '{}/data/postmaster.pid' 2>/dev/null) 2>/dev/null", pg.root.display()));
+        spawn_watchdog(
+            &pg.root,
+            &format!("kill -QUIT $(head -n1 '{}/data/postmaster.pid' 2>/dev/null) 2>/dev/null", pg.root.display()),
+        );
         pg.initdb(options)?;
         pg.start_again()?;
         Ok(pg)
@@ -300,7 +305,8 @@ impl ThrowawayRedis {
     /// Stops the server as an operator would, saving its data so that a restart keeps the keys.
     pub fn stop(&mut self) -> Result<(), ThrowawayError> {
         if let Some(mut child) = self.child.take() {
-            let asked = TcpStream::connect(("127.0.0.1", self.port)).and_then(|mut s| s.write_all(b"SHUTDOWN SAVE\r\n"));
+            let asked =
+                TcpStream::connect(("127.0.0.1", self.port)).and_then(|mut s| s.write_all(b"SHUTDOWN SAVE\r\n"));
             if asked.is_err() {
                 signal(child.id(), libc::SIGTERM);
             }
@@ -393,10 +399,8 @@ fn postgres_user() -> Result<(u32, u32), ThrowawayError> {
 /// Where `initdb` and `postgres` live: `WALBUST_PG_BIN`, Debian's versioned directories, or PATH.
 pub fn postgres_bin_dir() -> Result<PathBuf, ThrowawayError> {
     let has_initdb = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
-    if let Some(dir) = std::env::var_os("WALBUST_PG_BIN").map(PathBuf::from) {
-        if has_initdb(&dir) {
-            return Ok(dir);
-        }
+    if let Some(dir) = std::env::var_os("WALBUST_PG_BIN").map(PathBuf::from).filter(|d| has_initdb(d)) {
+        return Ok(dir);
     }
     let mut versioned: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -429,7 +433,8 @@ fn free_port() -> Result<u16, ThrowawayError> {
 
 fn temp_root(kind: &str) -> Result<PathBuf, ThrowawayError> {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let dir = std::env::temp_dir().join(format!(
         "walbust-{kind}-{}-{}-{nanos}",
         std::process::id(),

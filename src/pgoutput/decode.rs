@@ -5,10 +5,9 @@ use std::fmt;
 use bytes::Bytes;
 
 use super::message::{
-    Begin, BeginPrepare, Column, Commit, CommitPrepared, Delete, Insert, LogicalDecodingMessage,
-    LogicalMessage, OldTuple, Origin, Prepare, Relation, ReplicaIdentity, RollbackPrepared,
-    StreamAbort, StreamCommit, StreamPrepare, StreamStart, Truncate, Tuple, TypeMessage, Update,
-    Value,
+    Begin, BeginPrepare, Column, Commit, CommitPrepared, Delete, Insert, LogicalDecodingMessage, LogicalMessage,
+    OldTuple, Origin, Prepare, Relation, ReplicaIdentity, RollbackPrepared, StreamAbort, StreamCommit, StreamPrepare,
+    StreamStart, Truncate, Tuple, TypeMessage, Update, Value,
 };
 use crate::lsn::Lsn;
 
@@ -87,11 +86,7 @@ struct TagName(u8);
 
 impl fmt::Display for TagName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_ascii_graphic() {
-            write!(f, "'{}'", char::from(self.0))
-        } else {
-            write!(f, "{:#04x}", self.0)
-        }
+        if self.0.is_ascii_graphic() { write!(f, "'{}'", char::from(self.0)) } else { write!(f, "{:#04x}", self.0) }
     }
 }
 
@@ -108,10 +103,7 @@ pub struct Decoder {
 impl Decoder {
     /// Creates a decoder for the `proto_version` passed to START_REPLICATION.
     pub fn new(protocol_version: u32) -> Self {
-        Decoder {
-            protocol_version,
-            in_stream: false,
-        }
+        Decoder { protocol_version, in_stream: false }
     }
 
     /// The protocol version this decoder was created for.
@@ -215,12 +207,7 @@ impl Decoder {
                 } else {
                     (None, None)
                 };
-                LogicalMessage::StreamAbort(StreamAbort {
-                    xid,
-                    subxid,
-                    abort_lsn,
-                    abort_time,
-                })
+                LogicalMessage::StreamAbort(StreamAbort { xid, subxid, abort_lsn, abort_time })
             }
             b'b' => LogicalMessage::BeginPrepare(BeginPrepare {
                 prepare_lsn: r.lsn("prepare lsn")?,
@@ -275,11 +262,7 @@ impl Decoder {
 
     /// Reads the leading xid that change messages carry only inside a stream chunk.
     fn stream_xid(&self, r: &mut Reader) -> Result<Option<u32>, DecodeError> {
-        if self.in_stream {
-            r.u32("xid").map(Some)
-        } else {
-            Ok(None)
-        }
+        if self.in_stream { r.u32("xid").map(Some) } else { Ok(None) }
     }
 
     fn relation(&self, r: &mut Reader) -> Result<Relation, DecodeError> {
@@ -289,8 +272,8 @@ impl Decoder {
         let name = r.string("relation name")?;
         let offset = r.pos;
         let identity = r.u8("replica identity")?;
-        let replica_identity = ReplicaIdentity::from_byte(identity)
-            .ok_or_else(|| r.invalid_byte("replica identity", offset, identity))?;
+        let replica_identity =
+            ReplicaIdentity::from_byte(identity).ok_or_else(|| r.invalid_byte("replica identity", offset, identity))?;
         let count = r.u16("column count")?;
         // Each column takes at least 10 bytes, so a lying count cannot make us
         // reserve more memory than the message could possibly describe.
@@ -303,14 +286,7 @@ impl Decoder {
                 type_modifier: r.i32("column type modifier")?,
             });
         }
-        Ok(Relation {
-            xid,
-            oid,
-            namespace,
-            name,
-            replica_identity,
-            columns,
-        })
+        Ok(Relation { xid, oid, namespace, name, replica_identity, columns })
     }
 
     fn update(&self, r: &mut Reader) -> Result<Update, DecodeError> {
@@ -327,12 +303,7 @@ impl Decoder {
             r.expect_new_tuple_marker()?;
         }
         let new = r.tuple()?;
-        Ok(Update {
-            xid,
-            relation,
-            old,
-            new,
-        })
+        Ok(Update { xid, relation, old, new })
     }
 
     fn truncate(&self, r: &mut Reader) -> Result<Truncate, DecodeError> {
@@ -343,11 +314,7 @@ impl Decoder {
         for _ in 0..count {
             relations.push(r.u32("truncated relation oid")?);
         }
-        Ok(Truncate {
-            xid,
-            options,
-            relations,
-        })
+        Ok(Truncate { xid, options, relations })
     }
 }
 
@@ -364,21 +331,11 @@ impl Reader {
     }
 
     fn truncated(&self, field: &'static str, offset: usize) -> DecodeError {
-        DecodeError::Truncated {
-            tag: self.tag,
-            field,
-            offset,
-            len: self.data.len(),
-        }
+        DecodeError::Truncated { tag: self.tag, field, offset, len: self.data.len() }
     }
 
     fn invalid_byte(&self, field: &'static str, offset: usize, value: u8) -> DecodeError {
-        DecodeError::InvalidByte {
-            tag: self.tag,
-            field,
-            offset,
-            value,
-        }
+        DecodeError::InvalidByte { tag: self.tag, field, offset, value }
     }
 
     /// Returns the byte range of the next `n` bytes and advances past them.
@@ -396,10 +353,7 @@ impl Reader {
     fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let start = self.pos;
         let (s, e) = self.advance(N, field)?;
-        self.data
-            .get(s..e)
-            .and_then(|b| <[u8; N]>::try_from(b).ok())
-            .ok_or_else(|| self.truncated(field, start))
+        self.data.get(s..e).and_then(|b| <[u8; N]>::try_from(b).ok()).ok_or_else(|| self.truncated(field, start))
     }
 
     fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
@@ -430,20 +384,11 @@ impl Reader {
     fn count(&mut self, field: &'static str) -> Result<usize, DecodeError> {
         let offset = self.pos;
         let value = self.i32(field)?;
-        usize::try_from(value).map_err(|_| DecodeError::NegativeLength {
-            tag: self.tag,
-            field,
-            offset,
-            value,
-        })
+        usize::try_from(value).map_err(|_| DecodeError::NegativeLength { tag: self.tag, field, offset, value })
     }
 
     /// Reads an Int32 length and that many bytes, as a zero-copy slice of the input.
-    fn sized_bytes(
-        &mut self,
-        len_field: &'static str,
-        data_field: &'static str,
-    ) -> Result<Bytes, DecodeError> {
+    fn sized_bytes(&mut self, len_field: &'static str, data_field: &'static str) -> Result<Bytes, DecodeError> {
         let len = self.count(len_field)?;
         let (start, end) = self.advance(len, data_field)?;
         Ok(self.data.slice(start..end))
@@ -453,16 +398,10 @@ impl Reader {
     fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let start = self.pos;
         let rest = self.data.get(start..).unwrap_or_default();
-        let nul = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| self.truncated(field, start))?;
+        let nul = rest.iter().position(|&b| b == 0).ok_or_else(|| self.truncated(field, start))?;
         let raw = rest.get(..nul).unwrap_or_default();
-        let text = std::str::from_utf8(raw).map_err(|_| DecodeError::InvalidUtf8 {
-            tag: self.tag,
-            field,
-            offset: start,
-        })?;
+        let text =
+            std::str::from_utf8(raw).map_err(|_| DecodeError::InvalidUtf8 { tag: self.tag, field, offset: start })?;
         let text = text.to_owned();
         // Cannot saturate: the NUL lies inside the buffer.
         self.pos = start.saturating_add(nul).saturating_add(1);
@@ -488,9 +427,7 @@ impl Reader {
                 b'n' => Value::Null,
                 b'u' => Value::UnchangedToast,
                 b't' => Value::Text(self.sized_bytes("tuple value length", "tuple text value")?),
-                b'b' => {
-                    Value::Binary(self.sized_bytes("tuple value length", "tuple binary value")?)
-                }
+                b'b' => Value::Binary(self.sized_bytes("tuple value length", "tuple binary value")?),
                 kind => return Err(self.invalid_byte("tuple value kind", offset, kind)),
             };
             values.push(value);
@@ -501,11 +438,7 @@ impl Reader {
     fn finish(&self) -> Result<(), DecodeError> {
         match self.remaining() {
             0 => Ok(()),
-            count => Err(DecodeError::TrailingBytes {
-                tag: self.tag,
-                offset: self.pos,
-                count,
-            }),
+            count => Err(DecodeError::TrailingBytes { tag: self.tag, offset: self.pos, count }),
         }
     }
 }

@@ -20,11 +20,7 @@ pub fn pg_time_to_system(t: i64) -> SystemTime {
         return unix;
     };
     let delta = Duration::from_micros(t.unsigned_abs());
-    let shifted = if t >= 0 {
-        epoch.checked_add(delta)
-    } else {
-        epoch.checked_sub(delta)
-    };
+    let shifted = if t >= 0 { epoch.checked_add(delta) } else { epoch.checked_sub(delta) };
     shifted.unwrap_or(epoch)
 }
 
@@ -190,11 +186,7 @@ pub struct Relation {
 impl Relation {
     /// The unquoted `schema.table` name, with `pg_catalog` for an empty schema.
     pub fn qualified_name(&self) -> String {
-        let namespace = if self.namespace.is_empty() {
-            "pg_catalog"
-        } else {
-            &self.namespace
-        };
+        let namespace = if self.namespace.is_empty() { "pg_catalog" } else { &self.namespace };
         format!("{namespace}.{}", self.name)
     }
 
@@ -505,14 +497,8 @@ mod tests {
     fn pg_time_zero_is_the_postgres_epoch() {
         let epoch = SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800);
         assert_eq!(pg_time_to_system(0), epoch);
-        assert_eq!(
-            pg_time_to_system(1_500_000),
-            epoch + Duration::from_micros(1_500_000)
-        );
-        assert_eq!(
-            pg_time_to_system(-1_000_000),
-            epoch - Duration::from_secs(1)
-        );
+        assert_eq!(pg_time_to_system(1_500_000), epoch + Duration::from_micros(1_500_000));
+        assert_eq!(pg_time_to_system(-1_000_000), epoch - Duration::from_secs(1));
     }
 
     #[test]
@@ -539,11 +525,7 @@ mod tests {
 
     #[test]
     fn truncate_option_bits() {
-        let t = |options| Truncate {
-            xid: None,
-            options,
-            relations: vec![],
-        };
+        let t = |options| Truncate { xid: None, options, relations: vec![] };
         assert!(!t(0).cascade() && !t(0).restart_identity());
         assert!(t(1).cascade() && !t(1).restart_identity());
         assert!(!t(2).cascade() && t(2).restart_identity());
@@ -551,22 +533,10 @@ mod tests {
 
     #[test]
     fn replica_identity_bytes() {
-        assert_eq!(
-            ReplicaIdentity::from_byte(b'd'),
-            Some(ReplicaIdentity::Default)
-        );
-        assert_eq!(
-            ReplicaIdentity::from_byte(b'n'),
-            Some(ReplicaIdentity::Nothing)
-        );
-        assert_eq!(
-            ReplicaIdentity::from_byte(b'f'),
-            Some(ReplicaIdentity::Full)
-        );
-        assert_eq!(
-            ReplicaIdentity::from_byte(b'i'),
-            Some(ReplicaIdentity::Index)
-        );
+        assert_eq!(ReplicaIdentity::from_byte(b'd'), Some(ReplicaIdentity::Default));
+        assert_eq!(ReplicaIdentity::from_byte(b'n'), Some(ReplicaIdentity::Nothing));
+        assert_eq!(ReplicaIdentity::from_byte(b'f'), Some(ReplicaIdentity::Full));
+        assert_eq!(ReplicaIdentity::from_byte(b'i'), Some(ReplicaIdentity::Index));
         assert_eq!(ReplicaIdentity::from_byte(b'x'), None);
     }
 

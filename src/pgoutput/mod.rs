@@ -20,10 +20,9 @@ mod relation;
 
 pub use decode::{DecodeError, Decoder};
 pub use message::{
-    Begin, BeginPrepare, Column, Commit, CommitPrepared, Delete, Insert, LogicalDecodingMessage,
-    LogicalMessage, OldTuple, Origin, Prepare, Relation, ReplicaIdentity, RollbackPrepared,
-    StreamAbort, StreamCommit, StreamPrepare, StreamStart, Truncate, Tuple, TypeMessage, Update,
-    Value, pg_time_to_system,
+    Begin, BeginPrepare, Column, Commit, CommitPrepared, Delete, Insert, LogicalDecodingMessage, LogicalMessage,
+    OldTuple, Origin, Prepare, Relation, ReplicaIdentity, RollbackPrepared, StreamAbort, StreamCommit, StreamPrepare,
+    StreamStart, Truncate, Tuple, TypeMessage, Update, Value, pg_time_to_system,
 };
 pub use relation::RelationCache;
 

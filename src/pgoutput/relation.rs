@@ -69,12 +69,7 @@ mod tests {
             replica_identity: ReplicaIdentity::Default,
             columns: columns
                 .iter()
-                .map(|name| Column {
-                    key: *name == "id",
-                    name: (*name).to_owned(),
-                    type_oid: 23,
-                    type_modifier: -1,
-                })
+                .map(|name| Column { key: *name == "id", name: (*name).to_owned(), type_oid: 23, type_modifier: -1 })
                 .collect(),
         }
     }

@@ -64,11 +64,7 @@ fn decode_all(raw: &'static [u8], version: u32) -> Vec<LogicalMessage> {
     frames(raw)
         .into_iter()
         .enumerate()
-        .map(|(i, m)| {
-            decoder
-                .decode(m)
-                .unwrap_or_else(|e| panic!("frame {i}: {e}"))
-        })
+        .map(|(i, m)| decoder.decode(m).unwrap_or_else(|e| panic!("frame {i}: {e}")))
         .collect()
 }
 
@@ -85,12 +81,7 @@ fn tuple(values: Vec<Value>) -> Tuple {
 }
 
 fn col(key: bool, name: &str, type_oid: u32) -> Column {
-    Column {
-        key,
-        name: name.to_owned(),
-        type_oid,
-        type_modifier: -1,
-    }
+    Column { key, name: name.to_owned(), type_oid, type_modifier: -1 }
 }
 
 /// Returns `msg` with the bytes at `offset` replaced by `patch`.
@@ -107,8 +98,7 @@ fn concat(parts: &[&[u8]]) -> Bytes {
 /// A decoder that has just seen Stream Start, so change messages carry an xid.
 fn streaming_decoder(version: u32) -> Decoder {
     let mut d = Decoder::new(version);
-    d.decode(concat(&[b"S", &7u32.to_be_bytes(), &[1]]))
-        .unwrap();
+    d.decode(concat(&[b"S", &7u32.to_be_bytes(), &[1]])).unwrap();
     d
 }
 
@@ -131,15 +121,7 @@ fn v1_insert_transaction_decodes_begin_type_relation_inserts_and_commit() {
     assert_eq!(begin.final_lsn, "0/1564410".parse::<Lsn>().unwrap());
 
     let ty = expect!(&msgs[1], Type);
-    assert_eq!(
-        ty,
-        &TypeMessage {
-            xid: None,
-            oid: MOOD,
-            namespace: "public".into(),
-            name: "mood".into()
-        }
-    );
+    assert_eq!(ty, &TypeMessage { xid: None, oid: MOOD, namespace: "public".into(), name: "mood".into() });
 
     let rel = expect!(&msgs[2], Relation);
     assert_eq!(rel.xid, None);
@@ -160,15 +142,9 @@ fn v1_insert_transaction_decodes_begin_type_relation_inserts_and_commit() {
     let first = expect!(&msgs[3], Insert);
     assert_eq!(first.xid, None);
     assert_eq!(first.relation, ITEMS);
-    assert_eq!(
-        first.new,
-        tuple(vec![t("1"), t("apple"), t("1.50"), t("happy"), Value::Null])
-    );
+    assert_eq!(first.new, tuple(vec![t("1"), t("apple"), t("1.50"), t("happy"), Value::Null]));
     let second = expect!(&msgs[4], Insert);
-    assert_eq!(
-        second.new,
-        tuple(vec![t("2"), t("pear"), Value::Null, Value::Null, t("ripe")])
-    );
+    assert_eq!(second.new, tuple(vec![t("2"), t("pear"), Value::Null, Value::Null, t("ripe")]));
 
     let commit = expect!(&msgs[5], Commit);
     assert_eq!(commit.flags, 0);
@@ -202,10 +178,7 @@ fn v1_every_begin_matches_its_commit() {
     assert_eq!(pairs, 17);
     // The capture ran in 2026; a wildly wrong epoch would land far away.
     let b = expect!(&msgs[0], Begin);
-    let year_secs = pg_time_to_system(b.commit_time)
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let year_secs = pg_time_to_system(b.commit_time).duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
     assert!((1_767_225_600..1_798_761_600).contains(&year_secs));
 }
 
@@ -215,16 +188,7 @@ fn v1_update_without_key_change_under_default_identity_has_no_old_tuple() {
     let update = expect!(&msgs[7], Update);
     assert_eq!(update.relation, ITEMS);
     assert_eq!(update.old, None);
-    assert_eq!(
-        update.new,
-        tuple(vec![
-            t("1"),
-            t("green apple"),
-            t("1.50"),
-            t("happy"),
-            Value::Null
-        ])
-    );
+    assert_eq!(update.new, tuple(vec![t("1"), t("green apple"), t("1.50"), t("happy"), Value::Null]));
 }
 
 #[test]
@@ -235,16 +199,7 @@ fn v1_key_changing_update_carries_old_key_tuple() {
     let mut old = vec![t("2")];
     old.extend(nulls());
     assert_eq!(update.old, Some(OldTuple::Key(tuple(old))));
-    assert_eq!(
-        update.new,
-        tuple(vec![
-            t("10"),
-            t("pear"),
-            Value::Null,
-            Value::Null,
-            t("ripe")
-        ])
-    );
+    assert_eq!(update.new, tuple(vec![t("10"), t("pear"), Value::Null, Value::Null, t("ripe")]));
 }
 
 #[test]
@@ -253,9 +208,7 @@ fn v1_delete_under_default_identity_carries_only_the_key() {
     let delete = expect!(&msgs[13], Delete);
     assert_eq!(delete.xid, None);
     assert_eq!(delete.relation, ITEMS);
-    let OldTuple::Key(old) = &delete.old else {
-        panic!("expected key tuple, got {:?}", delete.old)
-    };
+    let OldTuple::Key(old) = &delete.old else { panic!("expected key tuple, got {:?}", delete.old) };
     assert_eq!(old.get(0), Some(&t("10")));
     assert!(old.values()[1..].iter().all(Value::is_null));
 }
@@ -270,17 +223,11 @@ fn v1_replica_identity_full_sends_whole_old_row_on_update_and_delete() {
     assert!(rel.columns.iter().all(|c| c.key));
 
     let update = expect!(&msgs[20], Update);
-    assert_eq!(
-        update.old,
-        Some(OldTuple::Full(tuple(vec![t("1"), t("1"), t("created")])))
-    );
+    assert_eq!(update.old, Some(OldTuple::Full(tuple(vec![t("1"), t("1"), t("created")]))));
     assert_eq!(update.new, tuple(vec![t("1"), t("1"), t("touched")]));
 
     let delete = expect!(&msgs[23], Delete);
-    assert_eq!(
-        delete.old,
-        OldTuple::Full(tuple(vec![t("1"), t("1"), t("touched")]))
-    );
+    assert_eq!(delete.old, OldTuple::Full(tuple(vec![t("1"), t("1"), t("touched")])));
     assert_eq!(delete.old.tuple().len(), 3);
 }
 
@@ -292,10 +239,7 @@ fn v1_update_of_sibling_column_marks_toasted_value_unchanged() {
     let update = expect!(&msgs[27], Update);
     assert_eq!(update.relation, DOCS);
     assert_eq!(update.old, None);
-    assert_eq!(
-        update.new,
-        tuple(vec![t("1"), Value::UnchangedToast, t("2")])
-    );
+    assert_eq!(update.new, tuple(vec![t("1"), Value::UnchangedToast, t("2")]));
     assert_eq!(update.new.get(1).unwrap().as_bytes(), None);
 }
 
@@ -305,19 +249,9 @@ fn v1_replica_identity_index_flags_index_columns_and_sends_them_as_old_key() {
     let rel = expect!(&msgs[30], Relation);
     assert_eq!(rel.oid, CODES);
     assert_eq!(rel.replica_identity, ReplicaIdentity::Index);
-    assert_eq!(
-        rel.columns,
-        vec![
-            col(true, "code", TEXT),
-            col(true, "region", TEXT),
-            col(false, "label", TEXT)
-        ]
-    );
+    assert_eq!(rel.columns, vec![col(true, "code", TEXT), col(true, "region", TEXT), col(false, "label", TEXT)]);
     let update = expect!(&msgs[34], Update);
-    assert_eq!(
-        update.old,
-        Some(OldTuple::Key(tuple(vec![t("A1"), t("eu"), Value::Null])))
-    );
+    assert_eq!(update.old, Some(OldTuple::Key(tuple(vec![t("A1"), t("eu"), Value::Null]))));
     assert_eq!(update.new, tuple(vec![t("A1"), t("us"), t("alpha")]));
 }
 
@@ -327,19 +261,10 @@ fn v1_replica_identity_nothing_has_no_key_columns_and_null_values_decode() {
     let rel = expect!(&msgs[37], Relation);
     assert_eq!(rel.oid, EVENTS);
     assert_eq!(rel.replica_identity, ReplicaIdentity::Nothing);
-    assert_eq!(
-        rel.columns,
-        vec![col(false, "at", TIMESTAMPTZ), col(false, "payload", TEXT)]
-    );
+    assert_eq!(rel.columns, vec![col(false, "at", TIMESTAMPTZ), col(false, "payload", TEXT)]);
     let insert = expect!(&msgs[38], Insert);
-    assert_eq!(
-        insert.new,
-        tuple(vec![t("2024-05-06 07:08:09+00"), Value::Null])
-    );
-    assert_eq!(
-        insert.new.get(0).unwrap().as_str(),
-        Some("2024-05-06 07:08:09+00")
-    );
+    assert_eq!(insert.new, tuple(vec![t("2024-05-06 07:08:09+00"), Value::Null]));
+    assert_eq!(insert.new.get(0).unwrap().as_str(), Some("2024-05-06 07:08:09+00"));
 }
 
 #[test]
@@ -395,10 +320,7 @@ fn v1_truncate_restart_identity_cascade_lists_every_table() {
     assert_eq!(expect!(&msgs[59], Relation).oid, CHILD);
     let truncate = expect!(&msgs[60], Truncate);
     assert_eq!(truncate.xid, None);
-    assert_eq!(
-        truncate.options,
-        Truncate::CASCADE | Truncate::RESTART_IDENTITY
-    );
+    assert_eq!(truncate.options, Truncate::CASCADE | Truncate::RESTART_IDENTITY);
     assert!(truncate.cascade());
     assert!(truncate.restart_identity());
     assert_eq!(truncate.relations, vec![PARENT, CHILD]);
@@ -412,10 +334,7 @@ fn v1_origin_follows_begin_and_origin_timestamp_converts() {
     assert_eq!(origin.name, "upstream");
     // Set with pg_replication_origin_xact_setup('0/1234ABCD', '2024-01-02 03:04:05+00').
     assert_eq!(origin.commit_lsn, "0/1234ABCD".parse::<Lsn>().unwrap());
-    assert_eq!(
-        pg_time_to_system(begin.commit_time),
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_704_164_645)
-    );
+    assert_eq!(pg_time_to_system(begin.commit_time), SystemTime::UNIX_EPOCH + Duration::from_secs(1_704_164_645));
     let insert = expect!(&msgs[64], Insert);
     assert_eq!(insert.new.get(1), Some(&t("fig")));
 }
@@ -428,12 +347,7 @@ fn v1_binary_option_sends_values_in_send_format() {
     assert_eq!(v[0], Value::Binary(Bytes::from_static(&[0, 0, 0, 1])));
     assert_eq!(v[1], Value::Binary(Bytes::from_static(b"apple")));
     // numeric_send of 1.50: ndigits 2, weight 0, sign +, dscale 2, digits 1 and 5000.
-    assert_eq!(
-        v[2],
-        Value::Binary(Bytes::from_static(&[
-            0, 2, 0, 0, 0, 0, 0, 2, 0, 1, 0x13, 0x88
-        ]))
-    );
+    assert_eq!(v[2], Value::Binary(Bytes::from_static(&[0, 2, 0, 0, 0, 0, 0, 2, 0, 1, 0x13, 0x88])));
     assert_eq!(v[3], Value::Binary(Bytes::from_static(b"happy")));
     assert_eq!(v[4], Value::Null);
     assert_eq!(v[1].as_str(), None, "binary values are not text");
@@ -506,20 +420,11 @@ fn v2_changes_carry_xid_exactly_inside_stream_chunks() {
 #[test]
 fn v2_streamed_transaction_decodes_schema_changes_and_commit() {
     let msgs = decode_all(V2_STREAMING, 2);
-    assert_eq!(
-        expect!(&msgs[0], StreamStart),
-        &StreamStart {
-            xid: 759,
-            first_segment: true
-        }
-    );
+    assert_eq!(expect!(&msgs[0], StreamStart), &StreamStart { xid: 759, first_segment: true });
     assert_eq!(expect!(&msgs[1], Type).xid, Some(759));
     let rel = expect!(&msgs[2], Relation);
     assert_eq!((rel.xid, rel.oid), (Some(759), BULK));
-    assert_eq!(
-        expect!(&msgs[3], Insert).new,
-        tuple(vec![t("1"), t("pad-1"), t("ok")])
-    );
+    assert_eq!(expect!(&msgs[3], Insert).new, tuple(vec![t("1"), t("pad-1"), t("ok")]));
     assert_eq!(msgs[5], LogicalMessage::StreamStop);
     assert!(!expect!(&msgs[6], StreamStart).first_segment);
 
@@ -530,37 +435,18 @@ fn v2_streamed_transaction_decodes_schema_changes_and_commit() {
 
     let update = expect!(&msgs[22], Update);
     assert_eq!(update.xid, Some(759));
-    assert_eq!(
-        update.old,
-        Some(OldTuple::Key(tuple(vec![t("1"), Value::Null, Value::Null])))
-    );
+    assert_eq!(update.old, Some(OldTuple::Key(tuple(vec![t("1"), Value::Null, Value::Null]))));
     assert_eq!(update.new, tuple(vec![t("5000"), t("pad-1"), t("ok")]));
     let delete = expect!(&msgs[23], Delete);
-    assert_eq!(
-        (delete.xid, &delete.old),
-        (
-            Some(759),
-            &OldTuple::Key(tuple(vec![t("2"), Value::Null, Value::Null]))
-        )
-    );
+    assert_eq!((delete.xid, &delete.old), (Some(759), &OldTuple::Key(tuple(vec![t("2"), Value::Null, Value::Null]))));
 
     // ALTER TABLE inside the streamed transaction re-sends the schema in-stream.
     let rel = expect!(&msgs[25], Relation);
     assert_eq!(rel.xid, Some(759));
     assert_eq!(rel.column_index("extra"), Some(3));
-    assert_eq!(
-        expect!(&msgs[26], Insert).new,
-        tuple(vec![t("6000"), t("late"), t("sad"), t("42")])
-    );
+    assert_eq!(expect!(&msgs[26], Insert).new, tuple(vec![t("6000"), t("late"), t("sad"), t("42")]));
     let truncate = expect!(&msgs[29], Truncate);
-    assert_eq!(
-        truncate,
-        &Truncate {
-            xid: Some(759),
-            options: 0,
-            relations: vec![BULK]
-        }
-    );
+    assert_eq!(truncate, &Truncate { xid: Some(759), options: 0, relations: vec![BULK] });
     assert_eq!(msgs[30], LogicalMessage::StreamStop);
 
     let commit = expect!(&msgs[31], StreamCommit);
@@ -576,12 +462,7 @@ fn v2_rolled_back_streamed_transaction_sends_abort_with_equal_xids() {
     assert_eq!(expect!(&msgs[32], StreamStart).xid, 760);
     assert_eq!(
         expect!(&msgs[34], StreamAbort),
-        &StreamAbort {
-            xid: 760,
-            subxid: 760,
-            abort_lsn: None,
-            abort_time: None
-        }
+        &StreamAbort { xid: 760, subxid: 760, abort_lsn: None, abort_time: None }
     );
 }
 
@@ -596,12 +477,7 @@ fn v2_subtransaction_changes_carry_subxid_and_its_rollback_is_a_stream_abort() {
     assert_eq!(sub.new.get(3), Some(&Value::Null));
     assert_eq!(
         expect!(&msgs[53], StreamAbort),
-        &StreamAbort {
-            xid: 761,
-            subxid: 762,
-            abort_lsn: None,
-            abort_time: None
-        }
+        &StreamAbort { xid: 761, subxid: 762, abort_lsn: None, abort_time: None }
     );
     assert_eq!(expect!(&msgs[57], Insert).new.get(1), Some(&t("kept too")));
     assert_eq!(expect!(&msgs[59], StreamCommit).xid, 761);
@@ -691,11 +567,7 @@ fn stream_abort(extra: &[u8]) -> Bytes {
 
 #[test]
 fn v4_parallel_stream_abort_decodes_abort_lsn_and_time() {
-    let extra = [
-        0x0000_0001_0000_00A0u64.to_be_bytes(),
-        1_000_000i64.to_be_bytes(),
-    ]
-    .concat();
+    let extra = [0x0000_0001_0000_00A0u64.to_be_bytes(), 1_000_000i64.to_be_bytes()].concat();
     let msg = Decoder::new(4).decode(stream_abort(&extra)).unwrap();
     assert_eq!(
         msg,
@@ -717,31 +589,14 @@ fn v4_stream_abort_without_parallel_streaming_has_no_abort_info() {
 
 #[test]
 fn v4_stream_abort_with_half_the_abort_info_is_truncated() {
-    let err = Decoder::new(4)
-        .decode(stream_abort(&7u64.to_be_bytes()))
-        .unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::Truncated {
-            tag: b'A',
-            field: "abort timestamp",
-            offset: 17,
-            len: 17
-        }
-    );
+    let err = Decoder::new(4).decode(stream_abort(&7u64.to_be_bytes())).unwrap_err();
+    assert_eq!(err, DecodeError::Truncated { tag: b'A', field: "abort timestamp", offset: 17, len: 17 });
 }
 
 #[test]
 fn stream_abort_abort_info_before_protocol_4_is_trailing_garbage() {
     let err = Decoder::new(3).decode(stream_abort(&[0; 16])).unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::TrailingBytes {
-            tag: b'A',
-            offset: 9,
-            count: 16
-        }
-    );
+    assert_eq!(err, DecodeError::TrailingBytes { tag: b'A', offset: 9, count: 16 });
 }
 
 // ---- malformed input -----------------------------------------------------------
@@ -754,16 +609,12 @@ fn every_prefix_of_every_captured_message_is_an_error() {
         for (i, frame) in frames(raw).into_iter().enumerate() {
             for cut in 0..frame.len() {
                 let mut d = decoder.clone();
-                let err = d
-                    .decode(frame.slice(..cut))
-                    .expect_err(&format!("{name} frame {i} cut at {cut} decoded"));
+                let err = d.decode(frame.slice(..cut)).expect_err(&format!("{name} frame {i} cut at {cut} decoded"));
                 // A failed decode must not flip the stream state.
                 assert_eq!(d, decoder, "{name} frame {i} cut at {cut} changed state");
                 match err {
                     DecodeError::Empty => assert_eq!(cut, 0),
-                    DecodeError::Truncated {
-                        tag, offset, len, ..
-                    } => {
+                    DecodeError::Truncated { tag, offset, len, .. } => {
                         assert_eq!(tag, frame[0]);
                         assert_eq!(len, cut);
                         assert!(offset <= cut);
@@ -787,11 +638,7 @@ fn trailing_bytes_after_every_captured_message_are_rejected() {
             let err = decoder.clone().decode(longer).unwrap_err();
             assert_eq!(
                 err,
-                DecodeError::TrailingBytes {
-                    tag: frame[0],
-                    offset: frame.len(),
-                    count: 1
-                },
+                DecodeError::TrailingBytes { tag: frame[0], offset: frame.len(), count: 1 },
                 "{name} frame {i}"
             );
             decoder.decode(frame).unwrap();
@@ -806,27 +653,18 @@ fn unknown_tags_are_rejected_with_the_tag() {
         if known.contains(&tag) {
             continue;
         }
-        let err = Decoder::new(4)
-            .decode(concat(&[&[tag], &[0; 32]]))
-            .unwrap_err();
+        let err = Decoder::new(4).decode(concat(&[&[tag], &[0; 32]])).unwrap_err();
         assert_eq!(err, DecodeError::UnknownTag { tag });
     }
-    let err = Decoder::new(1)
-        .decode(Bytes::from_static(b"Z"))
-        .unwrap_err();
+    let err = Decoder::new(1).decode(Bytes::from_static(b"Z")).unwrap_err();
     assert_eq!(err.to_string(), "unknown pgoutput message tag 'Z'");
-    let err = Decoder::new(1)
-        .decode(Bytes::from_static(b"\x01"))
-        .unwrap_err();
+    let err = Decoder::new(1).decode(Bytes::from_static(b"\x01")).unwrap_err();
     assert_eq!(err.to_string(), "unknown pgoutput message tag 0x01");
 }
 
 #[test]
 fn empty_message_is_rejected() {
-    assert_eq!(
-        Decoder::new(1).decode(Bytes::new()),
-        Err(DecodeError::Empty)
-    );
+    assert_eq!(Decoder::new(1).decode(Bytes::new()), Err(DecodeError::Empty));
 }
 
 #[test]
@@ -834,22 +672,9 @@ fn bogus_tuple_value_kind_is_rejected_at_its_offset() {
     let insert = frames(V1_WORKLOAD)[3].clone();
     // 'I', relation oid (4), 'N', column count (2), then the first kind byte.
     assert_eq!(insert[8], b't');
-    let err = Decoder::new(1)
-        .decode(patched(&insert, 8, b"x"))
-        .unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::InvalidByte {
-            tag: b'I',
-            field: "tuple value kind",
-            offset: 8,
-            value: b'x'
-        }
-    );
-    assert_eq!(
-        err.to_string(),
-        "invalid tuple value kind 'x' in 'I' message at byte 8"
-    );
+    let err = Decoder::new(1).decode(patched(&insert, 8, b"x")).unwrap_err();
+    assert_eq!(err, DecodeError::InvalidByte { tag: b'I', field: "tuple value kind", offset: 8, value: b'x' });
+    assert_eq!(err.to_string(), "invalid tuple value kind 'x' in 'I' message at byte 8");
 }
 
 #[test]
@@ -862,32 +687,15 @@ fn wrong_tuple_markers_are_rejected() {
     ];
     for (msg, bad, field) in cases {
         let err = Decoder::new(1).decode(patched(msg, 5, &[bad])).unwrap_err();
-        assert_eq!(
-            err,
-            DecodeError::InvalidByte {
-                tag: msg[0],
-                field,
-                offset: 5,
-                value: bad
-            }
-        );
+        assert_eq!(err, DecodeError::InvalidByte { tag: msg[0], field, offset: 5, value: bad });
     }
     // Update with an old tuple must follow it with 'N'.
     let update = &f[10];
     // 'U', oid (4), 'K', then the old key tuple: count (2), "2" as text (6), four nulls.
     let new_marker = 1 + 4 + 1 + 2 + 6 + 4;
     assert_eq!(update[new_marker], b'N');
-    let err = Decoder::new(1)
-        .decode(patched(update, new_marker, b"O"))
-        .unwrap_err();
-    assert!(matches!(
-        err,
-        DecodeError::InvalidByte {
-            field: "new tuple marker",
-            value: b'O',
-            ..
-        }
-    ));
+    let err = Decoder::new(1).decode(patched(update, new_marker, b"O")).unwrap_err();
+    assert!(matches!(err, DecodeError::InvalidByte { field: "new tuple marker", value: b'O', .. }));
 }
 
 #[test]
@@ -896,15 +704,7 @@ fn unknown_replica_identity_is_rejected() {
     // 'R', oid (4), "public\0", "items\0", then the identity byte.
     assert_eq!(rel[18], b'd');
     let err = Decoder::new(1).decode(patched(&rel, 18, b"q")).unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::InvalidByte {
-            tag: b'R',
-            field: "replica identity",
-            offset: 18,
-            value: b'q'
-        }
-    );
+    assert_eq!(err, DecodeError::InvalidByte { tag: b'R', field: "replica identity", offset: 18, value: b'q' });
 }
 
 #[test]
@@ -912,83 +712,33 @@ fn negative_lengths_and_counts_are_rejected() {
     let f = frames(V1_WORKLOAD);
     let minus_one = (-1i32).to_be_bytes();
 
-    let err = Decoder::new(1)
-        .decode(patched(&f[3], 9, &minus_one))
-        .unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::NegativeLength {
-            tag: b'I',
-            field: "tuple value length",
-            offset: 9,
-            value: -1
-        }
-    );
+    let err = Decoder::new(1).decode(patched(&f[3], 9, &minus_one)).unwrap_err();
+    assert_eq!(err, DecodeError::NegativeLength { tag: b'I', field: "tuple value length", offset: 9, value: -1 });
 
     // 'M', flags, lsn (8), "walbust\0", then the content length.
-    let err = Decoder::new(1)
-        .decode(patched(&f[43], 18, &i32::MIN.to_be_bytes()))
-        .unwrap_err();
+    let err = Decoder::new(1).decode(patched(&f[43], 18, &i32::MIN.to_be_bytes())).unwrap_err();
     assert_eq!(
         err,
-        DecodeError::NegativeLength {
-            tag: b'M',
-            field: "message content length",
-            offset: 18,
-            value: i32::MIN
-        }
+        DecodeError::NegativeLength { tag: b'M', field: "message content length", offset: 18, value: i32::MIN }
     );
 
-    let err = Decoder::new(1)
-        .decode(patched(&f[60], 1, &minus_one))
-        .unwrap_err();
-    assert!(matches!(
-        err,
-        DecodeError::NegativeLength {
-            tag: b'T',
-            field: "relation count",
-            ..
-        }
-    ));
+    let err = Decoder::new(1).decode(patched(&f[60], 1, &minus_one)).unwrap_err();
+    assert!(matches!(err, DecodeError::NegativeLength { tag: b'T', field: "relation count", .. }));
 }
 
 #[test]
 fn oversized_lengths_and_counts_are_truncation_errors_without_huge_allocations() {
     let f = frames(V1_WORKLOAD);
-    let err = Decoder::new(1)
-        .decode(patched(&f[3], 9, &i32::MAX.to_be_bytes()))
-        .unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::Truncated {
-            tag: b'I',
-            field: "tuple text value",
-            offset: 13,
-            len: f[3].len()
-        }
-    );
+    let err = Decoder::new(1).decode(patched(&f[3], 9, &i32::MAX.to_be_bytes())).unwrap_err();
+    assert_eq!(err, DecodeError::Truncated { tag: b'I', field: "tuple text value", offset: 13, len: f[3].len() });
     // Tuple column count 0xffff with five columns' worth of data.
-    let err = Decoder::new(1)
-        .decode(patched(&f[3], 6, &[0xff, 0xff]))
-        .unwrap_err();
+    let err = Decoder::new(1).decode(patched(&f[3], 6, &[0xff, 0xff])).unwrap_err();
     assert!(matches!(err, DecodeError::Truncated { tag: b'I', .. }));
     // Relation column count 0xffff: 'R', oid, "public\0", "items\0", identity, count.
-    let err = Decoder::new(1)
-        .decode(patched(&f[2], 19, &[0xff, 0xff]))
-        .unwrap_err();
+    let err = Decoder::new(1).decode(patched(&f[2], 19, &[0xff, 0xff])).unwrap_err();
     assert!(matches!(err, DecodeError::Truncated { tag: b'R', .. }));
-    let err = Decoder::new(1)
-        .decode(patched(&f[60], 1, &i32::MAX.to_be_bytes()))
-        .unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::Truncated {
-            tag: b'T',
-            field: "truncated relation oid",
-            offset: 14,
-            len: 14
-        }
-    );
+    let err = Decoder::new(1).decode(patched(&f[60], 1, &i32::MAX.to_be_bytes())).unwrap_err();
+    assert_eq!(err, DecodeError::Truncated { tag: b'T', field: "truncated relation oid", offset: 14, len: 14 });
 }
 
 #[test]
@@ -1007,12 +757,7 @@ fn invalid_utf8_in_names_is_rejected() {
     for (msg, at, tag, field) in cases {
         let mut decoder = Decoder::new(3);
         let err = decoder.decode(patched(msg, at, &[0xff])).unwrap_err();
-        let DecodeError::InvalidUtf8 {
-            tag: got_tag,
-            field: got_field,
-            offset,
-        } = err
-        else {
+        let DecodeError::InvalidUtf8 { tag: got_tag, field: got_field, offset } = err else {
             panic!("{field}: expected invalid utf-8, got {err}")
         };
         assert_eq!((got_tag, got_field), (tag, field));
@@ -1046,14 +791,7 @@ fn streamed_insert_reads_xid_before_relation_oid() {
         b"9",
     ]);
     let msg = streaming_decoder(2).decode(insert.clone()).unwrap();
-    assert_eq!(
-        msg,
-        LogicalMessage::Insert(Insert {
-            xid: Some(42),
-            relation: ITEMS,
-            new: tuple(vec![t("9")])
-        })
-    );
+    assert_eq!(msg, LogicalMessage::Insert(Insert { xid: Some(42), relation: ITEMS, new: tuple(vec![t("9")]) }));
     // Outside a stream the same bytes misalign and are rejected, not misread.
     assert!(Decoder::new(2).decode(insert).is_err());
 }
@@ -1078,17 +816,9 @@ impl XorShift {
 
 #[test]
 fn mutated_captured_messages_never_panic() {
-    let corpus: Vec<Bytes> = FIXTURES
-        .iter()
-        .flat_map(|(_, raw, _)| frames(raw))
-        .collect();
-    let interesting: [&[u8]; 5] = [
-        &[0xff, 0xff, 0xff, 0xff],
-        &[0x7f, 0xff, 0xff, 0xff],
-        &[0x80, 0, 0, 0],
-        &[0, 0],
-        &[0xff, 0xff],
-    ];
+    let corpus: Vec<Bytes> = FIXTURES.iter().flat_map(|(_, raw, _)| frames(raw)).collect();
+    let interesting: [&[u8]; 5] =
+        [&[0xff, 0xff, 0xff, 0xff], &[0x7f, 0xff, 0xff, 0xff], &[0x80, 0, 0, 0], &[0, 0], &[0xff, 0xff]];
     let mut rng = XorShift(0x5EED_CAFE_F00D_BEEF);
     let (mut ok, mut err) = (0, 0);
     for _ in 0..20_000 {

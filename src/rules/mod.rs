@@ -145,7 +145,12 @@ impl RuleSet {
             let mut matched: Vec<PathBuf> = match glob::glob(pattern) {
                 Ok(paths) => paths.filter_map(Result::ok).filter(|p| p.is_file()).collect(),
                 Err(e) => {
-                    problems.push(Diagnostic::error(Path::new(pattern), "", None, format!("invalid rules glob: {}", e.msg)));
+                    problems.push(Diagnostic::error(
+                        Path::new(pattern),
+                        "",
+                        None,
+                        format!("invalid rules glob: {}", e.msg),
+                    ));
                     continue;
                 }
             };

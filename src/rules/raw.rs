@@ -83,8 +83,13 @@ fn validate(path: &Path, text: &str, spanned: Spanned<RawRule>, problems: &mut V
             }
             if list.get_ref().is_empty() {
                 problems.push(
-                    Diagnostic::warning(path, text, Some(list.span()), format!("rule `{name}` has `on = []` and never fires"))
-                        .with_hint("remove `on` to fire on every op, or list the ops"),
+                    Diagnostic::warning(
+                        path,
+                        text,
+                        Some(list.span()),
+                        format!("rule `{name}` has `on = []` and never fires"),
+                    )
+                    .with_hint("remove `on` to fire on every op, or list the ops"),
                 );
             }
         }

@@ -148,7 +148,11 @@ impl Router {
                     Part::Column(c) => match relation.columns.iter().position(|col| col.name == *c) {
                         Some(i) => Slot::Column(i),
                         None => {
-                            missing.push(MissingColumn { rule: rule.name.clone(), table: table.to_string(), column: c.clone() });
+                            missing.push(MissingColumn {
+                                rule: rule.name.clone(),
+                                table: table.to_string(),
+                                column: c.clone(),
+                            });
                             Slot::Missing
                         }
                     },
@@ -218,7 +222,9 @@ fn lookup<'a>(change: &Change<'a>, side: Side, i: usize) -> Lookup<'a> {
             Some(Some(l)) => l,
             // Unchanged TOAST: the value is the old one, if the old image carries it.
             Some(None) => match old {
-                Some(OldTuple::Full(t)) => t.0.get(i).and_then(text).unwrap_or(Lookup::Unknown(Widening::UnchangedToast)),
+                Some(OldTuple::Full(t)) => {
+                    t.0.get(i).and_then(text).unwrap_or(Lookup::Unknown(Widening::UnchangedToast))
+                }
                 Some(OldTuple::Key(t)) if is_key => {
                     t.0.get(i).and_then(text).unwrap_or(Lookup::Unknown(Widening::UnchangedToast))
                 }

@@ -60,11 +60,19 @@ impl Template {
                 '{' => {
                     let rest = &source[i + 1..];
                     let Some(len) = rest.find(['}', '{']).filter(|&l| rest.as_bytes()[l] == b'}') else {
-                        return Err(fail(i, "unclosed `{`".into(), "close the placeholder with `}`, or write `{{` for a literal brace"));
+                        return Err(fail(
+                            i,
+                            "unclosed `{`".into(),
+                            "close the placeholder with `}`, or write `{{` for a literal brace",
+                        ));
                     };
                     let name = rest[..len].trim();
                     if name.is_empty() {
-                        return Err(fail(i, "empty placeholder `{}`".into(), "name a column inside the braces, as in `{user_id}`"));
+                        return Err(fail(
+                            i,
+                            "empty placeholder `{}`".into(),
+                            "name a column inside the braces, as in `{user_id}`",
+                        ));
                     }
                     if !literal.is_empty() {
                         parts.push(Part::Literal(std::mem::take(&mut literal)));
@@ -131,7 +139,13 @@ mod tests {
 
     #[test]
     fn broken_templates_name_the_offset() {
-        let cases = [("user:{id", 5, "unclosed"), ("a}b", 1, "unmatched"), ("x{}y", 1, "empty placeholder"), ("{a{b}", 0, "unclosed"), ("", 0, "empty template")];
+        let cases = [
+            ("user:{id", 5, "unclosed"),
+            ("a}b", 1, "unmatched"),
+            ("x{}y", 1, "empty placeholder"),
+            ("{a{b}", 0, "unclosed"),
+            ("", 0, "empty template"),
+        ];
         for (src, offset, msg) in cases {
             let e = Template::parse(src).unwrap_err();
             assert_eq!(e.offset, offset, "{src}");

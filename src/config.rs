@@ -1,0 +1,401 @@
+//! `config.toml`: where to read changes from, where the rules are, and where Redis is.
+//!
+//! Loading is two steps, as for all user input: plain serde structs that deny unknown
+//! fields, then a validated [`Config`]. Every problem found is collected and reported
+//! together, each at its `file:line:col`.
+
+use crate::diagnostic::{self, Diagnostic, Diagnostics};
+use crate::source::ConnInfo;
+use serde::Deserialize;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// The validated configuration the pipeline runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// Rule file globs, made absolute relative to the config file's directory.
+    pub rules: Vec<String>,
+    /// The Postgres side.
+    pub source: SourceConfig,
+    /// The Redis side.
+    pub redis: RedisConfig,
+    /// Batching of actions on their way to Redis.
+    pub batch: BatchConfig,
+}
+
+/// `[source]`: the database, slot and publication.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Connection parameters, with `PG*` environment variables filled in.
+    pub conninfo: ConnInfo,
+    /// The logical replication slot walbust holds.
+    pub slot: String,
+    /// The publication whose tables are streamed.
+    pub publication: String,
+    /// Create the slot when it is missing.
+    pub create_slot: bool,
+    /// How often a standby status update is sent even when nothing changed.
+    pub status_interval: Duration,
+    /// How long the stream may stay silent (after a status update asking for a reply)
+    /// before the connection is considered dead and re-established.
+    pub read_timeout: Duration,
+}
+
+/// `[redis]`: where invalidations go.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` URL.
+    pub url: String,
+}
+
+/// `[batch]`: how actions are grouped before they are sent.
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// Distinct actions after which a batch is sent even while changes keep arriving.
+    pub max_actions: usize,
+    /// Age after which a batch is sent even while changes keep arriving.
+    pub max_delay: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig { max_actions: 5000, max_delay: Duration::from_millis(50) }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    rules: Vec<Spanned<String>>,
+    source: Spanned<RawSource>,
+    redis: Spanned<RawRedis>,
+    #[serde(default)]
+    batch: Option<RawBatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    url: Spanned<String>,
+    #[serde(default)]
+    password_file: Option<Spanned<String>>,
+    #[serde(default)]
+    slot: Option<Spanned<String>>,
+    #[serde(default)]
+    publication: Option<Spanned<String>>,
+    #[serde(default)]
+    create_slot: Option<bool>,
+    #[serde(default)]
+    status_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    read_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    #[serde(default)]
+    max_actions: Option<Spanned<i64>>,
+    #[serde(default)]
+    max_delay: Option<Spanned<String>>,
+}
+
+/// Why a config file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file has problems, listed with their places.
+    #[error("{0}")]
+    Invalid(Diagnostics),
+}
+
+impl Config {
+    /// Reads and validates `path`, taking `${VAR}` values and `PG*` defaults from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(path, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates `text`, the contents of `path`, with `env` standing in for the environment.
+    pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid(Diagnostics(vec![diagnostic::from_toml(path, text, &e)])))?;
+        let mut v = Validator { path, text, env, problems: Vec::new() };
+        let config = v.config(raw);
+        match config {
+            Some(c) if v.problems.is_empty() => Ok(c),
+            _ => Err(ConfigError::Invalid(Diagnostics(v.problems))),
+        }
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    problems: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, message: String, hint: Option<&str>) {
+        let mut d = Diagnostic::error(self.path, self.text, Some(span), message);
+        if let Some(h) = hint {
+            d = d.with_hint(h);
+        }
+        self.problems.push(d);
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let base = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut rules = Vec::new();
+        for glob in &raw.rules {
+            if let Err(e) = glob::Pattern::new(glob.get_ref()) {
+                self.error(glob.span(), format!("invalid rules glob `{}`: {}", glob.get_ref(), e.msg), None);
+            }
+            let p = Path::new(glob.get_ref());
+            rules.push(if p.is_absolute() { p.to_path_buf() } else { base.join(p) }.display().to_string());
+        }
+        if raw.rules.is_empty() {
+            self.problems.push(
+                Diagnostic::error(self.path, self.text, Some(0..0), "no rule files: `rules` is missing or empty")
+                    .with_hint("add rules = [\"rules/*.toml\"] at the top of the file"),
+            );
+        }
+        let source_span = raw.source.span();
+        let source = self.source(raw.source.into_inner(), source_span);
+        let redis = self.redis(raw.redis.into_inner());
+        let batch = raw.batch.map(|b| self.batch(b)).unwrap_or_default();
+        Some(Config { path: self.path.to_path_buf(), rules, source: source?, redis: redis?, batch })
+    }
+
+    fn source(&mut self, raw: RawSource, span: Range<usize>) -> Option<SourceConfig> {
+        let url = self.interpolate(&raw.url)?;
+        let mut conninfo = match ConnInfo::parse(&url, self.env) {
+            Ok(c) => c,
+            Err(e) => {
+                self.error(raw.url.span(), format!("invalid source url: {e}"), None);
+                return None;
+            }
+        };
+        if let Some(file) = &raw.password_file {
+            match std::fs::read_to_string(file.get_ref()) {
+                Ok(pw) => conninfo.password = Some(pw.trim_end_matches(['\r', '\n']).to_string()),
+                Err(e) => self.error(
+                    file.span(),
+                    format!("cannot read password_file `{}`: {e}", file.get_ref()),
+                    Some("give a readable file holding only the password"),
+                ),
+            }
+        }
+        let name = |v: &Option<Spanned<String>>, what: &str, this: &mut Self| -> String {
+            match v {
+                None => "walbust".to_string(),
+                Some(s) => {
+                    let ok = !s.get_ref().is_empty()
+                        && s.get_ref().len() <= 63
+                        && s.get_ref().bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                    if !ok {
+                        this.error(
+                            s.span(),
+                            format!("invalid {what} name `{}`", s.get_ref()),
+                            Some("use 1 to 63 lowercase letters, digits or underscores"),
+                        );
+                    }
+                    s.get_ref().clone()
+                }
+            }
+        };
+        let slot = name(&raw.slot, "slot", self);
+        let publication = name(&raw.publication, "publication", self);
+        let status_interval = self.duration(raw.status_interval.as_ref(), Duration::from_secs(10));
+        let read_timeout = self.duration(raw.read_timeout.as_ref(), Duration::from_secs(60));
+        if status_interval.is_zero() {
+            self.error(span, "status_interval must be greater than zero".into(), None);
+        }
+        Some(SourceConfig {
+            conninfo,
+            slot,
+            publication,
+            create_slot: raw.create_slot.unwrap_or(true),
+            status_interval,
+            read_timeout,
+        })
+    }
+
+    fn redis(&mut self, raw: RawRedis) -> Option<RedisConfig> {
+        let url = self.interpolate(&raw.url)?;
+        if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://")) {
+            self.error(
+                raw.url.span(),
+                format!("invalid redis url `{}`", crate::sink::redact_url(&url)),
+                Some("use redis://host:port/db, or rediss://host:port/db for TLS"),
+            );
+            return None;
+        }
+        Some(RedisConfig { url })
+    }
+
+    fn batch(&mut self, raw: RawBatch) -> BatchConfig {
+        let default = BatchConfig::default();
+        let max_actions = match raw.max_actions {
+            None => default.max_actions,
+            Some(n) if (1..=1_000_000).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                self.error(
+                    n.span(),
+                    format!("max_actions = {} is out of range", n.get_ref()),
+                    Some("use 1 to 1000000"),
+                );
+                default.max_actions
+            }
+        };
+        BatchConfig { max_actions, max_delay: self.duration(raw.max_delay.as_ref(), default.max_delay) }
+    }
+
+    fn duration(&mut self, raw: Option<&Spanned<String>>, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        match parse_duration(raw.get_ref()) {
+            Some(d) => d,
+            None => {
+                self.error(
+                    raw.span(),
+                    format!("invalid duration `{}`", raw.get_ref()),
+                    Some("write a number and a unit: 250ms, 10s, 5m or 1h"),
+                );
+                default
+            }
+        }
+    }
+
+    /// Replaces `${VAR}` with the variable's value, so that secrets stay out of the file.
+    fn interpolate(&mut self, raw: &Spanned<String>) -> Option<String> {
+        let s = raw.get_ref();
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s.as_str();
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let Some(len) = rest[start + 2..].find('}') else {
+                self.error(raw.span(), format!("unclosed `${{` in `{s}`"), Some("write ${NAME}"));
+                return None;
+            };
+            let name = &rest[start + 2..start + 2 + len];
+            match (self.env)(name) {
+                Some(v) => out.push_str(&v),
+                None => {
+                    self.error(
+                        raw.span(),
+                        format!("environment variable `{name}` is not set"),
+                        Some("export it before starting walbust"),
+                    );
+                    return None;
+                }
+            }
+            rest = &rest[start + 3 + len..];
+        }
+        out.push_str(rest);
+        Some(out)
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m` or `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" | "min" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let env = |name: &str| match name {
+            "REDIS_PASSWORD" => Some("pw".to_string()),
+            _ => None,
+        };
+        Config::parse(Path::new("/etc/walbust/config.toml"), text, &env)
+    }
+
+    fn problems(text: &str) -> String {
+        match parse(text) {
+            Err(ConfigError::Invalid(d)) => d.to_string(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    const GOOD: &str = r#"
+rules = ["rules/*.toml"]
+[source]
+url = "postgres://walbust@db:5432/app?sslmode=disable"
+status_interval = "2s"
+[redis]
+url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
+"#;
+
+    #[test]
+    fn a_good_file_gets_defaults_and_absolute_globs() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.rules, ["/etc/walbust/rules/*.toml"]);
+        assert_eq!(c.source.slot, "walbust");
+        assert_eq!(c.source.publication, "walbust");
+        assert!(c.source.create_slot);
+        assert_eq!(c.source.status_interval, Duration::from_secs(2));
+        assert_eq!(c.redis.url, "redis://:pw@cache:6379/0");
+        assert_eq!(c.batch.max_actions, 5000);
+    }
+
+    #[test]
+    fn unknown_field_names_place_and_suggestion() {
+        let text = GOOD.replace("status_interval", "status_intervall");
+        let p = problems(&text);
+        assert!(p.contains("config.toml:5:1"), "{p}");
+        assert!(p.contains("did you mean `status_interval`?"), "{p}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = GOOD
+            .replace("status_interval = \"2s\"", "status_interval = \"2 parsecs\"\nslot = \"Bad-Slot\"")
+            .replace("${REDIS_PASSWORD}", "${MISSING}");
+        let p = problems(&text);
+        assert!(p.contains("invalid duration `2 parsecs`"), "{p}");
+        assert!(p.contains("invalid slot name `Bad-Slot`"), "{p}");
+        assert!(p.contains("environment variable `MISSING` is not set"), "{p}");
+        assert_eq!(p.matches("error:").count(), 3, "{p}");
+    }
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+}

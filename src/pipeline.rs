@@ -1,0 +1,722 @@
+//! The pipeline: replication stream -> decoder -> router -> batcher -> sink, and progress back.
+//!
+//! Two tasks share the work. The reader owns the replication connection: it decodes,
+//! routes and batches, hands sealed batches to the applier over a channel of one, and
+//! sends standby status updates. The applier owns the sink: it applies each batch,
+//! retrying with backoff until Redis acknowledges it, then publishes the position the
+//! batch covers. Only that position is ever reported to Postgres as flushed, so a crash
+//! at any point replays from the last commit Redis has fully applied.
+//!
+//! The reader keeps reading while the applier waits on Redis, until a batch is full;
+//! then it stops reading but still sends status updates, so the server neither times
+//! the connection out nor sees a position that has not been applied.
+
+use crate::action::Action;
+use crate::batch::{Batch, ChangeRecord, CommitRecord};
+use crate::config::Config;
+use crate::lsn::Lsn;
+use crate::pgoutput::{self, DecodeError, Decoder, LogicalMessage, RelationCache};
+use crate::progress::Progress;
+use crate::rules::{Change, Op, Routed, Router, RuleSet};
+use crate::sink::Sink;
+use crate::source::slot::{self, SetupError};
+use crate::source::{ReplicationConn, ReplicationFrame, ReplicationStream, SourceError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+/// The pgoutput protocol version requested.
+const PROTOCOL_VERSION: u32 = 1;
+
+/// Shortest pause between two status updates sent because the flushed position moved.
+const STATUS_COALESCE: Duration = Duration::from_millis(50);
+
+/// How long shutdown waits for Redis to take the last batch before giving up on it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How many times in a row a busy slot is retried before walbust gives up.
+const SLOT_BUSY_ATTEMPTS: u32 = 10;
+
+/// Why the pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Connecting to, or talking with, Postgres failed.
+    #[error("replication connection failed")]
+    Source(#[from] SourceError),
+    /// The database is not set up for walbust.
+    #[error(transparent)]
+    Setup(Box<SetupError>),
+    /// A replication message could not be decoded; nothing past `lsn` was acknowledged.
+    #[error("cannot decode the replication message at {lsn}; nothing at or after it was acknowledged")]
+    Decode {
+        /// Where the message starts.
+        lsn: Lsn,
+        /// What is wrong with it.
+        #[source]
+        source: DecodeError,
+    },
+    /// A well-formed message that walbust does not expect here.
+    #[error("unexpected replication message at {lsn}: {what}; nothing at or after it was acknowledged")]
+    Unexpected {
+        /// Where the message starts.
+        lsn: Lsn,
+        /// What it was.
+        what: String,
+    },
+    /// The read side went silent longer than `read_timeout`.
+    #[error("no message from the server for {0:?}, although a reply was requested")]
+    Silent(Duration),
+    /// Shutdown could not apply the last batch in time; it was not acknowledged and will replay.
+    #[error(
+        "redis did not take the last batch within {0:?}; it was not acknowledged and will be replayed on the next start"
+    )]
+    ShutdownUnapplied(Duration),
+}
+
+impl From<SetupError> for PipelineError {
+    fn from(e: SetupError) -> Self {
+        PipelineError::Setup(Box::new(e))
+    }
+}
+
+impl PipelineError {
+    /// True when reconnecting may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.is_transient(),
+            PipelineError::Setup(e) => e.is_transient(),
+            PipelineError::Silent(_) => true,
+            PipelineError::Decode { .. } | PipelineError::Unexpected { .. } | PipelineError::ShutdownUnapplied(_) => {
+                false
+            }
+        }
+    }
+}
+
+/// Running totals, shared with whoever wants to watch.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Row changes routed (a TRUNCATE counts once per table).
+    pub changes: AtomicU64,
+    /// Commits seen.
+    pub commits: AtomicU64,
+    /// Actions produced, before deduplication.
+    pub actions: AtomicU64,
+    /// Actions widened to patterns because a value was missing.
+    pub widened: AtomicU64,
+    /// Batches applied by the sink.
+    pub batches: AtomicU64,
+    /// Failed sink applies (each retried).
+    pub sink_errors: AtomicU64,
+    /// Replication reconnects.
+    pub reconnects: AtomicU64,
+    /// The flushed position last reported to the server.
+    pub flushed_lsn: AtomicU64,
+}
+
+impl Stats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// What the pipeline reports to an observer (the demo, tests).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Streaming started (or restarted after a reconnect) at `start`.
+    Streaming {
+        /// The position streaming resumed from.
+        start: Lsn,
+    },
+    /// A batch was applied by the sink.
+    Applied {
+        /// The routed changes whose actions were in the batch.
+        changes: Vec<ChangeRecord>,
+        /// The commits the batch completed.
+        commits: Vec<CommitRecord>,
+        /// The deduplicated actions applied.
+        actions: Vec<Action>,
+        /// When the sink acknowledged the batch.
+        at: SystemTime,
+    },
+}
+
+/// A batch on its way to the applier.
+struct Sealed {
+    seq: u64,
+    actions: Vec<Action>,
+    ack: Option<Lsn>,
+    commits: Vec<CommitRecord>,
+    changes: Vec<ChangeRecord>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Applied {
+    seq: u64,
+    lsn: Lsn,
+}
+
+/// Runs the pipeline until `shutdown` resolves or a fatal error occurs.
+pub async fn run<S: Sink>(
+    config: &Config,
+    rules: Arc<RuleSet>,
+    sink: S,
+    shutdown: impl Future<Output = ()>,
+    observer: Option<mpsc::UnboundedSender<Event>>,
+    stats: Arc<Stats>,
+) -> Result<(), PipelineError> {
+    let (tx, rx) = mpsc::channel::<Sealed>(1);
+    let (applied_tx, applied_rx) = watch::channel(Applied::default());
+    let abandon = Arc::new(tokio::sync::Notify::new());
+    let applier = tokio::spawn(apply_loop(sink, rx, applied_tx, observer.clone(), stats.clone(), abandon.clone()));
+    let mut reader = Reader {
+        config,
+        router: Router::new(rules),
+        progress: Progress::default(),
+        stats,
+        tx,
+        applied: applied_rx,
+        applied_seq: 0,
+        sent_seq: 0,
+        observer,
+        last_status: Instant::now(),
+        status_due: None,
+    };
+    tokio::pin!(shutdown);
+    let result = reader.run(shutdown.as_mut()).await;
+    drop(reader.tx);
+    // Let the applier finish what it holds; if Redis is down, stop waiting after a grace period.
+    let wait = tokio::time::timeout(SHUTDOWN_GRACE, applier);
+    match wait.await {
+        Ok(_) => result,
+        Err(_) => {
+            abandon.notify_one();
+            result.and(Err(PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE)))
+        }
+    }
+}
+
+async fn apply_loop<S: Sink>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<Sealed>,
+    applied: watch::Sender<Applied>,
+    observer: Option<mpsc::UnboundedSender<Event>>,
+    stats: Arc<Stats>,
+    abandon: Arc<tokio::sync::Notify>,
+) {
+    while let Some(batch) = rx.recv().await {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match sink.apply(&batch.actions).await {
+                Ok(()) => break,
+                Err(e) => {
+                    Stats::add(&stats.sink_errors, 1);
+                    warn!(error = %e, cause = %error_chain(&e), retry_in = ?backoff, actions = batch.actions.len(),
+                        "applying a batch failed; retrying, nothing is acknowledged meanwhile");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = abandon.notified() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        Stats::add(&stats.batches, 1);
+        applied.send_modify(|a| {
+            a.seq = batch.seq;
+            if let Some(lsn) = batch.ack {
+                a.lsn = a.lsn.max(lsn);
+            }
+        });
+        if let Some(obs) = &observer {
+            let _ = obs.send(Event::Applied {
+                changes: batch.changes,
+                commits: batch.commits,
+                actions: batch.actions,
+                at: SystemTime::now(),
+            });
+        }
+    }
+}
+
+/// Formats an error with its sources, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+enum SessionEnd {
+    Shutdown,
+    ServerClosed,
+}
+
+/// What woke the reader's loop.
+enum Wake {
+    Shutdown,
+    Applied,
+    StatusDue,
+    StatusTick,
+    Permit(mpsc::OwnedPermit<Sealed>),
+    Frame(Option<ReplicationFrame>),
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Reader<'a> {
+    config: &'a Config,
+    router: Router,
+    progress: Progress,
+    stats: Arc<Stats>,
+    tx: mpsc::Sender<Sealed>,
+    applied: watch::Receiver<Applied>,
+    applied_seq: u64,
+    sent_seq: u64,
+    observer: Option<mpsc::UnboundedSender<Event>>,
+    last_status: Instant,
+    status_due: Option<Instant>,
+}
+
+/// The state of one replication session: what is open and what is batched.
+struct Session {
+    decoder: Decoder,
+    relations: RelationCache,
+    open: Option<(u32, i64)>,
+    batch: Batch,
+    routed: Vec<Routed>,
+    last_received: Instant,
+}
+
+impl Session {
+    fn new() -> Self {
+        Session {
+            decoder: Decoder::new(PROTOCOL_VERSION),
+            relations: RelationCache::default(),
+            open: None,
+            batch: Batch::new(),
+            routed: Vec::new(),
+            last_received: Instant::now(),
+        }
+    }
+}
+
+impl Reader<'_> {
+    async fn run(&mut self, mut shutdown: Pin<&mut impl Future<Output = ()>>) -> Result<(), PipelineError> {
+        let mut backoff = Duration::from_millis(100);
+        let mut busy = 0;
+        loop {
+            let attempt = self.session(shutdown.as_mut()).await;
+            let err = match attempt {
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::ServerClosed) => {
+                    warn!(slot = %self.config.source.slot, "server ended the replication stream; reconnecting");
+                    backoff = Duration::from_millis(100);
+                    None
+                }
+                Err(e) if e.is_transient() => Some(e),
+                Err(e) => {
+                    error!(slot = %self.config.source.slot, error = %error_chain(&e), "stopping: the error is not one that retrying can fix");
+                    return Err(e);
+                }
+            };
+            if let Some(e) = err {
+                if matches!(&e, PipelineError::Setup(s) if matches!(**s, SetupError::SlotBusy { .. })) {
+                    busy += 1;
+                    if busy >= SLOT_BUSY_ATTEMPTS {
+                        return Err(e);
+                    }
+                } else {
+                    busy = 0;
+                }
+                warn!(slot = %self.config.source.slot, error = %error_chain(&e), retry_in = ?backoff, "replication interrupted; reconnecting");
+            }
+            Stats::add(&self.stats.reconnects, 1);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.as_mut() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn session(&mut self, mut shutdown: Pin<&mut impl Future<Output = ()>>) -> Result<SessionEnd, PipelineError> {
+        let source = &self.config.source;
+        let rules = self.router.rules().clone();
+        let connect = async {
+            let mut conn = ReplicationConn::connect(&source.conninfo, true).await?;
+            let position = slot::prepare(&mut conn, source, &rules).await?;
+            Ok::<_, PipelineError>((conn, position))
+        };
+        let (conn, position) = tokio::select! {
+            r = connect => r?,
+            _ = shutdown.as_mut() => return Ok(SessionEnd::Shutdown),
+        };
+        self.absorb_applied();
+        let start = self.progress.flushed().max(position.start);
+        self.progress.flush(start);
+        let publication = format!("\"{}\"", source.publication);
+        let options = [("proto_version", "1"), ("publication_names", publication.as_str()), ("messages", "true")];
+        let mut stream = conn.start_replication(&source.slot, start, &options).await?;
+        info!(slot = %source.slot, lsn = %start, created = position.created, "streaming changes");
+        if let Some(obs) = &self.observer {
+            let _ = obs.send(Event::Streaming { start });
+        }
+        self.router.clear();
+        let mut session = Session::new();
+        let end = self.stream(&mut stream, &mut session, shutdown.as_mut()).await;
+        match end {
+            Ok(SessionEnd::Shutdown) => {
+                self.finish(&mut stream, &mut session).await?;
+                stream.finish().await?;
+                Ok(SessionEnd::Shutdown)
+            }
+            other => other,
+        }
+    }
+
+    /// On shutdown: hand over the batch in hand, wait for it to apply, acknowledge it.
+    async fn finish(&mut self, stream: &mut ReplicationStream, session: &mut Session) -> Result<(), PipelineError> {
+        if !session.batch.is_empty() {
+            let batch = self.seal(&mut session.batch);
+            let sent = tokio::time::timeout(SHUTDOWN_GRACE, self.tx.send(batch)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return Err(PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE));
+            }
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while self.applied_seq < self.sent_seq {
+            if tokio::time::timeout_at(deadline, self.applied.changed()).await.is_err() {
+                return Err(PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE));
+            }
+            self.absorb_applied();
+        }
+        self.send_status(stream, false).await?;
+        info!(slot = %self.config.source.slot, flushed = %self.progress.flushed(), "stopped; everything applied is acknowledged");
+        Ok(())
+    }
+
+    async fn stream(
+        &mut self,
+        stream: &mut ReplicationStream,
+        session: &mut Session,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<SessionEnd, PipelineError> {
+        let batch_config = &self.config.batch;
+        let status_interval = self.config.source.status_interval;
+        let mut status = tokio::time::interval(status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let full = session.batch.len() >= batch_config.max_actions;
+            // Hand the batch over once the stream is idle, the batch is old, or it is full.
+            // Actions of a transaction still open may go early; only its ack waits for Commit.
+            let ready = !session.batch.is_empty()
+                && (full || !stream.has_buffered_frame() || session.batch.older_than(batch_config.max_delay));
+            let status_due = self.status_due.map(tokio::time::Instant::from_std);
+            let wake = tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => Wake::Shutdown,
+                changed = self.applied.changed() => {
+                    // The applier only stops when this reader drops its sender.
+                    changed.expect("applier stopped while the reader still holds its channel");
+                    Wake::Applied
+                }
+                _ = sleep_until_some(status_due), if status_due.is_some() => Wake::StatusDue,
+                _ = status.tick() => Wake::StatusTick,
+                permit = self.tx.clone().reserve_owned(), if ready => {
+                    Wake::Permit(permit.expect("the applier holds the receiver while the reader runs"))
+                }
+                frame = stream.next(), if !full => Wake::Frame(frame?),
+            };
+            match wake {
+                Wake::Shutdown => return Ok(SessionEnd::Shutdown),
+                Wake::Applied => self.absorb_applied(),
+                Wake::StatusDue => self.send_status(stream, false).await?,
+                Wake::StatusTick => {
+                    let silent = session.last_received.elapsed();
+                    if silent > self.config.source.read_timeout {
+                        return Err(PipelineError::Silent(silent));
+                    }
+                    // Ask for a reply when the server has been quiet, so a dead link shows up.
+                    self.send_status(stream, silent >= status_interval).await?;
+                }
+                Wake::Permit(permit) => {
+                    permit.send(self.seal(&mut session.batch));
+                }
+                Wake::Frame(None) => return Ok(SessionEnd::ServerClosed),
+                Wake::Frame(Some(frame)) => {
+                    session.last_received = Instant::now();
+                    match frame {
+                        ReplicationFrame::XLogData { wal_start, data, .. } => {
+                            self.progress.receive(wal_start);
+                            self.on_message(session, wal_start, data)?;
+                        }
+                        ReplicationFrame::Keepalive { wal_end, reply_requested, .. } => {
+                            self.on_keepalive(session, wal_end);
+                            if reply_requested {
+                                self.send_status(stream, false).await?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A keepalive's position is safe to report only with no transaction open and
+    /// everything received applied; otherwise it rides on the batch in hand.
+    fn on_keepalive(&mut self, session: &mut Session, wal_end: Lsn) {
+        self.progress.receive(wal_end);
+        if session.open.is_some() {
+            return;
+        }
+        if session.batch.is_empty() && self.applied_seq == self.sent_seq {
+            self.flushed(wal_end);
+        } else {
+            session.batch.acknowledge_through(wal_end);
+        }
+    }
+
+    fn on_message(&mut self, session: &mut Session, lsn: Lsn, data: bytes::Bytes) -> Result<(), PipelineError> {
+        let message = session.decoder.decode(data).map_err(|source| PipelineError::Decode { lsn, source })?;
+        let unexpected = |what: &str| PipelineError::Unexpected { lsn, what: what.to_string() };
+        match message {
+            LogicalMessage::Begin(b) => {
+                if session.open.is_some() {
+                    return Err(unexpected("Begin inside an open transaction"));
+                }
+                session.open = Some((b.xid, b.commit_time));
+            }
+            LogicalMessage::Commit(c) => {
+                let Some((xid, _)) = session.open.take() else { return Err(unexpected("Commit without Begin")) };
+                Stats::add(&self.stats.commits, 1);
+                session.batch.commit(CommitRecord {
+                    xid,
+                    end_lsn: c.end_lsn,
+                    commit_time: pgoutput::pg_time_to_system(c.commit_time),
+                });
+            }
+            LogicalMessage::Relation(r) => {
+                let relation = session.relations.insert(r);
+                for m in self.router.bind(&relation) {
+                    error!(rule = %m.rule, table = %m.table, column = %m.column, lsn = %lsn,
+                        "rule names a column the table does not have; its keys are widened to patterns");
+                }
+            }
+            LogicalMessage::Insert(i) => self.route(session, lsn, i.relation, Op::Insert, None, Some(&i.new))?,
+            LogicalMessage::Update(u) => {
+                self.route(session, lsn, u.relation, Op::Update, u.old.as_ref(), Some(&u.new))?
+            }
+            LogicalMessage::Delete(d) => self.route(session, lsn, d.relation, Op::Delete, Some(&d.old), None)?,
+            LogicalMessage::Truncate(t) => {
+                for oid in &t.relations {
+                    self.route(session, lsn, *oid, Op::Truncate, None, None)?;
+                }
+            }
+            LogicalMessage::Message(m) => {
+                debug!(prefix = %m.prefix, lsn = %lsn, transactional = m.transactional, "logical decoding message");
+            }
+            LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
+            other => {
+                // walbust requests neither streaming nor two-phase decoding.
+                return Err(unexpected(&format!("{other:?}").chars().take(120).collect::<String>()));
+            }
+        }
+        Ok(())
+    }
+
+    fn route(
+        &mut self,
+        session: &mut Session,
+        lsn: Lsn,
+        oid: u32,
+        op: Op,
+        old: Option<&pgoutput::OldTuple>,
+        new: Option<&pgoutput::Tuple>,
+    ) -> Result<(), PipelineError> {
+        let Some(relation) = session.relations.get(oid).cloned() else {
+            return Err(PipelineError::Unexpected {
+                lsn,
+                what: format!("{op} for relation OID {oid}, which no Relation message announced"),
+            });
+        };
+        if session.open.is_none() {
+            return Err(PipelineError::Unexpected { lsn, what: format!("{op} outside a transaction") });
+        }
+        Stats::add(&self.stats.changes, 1);
+        let change = Change { relation: &relation, op, old, new };
+        session.routed.clear();
+        self.router.route(&change, &mut session.routed);
+        Stats::add(&self.stats.actions, session.routed.len() as u64);
+        for r in &session.routed {
+            if let Some(why) = r.widened {
+                Stats::add(&self.stats.widened, 1);
+                debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
+            }
+            session.batch.push(r.action.clone());
+        }
+        if self.observer.is_some() {
+            let xid = session.open.map_or(0, |(x, _)| x);
+            let mut actions: Vec<Action> = Vec::with_capacity(session.routed.len());
+            for r in &session.routed {
+                if !actions.contains(&r.action) {
+                    actions.push(r.action.clone());
+                }
+            }
+            session.batch.changes.push(ChangeRecord {
+                xid,
+                table: relation.qualified_name(),
+                op: op.as_str(),
+                actions,
+            });
+        }
+        Ok(())
+    }
+
+    fn seal(&mut self, batch: &mut Batch) -> Sealed {
+        let mut b = batch.take();
+        self.sent_seq += 1;
+        Sealed { seq: self.sent_seq, actions: b.take_actions(), ack: b.ack, commits: b.commits, changes: b.changes }
+    }
+
+    fn absorb_applied(&mut self) {
+        let a = *self.applied.borrow_and_update();
+        self.applied_seq = a.seq;
+        self.flushed(a.lsn);
+    }
+
+    fn flushed(&mut self, lsn: Lsn) {
+        if self.progress.flush(lsn) && self.status_due.is_none() {
+            self.status_due = Some(self.last_status + STATUS_COALESCE);
+        }
+    }
+
+    async fn send_status(&mut self, stream: &mut ReplicationStream, reply: bool) -> Result<(), PipelineError> {
+        let (received, flushed) = (self.progress.received(), self.progress.flushed());
+        stream.send_status(received, flushed, flushed, reply).await?;
+        self.stats.flushed_lsn.store(flushed.0, Ordering::Relaxed);
+        self.last_status = Instant::now();
+        self.status_due = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{BufMut, Bytes, BytesMut};
+    use std::path::Path;
+
+    fn config() -> Config {
+        let text = "rules = [\"r/*.toml\"]\n[source]\nurl = \"postgres://u@localhost/db\"\n[redis]\nurl = \"redis://localhost\"\n";
+        Config::parse(Path::new("config.toml"), text, &|_| None).expect("test config")
+    }
+
+    fn reader(config: &Config) -> (Reader<'_>, mpsc::Receiver<Sealed>, watch::Sender<Applied>) {
+        let (tx, rx) = mpsc::channel(1);
+        let (applied_tx, applied) = watch::channel(Applied::default());
+        let reader = Reader {
+            config,
+            router: Router::new(Arc::new(RuleSet::default())),
+            progress: Progress::starting_at(Lsn(100)),
+            stats: Arc::new(Stats::default()),
+            tx,
+            applied,
+            applied_seq: 0,
+            sent_seq: 0,
+            observer: None,
+            last_status: Instant::now(),
+            status_due: None,
+        };
+        (reader, rx, applied_tx)
+    }
+
+    fn begin(xid: u32) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'B');
+        b.put_u64(500);
+        b.put_i64(0);
+        b.put_u32(xid);
+        b.freeze()
+    }
+
+    fn commit(end: u64) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'C');
+        b.put_u8(0);
+        b.put_u64(end - 10);
+        b.put_u64(end);
+        b.put_i64(0);
+        b.freeze()
+    }
+
+    #[test]
+    fn a_message_cut_short_is_a_typed_error_with_its_lsn_and_nothing_is_acknowledged() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        r.on_message(&mut s, Lsn(200), begin(7)).unwrap();
+        let cut = commit(600).slice(..10);
+        let err = r.on_message(&mut s, Lsn(300), cut).unwrap_err();
+        assert!(matches!(err, PipelineError::Decode { lsn: Lsn(300), .. }), "{err:?}");
+        assert!(err.to_string().contains("0/12C"), "{err}");
+        assert!(!err.is_transient(), "a malformed message is not skipped by reconnecting past it");
+        assert_eq!(s.batch.ack, None);
+        assert_eq!(r.progress.flushed(), Lsn(100));
+    }
+
+    #[test]
+    fn an_unknown_tag_is_a_typed_error() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        let err = r.on_message(&mut s, Lsn(300), Bytes::from_static(b"Zjunk")).unwrap_err();
+        assert!(matches!(err, PipelineError::Decode { source: DecodeError::UnknownTag { tag: b'Z' }, .. }), "{err:?}");
+        assert_eq!(r.progress.flushed(), Lsn(100));
+    }
+
+    #[test]
+    fn a_keepalive_inside_a_transaction_is_not_acknowledged() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        r.on_message(&mut s, Lsn(200), begin(7)).unwrap();
+        r.on_keepalive(&mut s, Lsn(900));
+        assert_eq!(r.progress.flushed(), Lsn(100));
+        assert_eq!(s.batch.ack, None);
+        r.on_message(&mut s, Lsn(210), commit(950)).unwrap();
+        assert_eq!(s.batch.ack, Some(Lsn(950)), "the commit's end is acknowledged once its batch applies");
+        assert_eq!(r.progress.flushed(), Lsn(100), "not before");
+    }
+
+    #[test]
+    fn a_keepalive_with_nothing_pending_is_acknowledged_at_once_and_otherwise_rides_the_batch() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        r.on_keepalive(&mut s, Lsn(400));
+        assert_eq!(r.progress.flushed(), Lsn(400));
+        s.batch.push(Action::Unlink("k".into()));
+        r.on_keepalive(&mut s, Lsn(800));
+        assert_eq!(r.progress.flushed(), Lsn(400), "an unapplied action holds the position back");
+        assert_eq!(s.batch.ack, Some(Lsn(800)));
+    }
+}

@@ -1,0 +1,193 @@
+//! Nothing committed is lost: not to a SIGKILL, a Redis outage, or a Postgres restart;
+//! and an idle database does not pin WAL.
+
+use crate::routing::current_lsn;
+use crate::support::{self, Running, cache, existing, fresh_db, redis_conn, wait_until, write_config};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use walbust::lsn::Lsn;
+use walbust::pipeline::Stats;
+use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
+
+const ITEMS_SCHEMA: &str = "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);";
+
+fn item_rules(prefix: &str) -> String {
+    format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{prefix}:item:{{id}}\"]\n")
+}
+
+fn item_keys(prefix: &str, ids: impl IntoIterator<Item = i32>) -> Vec<String> {
+    ids.into_iter().map(|i| format!("{prefix}:item:{i}")).collect()
+}
+
+/// Waits until every key in `keys` is gone from Redis.
+async fn all_gone(redis_url: &str, keys: &[String], timeout: Duration) {
+    let mut conn = redis_conn(redis_url).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = existing(&mut conn, keys).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} keys never invalidated, e.g. {:?}",
+            left.len(),
+            &left[..left.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn slot_active(client: &tokio_postgres::Client, slot: &str) -> bool {
+    let row = client
+        .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .expect("slot query");
+    row.is_some_and(|r| r.get::<_, bool>(0))
+}
+
+async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Lsn {
+    let row = client
+        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .expect("slot query");
+    row.get::<_, String>(0).parse().expect("lsn")
+}
+
+fn spawn_walbust(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_walbust"))
+        .args(["--log-level", "warn", "run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning walbust")
+}
+
+async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str) {
+    wait_until(Duration::from_secs(30), "walbust to hold its slot", || async { slot_active(client, slot).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_writes_then_restart_loses_no_invalidation() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS_SCHEMA).await;
+    let files = write_config(&db, &s.redis.url(), &item_rules(&db.name), "");
+    let keys = item_keys(&db.name, 1..=300);
+    cache(&mut redis_conn(&s.redis.url()).await, &keys).await;
+
+    let mut walbust = spawn_walbust(&files.path);
+    wait_for_slot(&db.client, &db.name).await;
+    for i in 1..=120 {
+        db.client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.expect("insert");
+    }
+    walbust.kill().expect("SIGKILL");
+    walbust.wait().expect("reap");
+    for i in 121..=300 {
+        db.client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.expect("insert");
+    }
+    let mut walbust = spawn_walbust(&files.path);
+    all_gone(&s.redis.url(), &keys, Duration::from_secs(60)).await;
+
+    // SIGTERM: finish, acknowledge, exit 0.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(walbust.id() as libc::pid_t, libc::SIGTERM) };
+    let status = walbust.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "SIGTERM ends walbust with exit code 0");
+    let end = current_lsn(&db.client).await;
+    assert!(confirmed_flush(&db.client, &db.name).await >= Lsn(end.0.saturating_sub(1 << 20)), "acknowledged on exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_for_seconds_under_writes_loses_no_invalidation() {
+    let s = support::shared();
+    let mut redis = tokio::task::spawn_blocking(ThrowawayRedis::start).await.unwrap().expect("own redis");
+    let db = fresh_db(&s.pg, ITEMS_SCHEMA).await;
+    let files = write_config(&db, &redis.url(), &item_rules(&db.name), "");
+    let keys = item_keys(&db.name, 1..=200);
+    cache(&mut redis_conn(&redis.url()).await, &keys).await;
+    let run = Running::start(&files.path).await;
+
+    for i in 1..=60 {
+        db.client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.unwrap();
+    }
+    // An operator stops Redis (saving its data), writes go on, Redis comes back.
+    redis = tokio::task::spawn_blocking(move || {
+        redis.stop().expect("stop redis");
+        redis
+    })
+    .await
+    .unwrap();
+    let outage = tokio::time::Instant::now();
+    for i in 61..=200 {
+        db.client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    tokio::time::sleep_until(outage + Duration::from_secs(4)).await;
+    assert!(Stats::get(&run.stats.sink_errors) > 0, "applies failed while Redis was down");
+    let redis = tokio::task::spawn_blocking(move || {
+        redis.start_again().expect("restart redis");
+        redis
+    })
+    .await
+    .unwrap();
+    all_gone(&redis.url(), &keys, Duration::from_secs(60)).await;
+    run.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_reconnects_and_loses_no_invalidation() {
+    let s = support::shared();
+    let pg = tokio::task::spawn_blocking(|| ThrowawayPostgres::start(&PostgresOptions::default()))
+        .await
+        .unwrap()
+        .expect("own postgres");
+    let db = fresh_db(&pg, ITEMS_SCHEMA).await;
+    let files = write_config(&db, &s.redis.url(), &item_rules(&db.name), "");
+    let keys = item_keys(&db.name, 1..=150);
+    cache(&mut redis_conn(&s.redis.url()).await, &keys).await;
+    let run = Running::start(&files.path).await;
+
+    for i in 1..=75 {
+        db.client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.unwrap();
+    }
+    let mut pg = tokio::task::spawn_blocking(move || {
+        let mut pg = pg;
+        pg.restart().expect("restart postgres");
+        pg
+    })
+    .await
+    .unwrap();
+    let client = support::connect(&db.url).await;
+    for i in 76..=150 {
+        client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.unwrap();
+    }
+    all_gone(&s.redis.url(), &keys, Duration::from_secs(60)).await;
+    assert!(Stats::get(&run.stats.reconnects) >= 1, "walbust reconnected");
+    run.stop().await.expect("clean stop");
+    pg.stop().expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_database_keeps_confirming_while_another_database_writes() {
+    let s = support::shared();
+    let idle = fresh_db(&s.pg, ITEMS_SCHEMA).await;
+    let busy = fresh_db(&s.pg, "CREATE TABLE noise (id serial PRIMARY KEY, pad text);").await;
+    let files = write_config(&idle, &s.redis.url(), &item_rules(&idle.name), "");
+    let run = Running::start(&files.path).await;
+    let before = confirmed_flush(&idle.client, &idle.name).await;
+    for _ in 0..50 {
+        busy.client
+            .batch_execute("INSERT INTO noise (pad) SELECT repeat('x', 500) FROM generate_series(1, 20)")
+            .await
+            .unwrap();
+    }
+    let target = current_lsn(&busy.client).await;
+    assert!(target > before);
+    wait_until(
+        Duration::from_secs(30),
+        "the idle slot's confirmed_flush_lsn to pass the other database's writes",
+        || async { confirmed_flush(&idle.client, &idle.name).await >= target },
+    )
+    .await;
+    run.stop().await.expect("clean stop");
+}

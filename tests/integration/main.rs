@@ -1,0 +1,6 @@
+//! Integration tests against real Postgres and Redis servers started by the harness.
+
+mod connection;
+mod durability;
+mod routing;
+mod support;

@@ -1,0 +1,252 @@
+//! The test harness: throwaway Postgres and Redis servers, started once per test binary,
+//! a fresh database, slot and publication per test, and waits with deadlines.
+
+pub mod certs;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use walbust::config::Config;
+use walbust::pipeline::{self, Event, PipelineError, Stats};
+use walbust::rules::RuleSet;
+use walbust::sink::RedisSink;
+use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
+
+/// Users the shared cluster authenticates with passwords, for the connection tests.
+pub const SCRAM_USER: &str = "scram_user";
+/// Password of [`SCRAM_USER`] and [`MD5_USER`].
+pub const PASSWORD: &str = "s3cret pass'word";
+/// A user whose password is stored as md5.
+pub const MD5_USER: &str = "md5_user";
+
+/// The servers shared by every test of this binary.
+pub struct Shared {
+    /// Postgres with TLS on, trust for `postgres`, SCRAM and md5 users.
+    pub pg: ThrowawayPostgres,
+    /// Redis.
+    pub redis: ThrowawayRedis,
+    /// The CA that signed the server certificate (for `localhost` only).
+    pub certs: certs::TestCerts,
+}
+
+/// Starts the shared servers on first use; panics with the install hint when binaries are missing.
+pub fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        // Pipeline logs show up in a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "walbust=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let certs = certs::TestCerts::generate();
+        let options = postgres_options(&certs);
+        let pg = ThrowawayPostgres::start(&options).unwrap_or_else(|e| panic!("cannot start the test Postgres: {e}"));
+        let redis = ThrowawayRedis::start().unwrap_or_else(|e| panic!("cannot start the test Redis: {e}"));
+        let setup = format!(
+            "SET password_encryption = 'scram-sha-256'; CREATE ROLE {SCRAM_USER} LOGIN REPLICATION PASSWORD '{pw}';
+             SET password_encryption = 'md5'; CREATE ROLE {MD5_USER} LOGIN REPLICATION PASSWORD '{pw}';
+             CREATE ROLE no_replication LOGIN;",
+            pw = PASSWORD.replace('\'', "''")
+        );
+        block_on(async {
+            let client = connect(&pg.url("postgres")).await;
+            client.batch_execute(&setup).await.expect("creating test roles");
+        });
+        Shared { pg, redis, certs }
+    })
+}
+
+/// Options for a cluster like the shared one: TLS and password users.
+pub fn postgres_options(certs: &certs::TestCerts) -> PostgresOptions {
+    PostgresOptions {
+        settings: vec![
+            "ssl = on".into(),
+            "ssl_cert_file = 'server.crt'".into(),
+            "ssl_key_file = 'server.key'".into(),
+            "wal_sender_timeout = '30s'".into(),
+        ],
+        hba: vec![
+            format!("host all,replication {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
+            format!("host all,replication {MD5_USER} 127.0.0.1/32 md5"),
+        ],
+        files: vec![
+            ("server.crt".into(), certs.server_cert_pem.clone().into_bytes()),
+            ("server.key".into(), certs.server_key_pem.clone().into_bytes()),
+        ],
+    }
+}
+
+/// Runs a future to completion on a private runtime (for set-up outside any test runtime).
+fn block_on<F: Future + Send>(f: F) -> F::Output
+where
+    F::Output: Send,
+{
+    std::thread::scope(|s| {
+        s.spawn(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f))
+            .join()
+            .expect("set-up thread panicked")
+    })
+}
+
+/// A plain SQL connection for test set-up and writes.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// A Redis connection for test assertions.
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).expect("redis url").get_multiplexed_async_connection().await.expect("connecting to redis")
+}
+
+/// A database of its own for one test, with names for its slot and publication.
+pub struct TestDb {
+    /// The database name, also used for the slot and publication.
+    pub name: String,
+    /// Its URL as the superuser.
+    pub url: String,
+    /// A connection for writes.
+    pub client: tokio_postgres::Client,
+}
+
+/// Creates a database on `pg`, runs `schema` in it and publishes all its tables.
+pub async fn fresh_db(pg: &ThrowawayPostgres, schema: &str) -> TestDb {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    connect(&pg.url("postgres"))
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let url = pg.url(&name);
+    let client = connect(&url).await;
+    client.batch_execute(schema).await.expect("schema");
+    client.batch_execute(&format!("CREATE PUBLICATION {name} FOR ALL TABLES")).await.expect("publication");
+    TestDb { name, url, client }
+}
+
+/// A config file (and rule file) in a temporary directory.
+pub struct ConfigFiles {
+    /// Keeps the directory until the files are dropped.
+    _dir: tempfile::TempDir,
+    /// config.toml.
+    pub path: PathBuf,
+}
+
+/// Writes config.toml and rules/test.toml for `db`, with extra `[source]` lines.
+pub fn write_config(db: &TestDb, redis_url: &str, rules: &str, source_extra: &str) -> ConfigFiles {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("rules")).expect("rules dir");
+    std::fs::write(dir.path().join("rules/test.toml"), rules).expect("rule file");
+    let text = format!(
+        "rules = [\"rules/*.toml\"]\n[source]\nurl = \"{url}\"\nslot = \"{name}\"\npublication = \"{name}\"\n\
+         status_interval = \"200ms\"\n{source_extra}\n[redis]\nurl = \"{redis_url}\"\n",
+        url = db.url,
+        name = db.name,
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).expect("config file");
+    ConfigFiles { _dir: dir, path }
+}
+
+/// A pipeline running in this process against real servers.
+pub struct Running {
+    /// Counters.
+    pub stats: Arc<Stats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), PipelineError>>,
+}
+
+impl Running {
+    /// Loads `config` and its rules and starts the pipeline with a Redis sink; waits until it streams.
+    pub async fn start(config: &Path) -> Running {
+        let config = Config::load(config).unwrap_or_else(|e| panic!("config: {e}"));
+        let rules = RuleSet::load(&config.rules).unwrap_or_else(|e| panic!("rules: {e}")).rules;
+        let sink = RedisSink::new(&config.redis.url).expect("redis sink");
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stats = Arc::new(Stats::default());
+        let handle = tokio::spawn({
+            let stats = stats.clone();
+            async move {
+                let stop = async {
+                    let _ = stop_rx.await;
+                };
+                pipeline::run(&config, Arc::new(rules), sink, stop, Some(tx), stats).await
+            }
+        });
+        let started = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match events.recv().await {
+                    Some(Event::Streaming { .. }) => return,
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        })
+        .await;
+        assert!(started.is_ok(), "pipeline did not start streaming within 30s");
+        assert!(!handle.is_finished(), "pipeline stopped at start: {:?}", handle.await);
+        Running { stats, stop: Some(stop), handle }
+    }
+
+    /// Asks the pipeline to stop as on SIGTERM and returns its result.
+    pub async fn stop(mut self) -> Result<(), PipelineError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("pipeline did not stop within 30s")
+            .expect("pipeline task panicked")
+    }
+}
+
+/// Waits until `cond` holds, polling; panics at the caller's line after `timeout`.
+#[track_caller]
+pub fn wait_until<'a, F, Fut>(timeout: Duration, what: &'a str, mut cond: F) -> impl Future<Output = ()> + 'a
+where
+    F: FnMut() -> Fut + 'a,
+    Fut: Future<Output = bool> + 'a,
+{
+    let caller = std::panic::Location::caller();
+    async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if cond().await {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out after {timeout:?} waiting for {what} (at {caller})");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Sets `keys` in Redis to "cached".
+pub async fn cache(conn: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.set(k, "cached").ignore();
+    }
+    let _: () = pipe.query_async(conn).await.expect("set keys");
+}
+
+/// Which of `keys` exist.
+pub async fn existing(conn: &mut redis::aio::MultiplexedConnection, keys: &[String]) -> Vec<String> {
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.exists(k);
+    }
+    let flags: Vec<bool> = pipe.query_async(conn).await.expect("exists");
+    keys.iter().zip(flags).filter(|(_, e)| *e).map(|(k, _)| k.clone()).collect()
+}
