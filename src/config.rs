@@ -50,6 +50,8 @@ pub struct SourceConfig {
 pub struct RedisConfig {
     /// `redis://` or `rediss://` URL.
     pub url: String,
+    /// PEM CA bundle trusted for `rediss://`, read from `ca_file`; public roots when absent.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// `[batch]`: how actions are grouped before they are sent.
@@ -100,6 +102,8 @@ struct RawSource {
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: Spanned<String>,
+    #[serde(default)]
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,7 +201,7 @@ impl Validator<'_> {
             }
         };
         if let Some(file) = &raw.password_file {
-            match std::fs::read_to_string(file.get_ref()) {
+            match std::fs::read_to_string(self.relative(file.get_ref())) {
                 Ok(pw) => conninfo.password = Some(pw.trim_end_matches(['\r', '\n']).to_string()),
                 Err(e) => self.error(
                     file.span(),
@@ -229,7 +233,14 @@ impl Validator<'_> {
         let status_interval = self.duration(raw.status_interval.as_ref(), Duration::from_secs(10));
         let read_timeout = self.duration(raw.read_timeout.as_ref(), Duration::from_secs(60));
         if status_interval.is_zero() {
-            self.error(span, "status_interval must be greater than zero".into(), None);
+            self.error(span.clone(), "status_interval must be greater than zero".into(), None);
+        }
+        if read_timeout <= status_interval {
+            self.error(
+                raw.read_timeout.as_ref().map_or(span, |r| r.span()),
+                format!("read_timeout ({read_timeout:?}) must be longer than status_interval ({status_interval:?})"),
+                Some("the server answers a status update within status_interval; give read_timeout several of them"),
+            );
         }
         Some(SourceConfig {
             conninfo,
@@ -251,7 +262,27 @@ impl Validator<'_> {
             );
             return None;
         }
-        Some(RedisConfig { url })
+        let ca_pem = match &raw.ca_file {
+            None => None,
+            Some(file) => match std::fs::read(self.relative(file.get_ref())) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    self.error(
+                        file.span(),
+                        format!("cannot read ca_file `{}`: {e}", file.get_ref()),
+                        Some("give the PEM file of the CA that signed the Redis server certificate"),
+                    );
+                    None
+                }
+            },
+        };
+        Some(RedisConfig { url, ca_pem })
+    }
+
+    /// A path from the file, relative to the config file's directory.
+    fn relative(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        if p.is_absolute() { p.to_path_buf() } else { self.path.parent().unwrap_or(Path::new("")).join(p) }
     }
 
     fn batch(&mut self, raw: RawBatch) -> BatchConfig {

@@ -1,4 +1,21 @@
 //! walbust: a Postgres change-data-capture cache invalidator.
+//!
+//! # Layout
+//!
+//! Changes flow through the modules in this order. [`source`] opens a replication
+//! connection (`replication=database`) built on `postgres-protocol`, checks the slot and
+//! publication ([`source::slot`]) and yields CopyBoth frames. [`pgoutput`] decodes each
+//! frame into a typed logical replication message, purely and without panicking on any
+//! input. [`rules`] loads the DBA's rule files and its [`rules::Router`] turns each
+//! change into [`action::Action`]s, widening a key to a pattern whenever the stream
+//! lacks a value it needs. [`batch`] deduplicates actions and records the commit
+//! position they complete; [`sink`] applies batches to Redis (or to memory in tests).
+//! [`progress`] keeps the received and flushed positions, each only moving forward, and
+//! [`pipeline`] wires the stages together, sends standby status updates, reconnects
+//! after failures and owns shutdown. [`config`] reads `config.toml`, reporting every
+//! problem with [`diagnostic`]s at `file:line:col`. [`throwaway`] starts disposable
+//! Postgres and Redis servers for `walbust demo`, the tests and the benchmarks.
+
 pub mod action;
 pub mod batch;
 pub mod config;

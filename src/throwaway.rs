@@ -251,19 +251,46 @@ pub struct ThrowawayRedis {
     root: PathBuf,
     bin: PathBuf,
     port: u16,
+    tls: bool,
     child: Option<Child>,
+}
+
+/// PEM texts for a Redis server that only accepts TLS.
+#[derive(Debug, Clone)]
+pub struct RedisTls {
+    /// The server certificate.
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+    /// The CA that signed it.
+    pub ca_pem: String,
 }
 
 impl ThrowawayRedis {
     /// Starts `redis-server` on a free loopback port.
     pub fn start() -> Result<Self, ThrowawayError> {
+        Self::start_with(None)
+    }
+
+    /// Starts `redis-server` accepting only TLS connections, with the given certificate.
+    pub fn start_tls(tls: &RedisTls) -> Result<Self, ThrowawayError> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&RedisTls>) -> Result<Self, ThrowawayError> {
         let bin = find_in_path("redis-server").ok_or(ThrowawayError::MissingBinary {
             name: "redis-server",
             hint: "install Redis: apt-get install redis-server",
         })?;
         let root = temp_root("redis")?;
         spawn_watchdog(&root, &format!("kill -9 $(cat '{}/redis.pid' 2>/dev/null) 2>/dev/null", root.display()));
-        let mut redis = ThrowawayRedis { root, bin, port: free_port()?, child: None };
+        if let Some(tls) = tls {
+            for (name, pem) in [("redis.crt", &tls.cert_pem), ("redis.key", &tls.key_pem), ("ca.crt", &tls.ca_pem)] {
+                let path = root.join(name);
+                fs::write(&path, pem).map_err(io("writing a TLS file", &path))?;
+            }
+        }
+        let mut redis = ThrowawayRedis { root, bin, port: free_port()?, tls: tls.is_some(), child: None };
         redis.start_again()?;
         Ok(redis)
     }
@@ -273,17 +300,32 @@ impl ThrowawayRedis {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT/0`.
+    /// `redis://127.0.0.1:PORT/0`, or `rediss://localhost:PORT/0` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.tls {
+            false => format!("redis://127.0.0.1:{}/0", self.port),
+            true => format!("rediss://localhost:{}/0", self.port),
+        }
     }
 
     /// Starts the server (again, after [`stop`](Self::stop)), loading what it saved on stop.
     pub fn start_again(&mut self) -> Result<(), ThrowawayError> {
         let log = self.root.join("redis.log");
         let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let child = Command::new(&self.bin)
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+        let port = self.port.to_string();
+        let ports: Vec<&str> = match self.tls {
+            false => vec!["--port", &port],
+            true => vec!["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no"],
+        };
+        let mut cmd = Command::new(&self.bin);
+        if self.tls {
+            cmd.arg("--tls-cert-file").arg(self.root.join("redis.crt"));
+            cmd.arg("--tls-key-file").arg(self.root.join("redis.key"));
+            cmd.arg("--tls-ca-cert-file").arg(self.root.join("ca.crt"));
+        }
+        let child = cmd
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&ports)
             .args(["--daemonize", "no", "--dir"])
             .arg(&self.root)
             .arg("--pidfile")

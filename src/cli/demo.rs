@@ -86,7 +86,7 @@ async fn run_demo() -> anyhow::Result<()> {
     let rules = RuleSet::from_sources(&[(PathBuf::from("rules/demo.toml"), RULES.to_string())])
         .map_err(|d| anyhow::anyhow!("{d}"))?
         .rules;
-    let sink = RedisSink::new(&config.redis.url)?;
+    let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref())?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stats = Arc::new(Stats::default());

@@ -28,7 +28,7 @@ pub async fn run(config_path: &Path) -> u8 {
     for w in loaded.warnings.warnings() {
         warn!("{w}");
     }
-    let sink = match RedisSink::new(&config.redis.url) {
+    let sink = match RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));

@@ -46,10 +46,17 @@ pub enum RedisSinkError {
 
 impl RedisSink {
     /// A sink for `url`; it connects on first use and reconnects by itself after failures.
-    pub fn new(url: &str) -> Result<Self, RedisSinkError> {
+    /// `root_cert` is a PEM CA bundle to trust for `rediss://` instead of the public roots.
+    pub fn new(url: &str, root_cert: Option<&[u8]>) -> Result<Self, RedisSinkError> {
         let description = redact_url(url);
-        let client =
-            redis::Client::open(url).map_err(|source| RedisSinkError::Url { url: description.clone(), source })?;
+        let client = match root_cert {
+            None => redis::Client::open(url),
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) },
+            ),
+        }
+        .map_err(|source| RedisSinkError::Url { url: description.clone(), source })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)))

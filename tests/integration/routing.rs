@@ -1,6 +1,8 @@
 //! Each kind of change busts exactly the keys its rules name, in a real Redis.
 
-use crate::support::{self, Running, cache, existing, fresh_db, redis_conn, wait_until, write_config};
+use crate::support::{
+    self, Running, cache, existing, fresh_db, redis_conn, wait_until, write_config, write_config_with,
+};
 
 use std::time::Duration;
 use walbust::lsn::Lsn;
@@ -130,5 +132,37 @@ async fn row_values_with_glob_characters_delete_only_their_literal_match() {
     db.client.batch_execute("INSERT INTO tags VALUES (1, '*'), (2, '[a-z]')").await.unwrap();
     drained(&run, &db.client).await;
     assert_eq!(existing(&mut redis, &all).await, [all[1].clone(), all[3].clone()]);
+    run.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_reach_a_redis_that_only_speaks_tls() {
+    let s = support::shared();
+    let tls = walbust::throwaway::RedisTls {
+        cert_pem: s.certs.server_cert_pem.clone(),
+        key_pem: s.certs.server_key_pem.clone(),
+        ca_pem: s.certs.ca_pem.clone(),
+    };
+    let redis = tokio::task::spawn_blocking(move || walbust::throwaway::ThrowawayRedis::start_tls(&tls))
+        .await
+        .unwrap()
+        .expect("TLS redis");
+    let db = fresh_db(&s.pg, "CREATE TABLE items (id int PRIMARY KEY);").await;
+    let n = &db.name;
+    let rules = format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:item:{{id}}\"]\n");
+    let files = write_config_with(&db, &redis.url(), &rules, "", "ca_file = \"ca.pem\"");
+    std::fs::write(files.path.with_file_name("ca.pem"), &s.certs.ca_pem).unwrap();
+    let client = redis::Client::build_with_tls(
+        redis.url(),
+        redis::TlsCertificates { client_tls: None, root_cert: Some(s.certs.ca_pem.clone().into_bytes()) },
+    )
+    .unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.expect("TLS connection");
+    let all = keys(&[&format!("{n}:item:1"), &format!("{n}:item:2")]);
+    cache(&mut conn, &all).await;
+    let run = Running::start(&files.path).await;
+    db.client.batch_execute("INSERT INTO items VALUES (1)").await.unwrap();
+    drained(&run, &db.client).await;
+    assert_eq!(existing(&mut conn, &all).await, [all[1].clone()]);
     run.stop().await.expect("clean stop");
 }

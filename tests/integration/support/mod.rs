@@ -143,12 +143,23 @@ pub struct ConfigFiles {
 
 /// Writes config.toml and rules/test.toml for `db`, with extra `[source]` lines.
 pub fn write_config(db: &TestDb, redis_url: &str, rules: &str, source_extra: &str) -> ConfigFiles {
+    write_config_with(db, redis_url, rules, source_extra, "")
+}
+
+/// [`write_config`] with extra `[redis]` lines as well.
+pub fn write_config_with(
+    db: &TestDb,
+    redis_url: &str,
+    rules: &str,
+    source_extra: &str,
+    redis_extra: &str,
+) -> ConfigFiles {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(dir.path().join("rules")).expect("rules dir");
     std::fs::write(dir.path().join("rules/test.toml"), rules).expect("rule file");
     let text = format!(
         "rules = [\"rules/*.toml\"]\n[source]\nurl = \"{url}\"\nslot = \"{name}\"\npublication = \"{name}\"\n\
-         status_interval = \"200ms\"\n{source_extra}\n[redis]\nurl = \"{redis_url}\"\n",
+         status_interval = \"200ms\"\n{source_extra}\n[redis]\nurl = \"{redis_url}\"\n{redis_extra}\n",
         url = db.url,
         name = db.name,
     );
@@ -170,7 +181,7 @@ impl Running {
     pub async fn start(config: &Path) -> Running {
         let config = Config::load(config).unwrap_or_else(|e| panic!("config: {e}"));
         let rules = RuleSet::load(&config.rules).unwrap_or_else(|e| panic!("rules: {e}")).rules;
-        let sink = RedisSink::new(&config.redis.url).expect("redis sink");
+        let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).expect("redis sink");
         let (tx, mut events) = mpsc::unbounded_channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let stats = Arc::new(Stats::default());
