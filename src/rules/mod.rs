@@ -1,6 +1,6 @@
 //! Rule files: the DBA's mapping from changed tables and rows to cache keys.
 //!
-//! Raw serde structs ([`raw`]) become a validated [`RuleSet`] here; the [`router`] binds
+//! Raw serde structs (`raw`) become a validated [`RuleSet`] here; the [`router`] binds
 //! the set to the relations the stream announces and turns each change into actions.
 //!
 //! ```toml
