@@ -3,13 +3,39 @@
 use std::fmt;
 
 /// One idempotent thing to do in Redis. Applying an action twice has the effect of once,
-/// which is what makes at-least-once delivery safe.
+/// which is what makes at-least-once delivery safe (a version bump twice is two bumps,
+/// which readers of versioned keys cannot tell from one).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
     /// `UNLINK key`: delete one exact key.
     Unlink(String),
-    /// `SCAN MATCH pattern` then `UNLINK` every match: delete every key the glob matches.
+    /// `SCAN MATCH pattern` then `UNLINK` every match.
     ScanUnlink(String),
+    /// Delete every member of the index set `key`, then the set, atomically with respect
+    /// to a concurrent `SADD` (a member added meanwhile is deleted now or stays in the set).
+    BustTag(String),
+    /// Bust every index set whose name matches the pattern.
+    ScanBustTag(String),
+    /// `INCR key`: bump a version key.
+    Incr(String),
+    /// `INCR` every key the pattern matches.
+    ScanIncr(String),
+    /// `PUBLISH channel message`.
+    Publish {
+        /// The channel.
+        channel: String,
+        /// The message.
+        message: String,
+    },
+    /// Write-through: `SET key value [EX ttl]`; when the SET fails, the key is unlinked.
+    Set {
+        /// The key.
+        key: String,
+        /// The value (the row as JSON).
+        value: String,
+        /// Expiry in seconds.
+        ttl: Option<u64>,
+    },
 }
 
 impl Action {
@@ -18,16 +44,72 @@ impl Action {
         match self {
             Action::Unlink(_) => "unlink",
             Action::ScanUnlink(_) => "scan_unlink",
+            Action::BustTag(_) => "bust_tag",
+            Action::ScanBustTag(_) => "scan_bust_tag",
+            Action::Incr(_) => "incr",
+            Action::ScanIncr(_) => "scan_incr",
+            Action::Publish { .. } => "publish",
+            Action::Set { .. } => "set",
         }
+    }
+
+    /// The exact key the action writes or deletes, for actions on one key.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Action::Unlink(k) | Action::BustTag(k) | Action::Incr(k) | Action::Set { key: k, .. } => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Parses the canonical one-line form, as written in test expectations.
+    pub fn parse(line: &str) -> Result<Action, String> {
+        let line = line.trim();
+        let (verb, rest) = line.split_once(' ').ok_or_else(|| format!("`{line}` has no argument"))?;
+        let arg = rest.trim().to_string();
+        Ok(match verb {
+            "UNLINK" => Action::Unlink(arg),
+            "SCAN-UNLINK" => Action::ScanUnlink(arg),
+            "BUST-TAG" => Action::BustTag(arg),
+            "SCAN-BUST-TAG" => Action::ScanBustTag(arg),
+            "INCR" => Action::Incr(arg),
+            "SCAN-INCR" => Action::ScanIncr(arg),
+            "PUBLISH" => {
+                let (channel, message) =
+                    arg.split_once(' ').ok_or_else(|| format!("`{line}`: PUBLISH needs a channel and a message"))?;
+                Action::Publish { channel: channel.to_string(), message: message.to_string() }
+            }
+            "SET" => {
+                let (key, rest) =
+                    arg.split_once(' ').ok_or_else(|| format!("`{line}`: SET needs a key and a value"))?;
+                let (value, ttl) = match rest.rsplit_once(" EX ") {
+                    Some((v, t)) if t.trim().parse::<u64>().is_ok() => (v, t.trim().parse().ok()),
+                    _ => (rest, None),
+                };
+                Action::Set { key: key.to_string(), value: value.to_string(), ttl }
+            }
+            other => {
+                return Err(format!(
+                    "unknown action `{other}`; expected UNLINK, SCAN-UNLINK, BUST-TAG, SCAN-BUST-TAG, INCR, SCAN-INCR, PUBLISH or SET"
+                ));
+            }
+        })
     }
 }
 
-/// The canonical one-line form: `UNLINK user:7:settings:all`, `SCAN-UNLINK plans_list_acme_*`.
+/// The canonical one-line form: `UNLINK user:7:settings:all`, `SCAN-UNLINK plans_list_acme_*`,
+/// `BUST-TAG idx:1`, `INCR ver:org:1`, `PUBLISH chan {...}`, `SET user:7 {...} EX 300`.
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Action::Unlink(key) => write!(f, "UNLINK {key}"),
-            Action::ScanUnlink(pattern) => write!(f, "SCAN-UNLINK {pattern}"),
+            Action::Unlink(k) => write!(f, "UNLINK {k}"),
+            Action::ScanUnlink(p) => write!(f, "SCAN-UNLINK {p}"),
+            Action::BustTag(k) => write!(f, "BUST-TAG {k}"),
+            Action::ScanBustTag(p) => write!(f, "SCAN-BUST-TAG {p}"),
+            Action::Incr(k) => write!(f, "INCR {k}"),
+            Action::ScanIncr(p) => write!(f, "SCAN-INCR {p}"),
+            Action::Publish { channel, message } => write!(f, "PUBLISH {channel} {message}"),
+            Action::Set { key, value, ttl: None } => write!(f, "SET {key} {value}"),
+            Action::Set { key, value, ttl: Some(t) } => write!(f, "SET {key} {value} EX {t}"),
         }
     }
 }
@@ -47,9 +129,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn canonical_text_form() {
-        assert_eq!(Action::Unlink("user:7".into()).to_string(), "UNLINK user:7");
-        assert_eq!(Action::ScanUnlink("p_*".into()).to_string(), "SCAN-UNLINK p_*");
+    fn canonical_text_form_round_trips() {
+        let actions = [
+            Action::Unlink("user:7".into()),
+            Action::ScanUnlink("p_*".into()),
+            Action::BustTag("idx:fr:budgets:ORG1".into()),
+            Action::ScanBustTag("idx:*".into()),
+            Action::Incr("ver:org:1".into()),
+            Action::ScanIncr("ver:*".into()),
+            Action::Publish { channel: "cache".into(), message: r#"{"table":"public.t"}"#.into() },
+            Action::Set { key: "user:7".into(), value: r#"{"id":7,"n":"a b"}"#.into(), ttl: Some(300) },
+            Action::Set { key: "user:8".into(), value: "{}".into(), ttl: None },
+        ];
+        for a in actions {
+            assert_eq!(Action::parse(&a.to_string()).unwrap(), a, "{a}");
+        }
+        assert!(Action::parse("DEL x").unwrap_err().contains("unknown action `DEL`"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use crate::action::Action;
 use crate::lsn::Lsn;
 use indexmap::IndexSet;
+use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
 /// A commit whose actions end in a batch, for acknowledgement and latency.
@@ -38,6 +39,8 @@ pub struct ChangeRecord {
 #[derive(Debug, Default)]
 pub struct Batch {
     actions: IndexSet<Action>,
+    /// Keys with a pending write-through `SET`, whose order against `UNLINK` matters.
+    writes: HashSet<String>,
     /// The end LSN this batch acknowledges once applied, if it completes any commit.
     pub ack: Option<Lsn>,
     /// The commits completed in this batch.
@@ -53,9 +56,21 @@ impl Batch {
         Self::default()
     }
 
-    /// Adds an action unless the batch already holds the same one.
+    /// Adds an action unless the batch already holds the same one. A write-through `SET`
+    /// and an `UNLINK` of the same key depend on their order, so the later one replaces
+    /// the earlier and goes to the end.
     pub fn push(&mut self, action: Action) {
         self.opened.get_or_insert_with(Instant::now);
+        match &action {
+            Action::Set { key, .. } | Action::Unlink(key) if self.writes.contains(key) => {
+                let key = key.clone();
+                self.actions.retain(|a| !matches!(a, Action::Set { key: k, .. } | Action::Unlink(k) if *k == key));
+            }
+            _ => {}
+        }
+        if let Action::Set { key, .. } = &action {
+            self.writes.insert(key.clone());
+        }
         self.actions.insert(action);
     }
 
@@ -78,6 +93,7 @@ impl Batch {
 
     /// The distinct actions as a vector, for the sink.
     pub fn take_actions(&mut self) -> Vec<Action> {
+        self.writes.clear();
         std::mem::take(&mut self.actions).into_iter().collect()
     }
 
@@ -114,6 +130,21 @@ mod tests {
         b.push(Action::Unlink("b".into()));
         let keys: Vec<String> = b.actions().map(|a| a.to_string()).collect();
         assert_eq!(keys, ["UNLINK b", "UNLINK a"]);
+    }
+
+    #[test]
+    fn a_write_through_and_an_unlink_of_one_key_keep_the_last_order() {
+        let set = |v: &str| Action::Set { key: "k".into(), value: v.into(), ttl: None };
+        let mut b = Batch::new();
+        b.push(set("1"));
+        b.push(Action::Unlink("other".into()));
+        b.push(Action::Unlink("k".into()));
+        b.push(set("1"));
+        let got: Vec<String> = b.actions().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["UNLINK other", "SET k 1"], "the key ends with the last write");
+        b.push(Action::Unlink("k".into()));
+        let got: Vec<String> = b.actions().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["UNLINK other", "UNLINK k"], "and deleted when the row was deleted last");
     }
 
     #[test]

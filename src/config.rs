@@ -43,6 +43,8 @@ pub struct SourceConfig {
     /// How long the stream may stay silent (after a status update asking for a reply)
     /// before the connection is considered dead and re-established.
     pub read_timeout: Duration,
+    /// The logical decoding message prefix that carries manual invalidations.
+    pub message_prefix: String,
 }
 
 /// `[redis]`: where invalidations go.
@@ -96,6 +98,8 @@ struct RawSource {
     status_interval: Option<Spanned<String>>,
     #[serde(default)]
     read_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    message_prefix: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +253,7 @@ impl Validator<'_> {
             create_slot: raw.create_slot.unwrap_or(true),
             status_interval,
             read_timeout,
+            message_prefix: raw.message_prefix.map_or_else(|| "walbust".to_string(), Spanned::into_inner),
         })
     }
 

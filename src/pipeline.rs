@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, DecodeError, Decoder, LogicalMessage, RelationCache};
 use crate::progress::Progress;
-use crate::rules::{Change, Op, Routed, Router, RuleSet};
+use crate::rules::{Change, Op, Routed, Router, RuleSet, manual};
 use crate::sink::Sink;
 use crate::source::slot::{self, SetupError};
 use crate::source::{ReplicationConn, ReplicationFrame, ReplicationStream, SourceError};
@@ -116,6 +116,12 @@ pub struct Stats {
     pub reconnects: AtomicU64,
     /// The flushed position last reported to the server.
     pub flushed_lsn: AtomicU64,
+    /// Manual invalidation messages applied.
+    pub manual_messages: AtomicU64,
+    /// Manual invalidation messages skipped because their body was malformed.
+    pub malformed_messages: AtomicU64,
+    /// Rule sets swapped in by a reload.
+    pub reloads: AtomicU64,
 }
 
 impl Stats {
@@ -165,15 +171,26 @@ struct Applied {
     lsn: Lsn,
 }
 
+/// What the caller can attach to a running pipeline.
+#[derive(Default)]
+pub struct Options {
+    /// Receives an [`Event`] per applied batch (the demo, tests).
+    pub observer: Option<mpsc::UnboundedSender<Event>>,
+    /// Counters, shared with the caller.
+    pub stats: Arc<Stats>,
+    /// New rule sets (SIGHUP); each is swapped in at the next transaction boundary.
+    pub reload: Option<watch::Receiver<Arc<RuleSet>>>,
+}
+
 /// Runs the pipeline until `shutdown` resolves or a fatal error occurs.
 pub async fn run<S: Sink>(
     config: &Config,
     rules: Arc<RuleSet>,
     sink: S,
     shutdown: impl Future<Output = ()>,
-    observer: Option<mpsc::UnboundedSender<Event>>,
-    stats: Arc<Stats>,
+    options: Options,
 ) -> Result<(), PipelineError> {
+    let Options { observer, stats, reload } = options;
     let (tx, rx) = mpsc::channel::<Sealed>(1);
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
     let abandon = Arc::new(tokio::sync::Notify::new());
@@ -190,6 +207,8 @@ pub async fn run<S: Sink>(
         observer,
         last_status: Instant::now(),
         status_due: None,
+        reload,
+        pending_rules: None,
     };
     tokio::pin!(shutdown);
     let result = reader.run(shutdown.as_mut()).await;
@@ -273,6 +292,16 @@ enum Wake {
     StatusTick,
     Permit(mpsc::OwnedPermit<Sealed>),
     Frame(Option<ReplicationFrame>),
+    Reload(Arc<RuleSet>),
+}
+
+async fn next_rules(reload: &mut Option<watch::Receiver<Arc<RuleSet>>>) -> Arc<RuleSet> {
+    let Some(rx) = reload else { return std::future::pending().await };
+    match rx.changed().await {
+        Ok(()) => rx.borrow_and_update().clone(),
+        // The reloader is gone: no more rule sets will come.
+        Err(_) => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
@@ -294,6 +323,8 @@ struct Reader<'a> {
     observer: Option<mpsc::UnboundedSender<Event>>,
     last_status: Instant,
     status_due: Option<Instant>,
+    reload: Option<watch::Receiver<Arc<RuleSet>>>,
+    pending_rules: Option<Arc<RuleSet>>,
 }
 
 /// The state of one replication session: what is open and what is batched.
@@ -425,6 +456,11 @@ impl Reader<'_> {
         let mut status = tokio::time::interval(status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if session.open.is_none()
+                && let Some(rules) = self.pending_rules.take()
+            {
+                self.swap_rules(session, rules);
+            }
             let full = session.batch.len() >= batch_config.max_actions;
             // Hand the batch over once the stream is idle, the batch is old, or it is full.
             // Actions of a transaction still open may go early; only its ack waits for Commit.
@@ -445,6 +481,7 @@ impl Reader<'_> {
                     Wake::Permit(permit.expect("the applier holds the receiver while the reader runs"))
                 }
                 frame = stream.next(), if !full => Wake::Frame(frame?),
+                rules = next_rules(&mut self.reload) => Wake::Reload(rules),
             };
             match wake {
                 Wake::Shutdown => return Ok(SessionEnd::Shutdown),
@@ -461,6 +498,7 @@ impl Reader<'_> {
                 Wake::Permit(permit) => {
                     permit.send(self.seal(&mut session.batch));
                 }
+                Wake::Reload(rules) => self.pending_rules = Some(rules),
                 Wake::Frame(None) => return Ok(SessionEnd::ServerClosed),
                 Wake::Frame(Some(frame)) => {
                     session.last_received = Instant::now();
@@ -531,8 +569,11 @@ impl Reader<'_> {
                     self.route(session, lsn, *oid, Op::Truncate, None, None)?;
                 }
             }
+            LogicalMessage::Message(m) if m.prefix == self.config.source.message_prefix => {
+                self.manual(session, lsn, &m.content);
+            }
             LogicalMessage::Message(m) => {
-                debug!(prefix = %m.prefix, lsn = %lsn, transactional = m.transactional, "logical decoding message");
+                debug!(prefix = %m.prefix, lsn = %lsn, "logical decoding message for another consumer");
             }
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
             other => {
@@ -591,6 +632,47 @@ impl Reader<'_> {
         Ok(())
     }
 
+    /// A manual invalidation: applied in order with the transaction's row changes; a
+    /// malformed body is logged with its LSN and skipped.
+    fn manual(&mut self, session: &mut Session, lsn: Lsn, body: &[u8]) {
+        let actions = match manual::actions(body) {
+            Ok(a) => a,
+            Err(e) => {
+                Stats::add(&self.stats.malformed_messages, 1);
+                warn!(lsn = %lsn, error = %error_chain(&e), "skipping a manual invalidation message");
+                return;
+            }
+        };
+        Stats::add(&self.stats.manual_messages, 1);
+        Stats::add(&self.stats.actions, actions.len() as u64);
+        if self.observer.is_some() {
+            let xid = session.open.map_or(0, |(x, _)| x);
+            session.batch.changes.push(ChangeRecord {
+                xid,
+                table: "(message)".into(),
+                op: "message",
+                actions: actions.clone(),
+            });
+        }
+        for a in actions {
+            session.batch.push(a);
+        }
+    }
+
+    /// Swaps in a reloaded rule set between transactions and binds it to every known relation.
+    fn swap_rules(&mut self, session: &Session, rules: Arc<RuleSet>) {
+        let count = rules.rules().len();
+        self.router.replace_rules(rules);
+        for relation in session.relations.iter() {
+            for m in self.router.bind(relation) {
+                error!(rule = %m.rule, table = %m.table, column = %m.column,
+                    "rule names a column the table does not have; its keys are widened to patterns");
+            }
+        }
+        Stats::add(&self.stats.reloads, 1);
+        info!(rules = count, lsn = %self.progress.received(), "reloaded rules; they apply from the next transaction");
+    }
+
     fn seal(&mut self, batch: &mut Batch) -> Sealed {
         let mut b = batch.take();
         self.sent_seq += 1;
@@ -645,6 +727,8 @@ mod tests {
             observer: None,
             last_status: Instant::now(),
             status_due: None,
+            reload: None,
+            pending_rules: None,
         };
         (reader, rx, applied_tx)
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use walbust::config::Config;
-use walbust::pipeline::{self, Event, Stats, error_chain};
+use walbust::pipeline::{self, Event, Options, Stats, error_chain};
 use walbust::rules::RuleSet;
 use walbust::sink::RedisSink;
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
@@ -96,7 +96,14 @@ async fn run_demo() -> anyhow::Result<()> {
             let stop = async {
                 let _ = stop_rx.await;
             };
-            pipeline::run(&config, Arc::new(rules), sink, stop, Some(events_tx), stats).await
+            pipeline::run(
+                &config,
+                Arc::new(rules),
+                sink,
+                stop,
+                Options { observer: Some(events_tx), stats, reload: None },
+            )
+            .await
         }
     });
     loop {

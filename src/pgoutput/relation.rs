@@ -39,6 +39,11 @@ impl RelationCache {
         self.relations.remove(&oid)
     }
 
+    /// Every cached relation, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Relation>> {
+        self.relations.values()
+    }
+
     /// Forgets every schema; the server re-sends them after a new START_REPLICATION.
     pub fn clear(&mut self) {
         self.relations.clear();

@@ -12,6 +12,7 @@
 //! patterns = ["plans_list_{org_slug}_*"]
 //! ```
 
+pub mod manual;
 mod raw;
 pub mod router;
 pub mod template;
@@ -70,10 +71,17 @@ pub struct OpSet(u8);
 impl OpSet {
     /// All four ops: the default when a rule gives no `on`.
     pub const ALL: OpSet = OpSet(0b1111);
+    /// No op: a rule with `on = []`.
+    pub const NONE: OpSet = OpSet(0);
 
     /// True when `op` is in the set.
     pub fn contains(self, op: Op) -> bool {
         self.0 & op.bit() != 0
+    }
+
+    /// The set with `op` added.
+    pub fn with(self, op: Op) -> OpSet {
+        OpSet(self.0 | op.bit())
     }
 }
 
@@ -101,14 +109,79 @@ pub struct Rule {
     pub table: TableName,
     /// The ops it fires on.
     pub on: OpSet,
+    /// Conditions on column values that must all hold.
+    pub when: Vec<Condition>,
+    /// For updates: fire only when one of these columns changed.
+    pub changed: Vec<String>,
     /// Exact keys to UNLINK.
     pub keys: Vec<Template>,
     /// Globs to SCAN and UNLINK; row values in them are escaped.
     pub patterns: Vec<Template>,
+    /// Index sets to bust: their members, then the set.
+    pub tags: Vec<Template>,
+    /// Version keys to INCR.
+    pub bump: Vec<Template>,
+    /// Channels to PUBLISH to.
+    pub publish: Vec<Publish>,
+    /// Keys to write through with the new row.
+    pub refresh: Vec<Refresh>,
+    /// Every column the rule names, with where.
+    pub columns: Vec<ColumnRef>,
     /// The file the rule is written in.
     pub file: PathBuf,
     /// The line its `[[rule]]` header is on.
     pub line: usize,
+}
+
+/// A condition of `when`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    /// The column tested.
+    pub column: String,
+    /// The test.
+    pub test: Test,
+}
+
+/// What a `when` condition requires of a column's text value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Test {
+    /// Equal to one of these (a single value is a list of one).
+    OneOf(Vec<String>),
+    /// NULL (`true`) or not NULL (`false`).
+    Null(bool),
+}
+
+/// A `publish` action.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// The channel.
+    pub channel: String,
+    /// The message template; `None` sends JSON naming table, op, rule and keys.
+    pub message: Option<Template>,
+}
+
+/// A `refresh` (write-through) action.
+#[derive(Debug, Clone)]
+pub struct Refresh {
+    /// The key written.
+    pub key: Template,
+    /// The columns written as JSON; `None` for all.
+    pub columns: Option<Vec<String>>,
+    /// Expiry in seconds.
+    pub ttl: Option<u64>,
+}
+
+/// A column named somewhere in a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnRef {
+    /// The column.
+    pub name: String,
+    /// The image it is read from.
+    pub image: template::Image,
+    /// Line of the mention.
+    pub line: usize,
+    /// Column of the mention.
+    pub col: usize,
 }
 
 impl Rule {

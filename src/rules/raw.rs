@@ -1,9 +1,13 @@
 //! The serde shape of a rule file, and its validation into [`Rule`]s.
 
-use super::template::Template;
-use super::{OpSet, Rule, TableName, parse_op};
+use super::template::{Image, Template};
+use super::{ColumnRef, Op};
+use super::{Condition, OpSet, Publish, Refresh, Rule, TableName, Test, parse_op};
+use crate::config::parse_duration;
 use crate::diagnostic::{self, Diagnostic, line_col};
 use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use toml::Spanned;
 
@@ -22,9 +26,39 @@ struct RawRule {
     #[serde(default)]
     on: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
+    when: Option<Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+    #[serde(default)]
+    changed: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
     keys: Vec<Spanned<String>>,
     #[serde(default)]
     patterns: Vec<Spanned<String>>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    #[serde(default)]
+    bump: Vec<Spanned<String>>,
+    #[serde(default)]
+    publish: Vec<Spanned<RawPublish>>,
+    #[serde(default)]
+    refresh: Vec<Spanned<RawRefresh>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPublish {
+    channel: Spanned<String>,
+    #[serde(default)]
+    message: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRefresh {
+    key: Spanned<String>,
+    #[serde(default)]
+    columns: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    ttl: Option<Spanned<String>>,
 }
 
 /// Parses one rule file, pushing every problem found onto `problems`.
@@ -42,85 +76,319 @@ pub(super) fn parse_file(path: &Path, text: &str, problems: &mut Vec<Diagnostic>
                 .with_hint("add a [[rule]] table with name, table and keys"),
         );
     }
-    raw.rule.into_iter().filter_map(|r| validate(path, text, r, problems)).collect()
+    raw.rule
+        .into_iter()
+        .filter_map(|r| {
+            let mut v = Validator {
+                path,
+                text,
+                problems: &mut *problems,
+                failed: false,
+                name: String::new(),
+                columns: Vec::new(),
+            };
+            v.rule(r)
+        })
+        .collect()
 }
 
-fn validate(path: &Path, text: &str, spanned: Spanned<RawRule>, problems: &mut Vec<Diagnostic>) -> Option<Rule> {
-    let rule_span = spanned.span();
-    let raw = spanned.into_inner();
-    let before = problems.iter().filter(|d| d.is_error()).count();
-    let name = raw.name.get_ref().trim().to_string();
-    let error = |span: std::ops::Range<usize>, msg: String, hint: &str| {
-        Diagnostic::error(path, text, Some(span), msg).with_hint(hint.to_string())
-    };
-    if name.is_empty() {
-        problems.push(error(raw.name.span(), "rule name is empty".into(), "give every rule a short unique name"));
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    problems: &'a mut Vec<Diagnostic>,
+    failed: bool,
+    name: String,
+    columns: Vec<ColumnRef>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, message: String, hint: impl Into<String>) {
+        self.failed = true;
+        self.problems.push(Diagnostic::error(self.path, self.text, Some(span), message).with_hint(hint));
     }
-    let table = match parse_table(raw.table.get_ref()) {
-        Ok(t) => Some(t),
-        Err(why) => {
-            problems.push(error(
-                raw.table.span(),
-                format!("invalid table `{}` in rule `{name}`: {why}", raw.table.get_ref()),
-                "write schema.table, or a bare table name for the public schema",
-            ));
-            None
+
+    fn warning(&mut self, span: Range<usize>, message: String, hint: impl Into<String>) {
+        self.problems.push(Diagnostic::warning(self.path, self.text, Some(span), message).with_hint(hint));
+    }
+
+    fn column(&mut self, name: &str, image: Image, at: usize) {
+        let (line, col) = line_col(self.text, at);
+        self.columns.push(ColumnRef { name: name.to_string(), image, line, col });
+    }
+
+    fn rule(&mut self, spanned: Spanned<RawRule>) -> Option<Rule> {
+        let rule_span = spanned.span();
+        let raw = spanned.into_inner();
+        self.name = raw.name.get_ref().trim().to_string();
+        let name = self.name.clone();
+        if name.is_empty() {
+            self.error(raw.name.span(), "rule name is empty".into(), "give every rule a short unique name");
         }
-    };
-    let mut on = OpSet(0);
-    match &raw.on {
-        None => on = OpSet::ALL,
-        Some(list) => {
-            for op in list.get_ref() {
-                match parse_op(op.get_ref()) {
-                    Ok(op) => on.0 |= op.bit(),
-                    Err(hint) => problems.push(error(
-                        op.span(),
-                        format!("unknown op `{}` in rule `{name}`", op.get_ref()),
-                        &hint,
-                    )),
-                }
-            }
-            if list.get_ref().is_empty() {
-                problems.push(
-                    Diagnostic::warning(
-                        path,
-                        text,
-                        Some(list.span()),
-                        format!("rule `{name}` has `on = []` and never fires"),
-                    )
-                    .with_hint("remove `on` to fire on every op, or list the ops"),
+        let table = match parse_table(raw.table.get_ref()) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                self.error(
+                    raw.table.span(),
+                    format!("invalid table `{}` in rule `{name}`: {why}", raw.table.get_ref()),
+                    "write schema.table, or a bare table name for the public schema",
                 );
+                None
             }
+        };
+        let on = self.on(raw.on.as_ref());
+        let when = raw.when.map(|w| self.when(w)).unwrap_or_default();
+        let changed = self.changed(raw.changed, on);
+        let keys = self.templates(&raw.keys, "keys");
+        let patterns = self.templates(&raw.patterns, "patterns");
+        let tags = self.templates(&raw.tags, "tags");
+        let bump = self.templates(&raw.bump, "bump");
+        let publish = raw.publish.into_iter().filter_map(|p| self.publish(p)).collect::<Vec<_>>();
+        let refresh = raw.refresh.into_iter().filter_map(|r| self.refresh(r)).collect::<Vec<_>>();
+        if keys.is_empty()
+            && patterns.is_empty()
+            && tags.is_empty()
+            && bump.is_empty()
+            && publish.is_empty()
+            && refresh.is_empty()
+            && !self.failed
+        {
+            self.warning(
+                rule_span.clone(),
+                format!("rule `{name}` has no actions"),
+                "add keys, patterns, tags, bump, publish or refresh",
+            );
         }
+        self.image_warnings(&name, on, rule_span.clone());
+        if self.failed {
+            return None;
+        }
+        let (line, _) = line_col(self.text, rule_span.start);
+        Some(Rule {
+            name: name.into(),
+            table: table?,
+            on,
+            when,
+            changed,
+            keys,
+            patterns,
+            tags,
+            bump,
+            publish,
+            refresh,
+            columns: std::mem::take(&mut self.columns),
+            file: self.path.to_path_buf(),
+            line,
+        })
     }
-    let mut templates = |list: &[Spanned<String>], what: &str| -> Vec<Template> {
-        let mut out = Vec::new();
-        for t in list {
-            match Template::parse(t.get_ref()) {
-                Ok(tpl) => out.push(tpl),
-                Err(e) => {
-                    // The span starts at the opening quote; the offset counts from the text after it.
-                    let at = t.span().start + 1 + e.offset;
-                    problems.push(error(at..at, format!("{} in {what} of rule `{name}`", e), e.hint));
+
+    fn on(&mut self, raw: Option<&Spanned<Vec<Spanned<String>>>>) -> OpSet {
+        let Some(list) = raw else { return OpSet::ALL };
+        let mut on = OpSet::NONE;
+        for op in list.get_ref() {
+            match parse_op(op.get_ref()) {
+                Ok(op) => on = on.with(op),
+                Err(hint) => {
+                    self.error(op.span(), format!("unknown op `{}` in rule `{}`", op.get_ref(), self.name), hint)
                 }
             }
+        }
+        if list.get_ref().is_empty() {
+            let name = self.name.clone();
+            self.warning(
+                list.span(),
+                format!("rule `{name}` has `on = []` and never fires"),
+                "remove `on` to fire on every op, or list the ops",
+            );
+        }
+        on
+    }
+
+    fn when(&mut self, raw: Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>) -> Vec<Condition> {
+        let mut out = Vec::new();
+        for (column, value) in raw.into_inner() {
+            self.column(column.get_ref(), Image::Row, column.span().start);
+            let text = |v: &toml::Value| -> Option<String> {
+                match v {
+                    toml::Value::String(s) => Some(s.clone()),
+                    toml::Value::Integer(i) => Some(i.to_string()),
+                    // Postgres prints booleans as t and f.
+                    toml::Value::Boolean(b) => Some(if *b { "t" } else { "f" }.to_string()),
+                    _ => None,
+                }
+            };
+            let bad = |this: &mut Self, what: &str| {
+                this.error(
+                    value.span(),
+                    format!(
+                        "unsupported `when` value for column `{}` in rule `{}`: {what}",
+                        column.get_ref(),
+                        this.name
+                    ),
+                    "use a string, integer or boolean, a list of them (one of), or { null = true } / { null = false }",
+                )
+            };
+            let test = match value.get_ref() {
+                toml::Value::Array(items) => match items.iter().map(text).collect::<Option<Vec<_>>>() {
+                    Some(list) if !list.is_empty() => Test::OneOf(list),
+                    Some(_) => {
+                        bad(self, "an empty list never matches");
+                        continue;
+                    }
+                    None => {
+                        bad(self, "list items must be strings, integers or booleans");
+                        continue;
+                    }
+                },
+                toml::Value::Table(t) => match (t.get("null"), t.len()) {
+                    (Some(toml::Value::Boolean(b)), 1) => Test::Null(*b),
+                    _ => {
+                        bad(self, "a table must be exactly { null = true } or { null = false }");
+                        continue;
+                    }
+                },
+                v => match text(v) {
+                    Some(s) => Test::OneOf(vec![s]),
+                    None => {
+                        bad(self, "floats and dates are compared as text; write them as strings");
+                        continue;
+                    }
+                },
+            };
+            out.push(Condition { column: column.into_inner(), test });
         }
         out
-    };
-    let keys = templates(&raw.keys, "keys");
-    let patterns = templates(&raw.patterns, "patterns");
-    if raw.keys.is_empty() && raw.patterns.is_empty() {
-        problems.push(
-            Diagnostic::warning(path, text, Some(rule_span.clone()), format!("rule `{name}` has no actions"))
-                .with_hint("add keys = [...] or patterns = [...]"),
-        );
     }
-    if problems.iter().filter(|d| d.is_error()).count() > before {
-        return None;
+
+    fn changed(&mut self, raw: Option<Spanned<Vec<Spanned<String>>>>, on: OpSet) -> Vec<String> {
+        let Some(list) = raw else { return Vec::new() };
+        if !on.contains(Op::Update) {
+            let name = self.name.clone();
+            self.warning(
+                list.span(),
+                format!("`changed` in rule `{name}` has no effect: the rule does not fire on update"),
+                "add \"update\" to `on`, or remove `changed`",
+            );
+        }
+        if list.get_ref().is_empty() {
+            let name = self.name.clone();
+            self.error(
+                list.span(),
+                format!("`changed = []` in rule `{name}` never matches"),
+                "list columns, or remove `changed`",
+            );
+        }
+        list.into_inner()
+            .into_iter()
+            .map(|c| {
+                self.column(c.get_ref(), Image::Row, c.span().start);
+                c.into_inner()
+            })
+            .collect()
     }
-    let (line, _) = line_col(text, rule_span.start);
-    Some(Rule { name: name.into(), table: table?, on, keys, patterns, file: path.to_path_buf(), line })
+
+    fn template(&mut self, t: &Spanned<String>, what: &str) -> Option<Template> {
+        match Template::parse(t.get_ref()) {
+            Ok(tpl) => {
+                for (image, column) in tpl.columns_with_image() {
+                    // Point at the placeholder itself: the span starts at the opening quote.
+                    let at = t.get_ref().find(column).map_or(t.span().start, |o| t.span().start + 1 + o);
+                    self.column(column, image, at);
+                }
+                Some(tpl)
+            }
+            Err(e) => {
+                let at = t.span().start + 1 + e.offset;
+                let name = self.name.clone();
+                self.error(at..at, format!("{e} in {what} of rule `{name}`"), e.hint);
+                None
+            }
+        }
+    }
+
+    fn templates(&mut self, list: &[Spanned<String>], what: &str) -> Vec<Template> {
+        list.iter().filter_map(|t| self.template(t, what)).collect()
+    }
+
+    fn publish(&mut self, raw: Spanned<RawPublish>) -> Option<Publish> {
+        let raw = raw.into_inner();
+        let channel = raw.channel.get_ref().trim().to_string();
+        if channel.is_empty() || channel.contains(['{', '}', ' ']) {
+            let name = self.name.clone();
+            self.error(
+                raw.channel.span(),
+                format!("invalid publish channel `{channel}` in rule `{name}`"),
+                "a channel is a plain name without spaces or braces, such as `cache-invalidations`",
+            );
+            return None;
+        }
+        let message = match &raw.message {
+            None => None,
+            Some(m) => Some(self.template(m, "publish message")?),
+        };
+        Some(Publish { channel, message })
+    }
+
+    fn refresh(&mut self, raw: Spanned<RawRefresh>) -> Option<Refresh> {
+        let raw = raw.into_inner();
+        let key = self.template(&raw.key, "refresh key");
+        let columns = match raw.columns {
+            None => None,
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    let name = self.name.clone();
+                    self.error(
+                        list.span(),
+                        format!("`columns = []` in a refresh of rule `{name}` writes nothing"),
+                        "list columns, or remove `columns` to write every column",
+                    );
+                }
+                Some(
+                    list.into_inner()
+                        .into_iter()
+                        .map(|c| {
+                            self.column(c.get_ref(), Image::Row, c.span().start);
+                            c.into_inner()
+                        })
+                        .collect(),
+                )
+            }
+        };
+        let ttl = match &raw.ttl {
+            None => None,
+            Some(t) => match parse_duration(t.get_ref()) {
+                Some(d) if d.as_secs() > 0 && d.subsec_nanos() == 0 => Some(d.as_secs()),
+                _ => {
+                    self.error(
+                        t.span(),
+                        format!("invalid ttl `{}`", t.get_ref()),
+                        "write whole seconds with a unit: 300s, 5m or 1h",
+                    );
+                    None
+                }
+            },
+        };
+        Some(Refresh { key: key?, columns, ttl })
+    }
+
+    /// Warns where a rule reads an image that some of its ops never have.
+    fn image_warnings(&mut self, name: &str, on: OpSet, span: Range<usize>) {
+        let reads_old = self.columns.iter().any(|c| c.image == Image::Old);
+        let reads_new = self.columns.iter().any(|c| c.image == Image::New);
+        if reads_old && on.contains(Op::Insert) {
+            self.warning(
+                span.clone(),
+                format!("rule `{name}` reads `{{old.…}}` but fires on insert, which has no old row; those keys are widened to patterns"),
+                "limit the rule with on = [\"update\", \"delete\"]",
+            );
+        }
+        if reads_new && on.contains(Op::Delete) {
+            self.warning(
+                span,
+                format!("rule `{name}` reads `{{new.…}}` but fires on delete, which has no new row; those keys are widened to patterns"),
+                "limit the rule with on = [\"insert\", \"update\"]",
+            );
+        }
+    }
 }
 
 /// `schema.table` or a bare `table` (schema `public`).

@@ -76,35 +76,151 @@ impl RedisSink {
         move |source| RedisSinkError::Command { target: self.description.clone(), doing, source }
     }
 
-    async fn unlink_all(&mut self, keys: &[&str]) -> Result<(), RedisSinkError> {
-        if keys.is_empty() {
+    /// Runs the queued simple commands as one pipeline, then the follow-ups their failures need.
+    async fn flush(&mut self, queued: &mut Vec<&Action>) -> Result<(), RedisSinkError> {
+        if queued.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for chunk in keys.chunks(UNLINK_CHUNK) {
-            pipe.cmd("UNLINK").arg(chunk).ignore();
+        pipe.ignore_errors();
+        // Consecutive UNLINKs travel as one multi-key command; `owners` maps each command to its actions.
+        let mut owners: Vec<&[&Action]> = Vec::new();
+        let mut i = 0;
+        while i < queued.len() {
+            let run = queued[i..].iter().take(UNLINK_CHUNK).take_while(|a| matches!(a, Action::Unlink(_))).count();
+            if run > 0 {
+                let keys: Vec<&str> = queued[i..i + run].iter().filter_map(|a| a.key()).collect();
+                pipe.cmd("UNLINK").arg(keys);
+                owners.push(&queued[i..i + run]);
+                i += run;
+                continue;
+            }
+            match queued[i] {
+                Action::Incr(k) => pipe.cmd("INCR").arg(k),
+                Action::Publish { channel, message } => pipe.cmd("PUBLISH").arg(channel).arg(message),
+                Action::Set { key, value, ttl: Some(t) } => pipe.cmd("SET").arg(key).arg(value).arg("EX").arg(*t),
+                Action::Set { key, value, ttl: None } => pipe.cmd("SET").arg(key).arg(value),
+                other => unreachable!("only simple commands are queued, not {other}"),
+            };
+            owners.push(&queued[i..i + 1]);
+            i += 1;
         }
-        pipe.exec_async(&mut self.conn).await.map_err(self.failed("unlinking keys"))
+        let results: Vec<redis::RedisResult<redis::Value>> =
+            pipe.query_async(&mut self.conn).await.map_err(self.failed("sending a pipeline"))?;
+        let mut fallback: Vec<&str> = Vec::new();
+        for (result, actions) in results.into_iter().zip(owners) {
+            let Err(e) = result else { continue };
+            match actions {
+                // A write-through that cannot be written must not leave the old value readable.
+                [Action::Set { key, .. }] => {
+                    tracing::warn!(error = %e, "write-through SET failed; unlinking the key instead");
+                    fallback.push(key);
+                }
+                [Action::Incr(key)] => {
+                    tracing::error!(error = %e, "version bump failed (the key does not hold an integer); unlinking it");
+                    fallback.push(key);
+                }
+                _ => {
+                    return Err(RedisSinkError::Command {
+                        target: self.description.clone(),
+                        doing: "running a pipeline",
+                        source: e,
+                    });
+                }
+            }
+        }
+        queued.clear();
+        if !fallback.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&fallback)
+                .exec_async(&mut self.conn)
+                .await
+                .map_err(self.failed("unlinking keys whose write failed"))?;
+        }
+        Ok(())
     }
 
-    async fn scan_unlink(&mut self, pattern: &str) -> Result<(), RedisSinkError> {
+    /// The keys matching `pattern` (of `kind`, when given), one SCAN page at a time.
+    async fn scan(
+        &mut self,
+        pattern: &str,
+        kind: Option<&str>,
+        mut each: impl AsyncPage,
+    ) -> Result<(), RedisSinkError> {
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut self.conn)
-                .await
-                .map_err(self.failed("scanning for a pattern"))?;
-            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            self.unlink_all(&keys).await?;
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_COUNT);
+            if let Some(kind) = kind {
+                cmd.arg("TYPE").arg(kind);
+            }
+            let (next, keys): (u64, Vec<String>) =
+                cmd.query_async(&mut self.conn).await.map_err(self.failed("scanning for a pattern"))?;
+            each.page(self, keys).await?;
             if next == 0 {
                 return Ok(());
             }
             cursor = next;
+        }
+    }
+
+    async fn bust_tag(&mut self, key: &str) -> Result<(), RedisSinkError> {
+        let script = redis::Script::new(BUST_TAG);
+        script.key(key).invoke_async::<i64>(&mut self.conn).await.map_err(self.failed("busting a tag set"))?;
+        Ok(())
+    }
+}
+
+/// Deletes every member of the set at KEYS[1], then the set, in one atomic step, so a
+/// concurrent SADD lands either before (and is deleted) or after (and stays). A key that
+/// is not a set is deleted outright.
+const BUST_TAG: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'set' then
+  redis.call('UNLINK', KEYS[1])
+  return -1
+end
+local members = redis.call('SMEMBERS', KEYS[1])
+for i = 1, #members, 500 do
+  redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+end
+redis.call('UNLINK', KEYS[1])
+return #members
+";
+
+/// What to do with each page of SCAN results.
+trait AsyncPage {
+    fn page(
+        &mut self,
+        sink: &mut RedisSink,
+        keys: Vec<String>,
+    ) -> impl std::future::Future<Output = Result<(), RedisSinkError>> + Send;
+}
+
+/// The per-page step of a pattern action.
+#[derive(Clone, Copy)]
+enum PageStep {
+    Unlink,
+    BustTag,
+    Incr,
+}
+
+impl AsyncPage for PageStep {
+    async fn page(&mut self, sink: &mut RedisSink, keys: Vec<String>) -> Result<(), RedisSinkError> {
+        match self {
+            PageStep::BustTag => {
+                for key in &keys {
+                    sink.bust_tag(key).await?;
+                }
+                Ok(())
+            }
+            PageStep::Unlink | PageStep::Incr => {
+                let actions: Vec<Action> = keys
+                    .into_iter()
+                    .map(|k| if matches!(self, PageStep::Unlink) { Action::Unlink(k) } else { Action::Incr(k) })
+                    .collect();
+                let mut queued: Vec<&Action> = actions.iter().collect();
+                sink.flush(&mut queued).await
+            }
         }
     }
 }
@@ -112,21 +228,35 @@ impl RedisSink {
 impl Sink for RedisSink {
     type Error = RedisSinkError;
 
+    /// Applies actions in order: runs of simple commands go as one pipeline; pattern
+    /// actions and tag busts run between them, so a write-through SET and an UNLINK of the
+    /// same key keep their order.
     async fn apply(&mut self, actions: &[Action]) -> Result<(), RedisSinkError> {
-        let keys: Vec<&str> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Unlink(k) => Some(k.as_str()),
-                _ => None,
-            })
-            .collect();
-        self.unlink_all(&keys).await?;
+        let mut queued: Vec<&Action> = Vec::new();
         for action in actions {
-            if let Action::ScanUnlink(pattern) = action {
-                self.scan_unlink(pattern).await?;
+            match action {
+                Action::Unlink(_) | Action::Incr(_) | Action::Publish { .. } | Action::Set { .. } => {
+                    queued.push(action)
+                }
+                Action::ScanUnlink(p) => {
+                    self.flush(&mut queued).await?;
+                    self.scan(p, None, PageStep::Unlink).await?;
+                }
+                Action::BustTag(k) => {
+                    self.flush(&mut queued).await?;
+                    self.bust_tag(k).await?;
+                }
+                Action::ScanBustTag(p) => {
+                    self.flush(&mut queued).await?;
+                    self.scan(p, Some("set"), PageStep::BustTag).await?;
+                }
+                Action::ScanIncr(p) => {
+                    self.flush(&mut queued).await?;
+                    self.scan(p, None, PageStep::Incr).await?;
+                }
             }
         }
-        Ok(())
+        self.flush(&mut queued).await
     }
 }
 

@@ -1,5 +1,6 @@
 //! Integration tests against real Postgres and Redis servers started by the harness.
 
+mod actions;
 mod connection;
 mod durability;
 mod routing;

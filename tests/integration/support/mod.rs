@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use walbust::config::Config;
-use walbust::pipeline::{self, Event, PipelineError, Stats};
+use walbust::pipeline::{self, Event, Options, PipelineError, Stats};
 use walbust::rules::RuleSet;
 use walbust::sink::RedisSink;
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
@@ -172,6 +172,8 @@ pub fn write_config_with(
 pub struct Running {
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Sends a new rule set, as SIGHUP does in `walbust run`.
+    pub reload: tokio::sync::watch::Sender<Arc<RuleSet>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<Result<(), PipelineError>>,
 }
@@ -185,13 +187,21 @@ impl Running {
         let (tx, mut events) = mpsc::unbounded_channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let stats = Arc::new(Stats::default());
+        let (reload_tx, reload) = tokio::sync::watch::channel(Arc::new(rules.clone()));
         let handle = tokio::spawn({
             let stats = stats.clone();
             async move {
                 let stop = async {
                     let _ = stop_rx.await;
                 };
-                pipeline::run(&config, Arc::new(rules), sink, stop, Some(tx), stats).await
+                pipeline::run(
+                    &config,
+                    Arc::new(rules),
+                    sink,
+                    stop,
+                    Options { observer: Some(tx), stats, reload: Some(reload) },
+                )
+                .await
             }
         });
         let started = tokio::time::timeout(Duration::from_secs(30), async {
@@ -206,7 +216,7 @@ impl Running {
         .await;
         assert!(started.is_ok(), "pipeline did not start streaming within 30s");
         assert!(!handle.is_finished(), "pipeline stopped at start: {:?}", handle.await);
-        Running { stats, stop: Some(stop), handle }
+        Running { stats, reload: reload_tx, stop: Some(stop), handle }
     }
 
     /// Asks the pipeline to stop as on SIGTERM and returns its result.

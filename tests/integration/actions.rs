@@ -1,0 +1,236 @@
+//! Every action against a real Redis: tags (with a concurrent SADD), version bumps,
+//! publish, write-through refresh (including a failing SET), manual invalidation
+//! messages in commit order, and rule reloads.
+
+use crate::routing::drained;
+use crate::support::{self, Running, cache, existing, fresh_db, redis_conn, wait_until, write_config};
+use redis::AsyncCommands;
+use std::sync::Arc;
+use std::time::Duration;
+use walbust::pipeline::Stats;
+use walbust::rules::RuleSet;
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, org text NOT NULL DEFAULT 'acme', name text);
+                     ALTER TABLE items REPLICA IDENTITY FULL;";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_bust_deletes_members_and_loses_nothing_to_a_concurrent_sadd() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let rules = format!("[[rule]]\nname = \"org index\"\ntable = \"items\"\ntags = [\"{n}:idx:{{org}}\"]\n");
+    let files = write_config(&db, &s.redis.url(), &rules, "");
+    let mut redis = redis_conn(&s.redis.url()).await;
+    let tag = format!("{n}:idx:acme");
+    let old: Vec<String> = (0..1000).map(|i| format!("{n}:old:{i}")).collect();
+    cache(&mut redis, &old).await;
+    let _: () = redis.sadd(&tag, &old).await.unwrap();
+    let run = Running::start(&files.path).await;
+
+    // The application keeps caching: SET a key, then SADD it to the index, as cache-aside code does.
+    let writer = tokio::spawn({
+        let (url, n, tag) = (s.redis.url(), n.clone(), tag.clone());
+        async move {
+            let mut conn = redis_conn(&url).await;
+            for i in 0..3000 {
+                let key = format!("{n}:new:{i}");
+                let _: () = conn.set(&key, "cached").await.unwrap();
+                let _: () = conn.sadd(&tag, &key).await.unwrap();
+            }
+        }
+    });
+    db.client.batch_execute("INSERT INTO items (id) VALUES (1)").await.unwrap();
+    drained(&run, &db.client).await;
+    writer.await.unwrap();
+
+    assert!(existing(&mut redis, &old).await.is_empty(), "every member at bust time is deleted");
+    let new: Vec<String> = (0..3000).map(|i| format!("{n}:new:{i}")).collect();
+    let members: std::collections::HashSet<String> = redis.smembers(&tag).await.unwrap();
+    let orphans: Vec<String> = existing(&mut redis, &new).await.into_iter().filter(|k| !members.contains(k)).collect();
+    assert!(
+        orphans.is_empty(),
+        "cached keys outside the index would never be busted: {:?}",
+        &orphans[..orphans.len().min(5)]
+    );
+    run.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bump_increments_versions_and_publish_announces_the_busted_keys() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let rules = format!(
+        "[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:item:{{id}}\"]\nbump = [\"{n}:ver:{{org}}\"]\n\
+         publish = [{{ channel = \"{n}-events\" }}, {{ channel = \"{n}-ids\", message = \"{{op}}:{{id}}\" }}]\n"
+    );
+    let files = write_config(&db, &s.redis.url(), &rules, "");
+    let mut redis = redis_conn(&s.redis.url()).await;
+    let _: () = redis.set(format!("{n}:ver:acme"), 41).await.unwrap();
+    let mut pubsub = redis::Client::open(s.redis.url()).unwrap().get_async_pubsub().await.unwrap();
+    pubsub.subscribe(&[format!("{n}-events"), format!("{n}-ids")]).await.unwrap();
+    let run = Running::start(&files.path).await;
+
+    db.client.batch_execute("INSERT INTO items (id) VALUES (5)").await.unwrap();
+    drained(&run, &db.client).await;
+    let version: i64 = redis.get(format!("{n}:ver:acme")).await.unwrap();
+    assert_eq!(version, 42);
+
+    let mut messages = Vec::new();
+    let mut stream = pubsub.on_message();
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::next(&mut stream))
+            .await
+            .expect("a published message")
+            .expect("pubsub open");
+        messages.push((msg.get_channel_name().to_string(), msg.get_payload::<String>().unwrap()));
+    }
+    messages.sort();
+    assert_eq!(
+        messages,
+        [
+            (
+                format!("{n}-events"),
+                format!(
+                    r#"{{"keys":["{n}:item:5","{n}:ver:acme"],"op":"insert","rule":"items","table":"public.items"}}"#
+                )
+            ),
+            (format!("{n}-ids"), "insert:5".to_string()),
+        ]
+    );
+    drop(stream);
+    run.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_writes_the_row_through_and_unlinks_it_on_delete() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let rules = format!(
+        "[[rule]]\nname = \"item cache\"\ntable = \"items\"\nrefresh = [{{ key = \"{n}:item:{{id}}\", columns = [\"id\", \"name\"], ttl = \"300s\" }}]\n"
+    );
+    let files = write_config(&db, &s.redis.url(), &rules, "");
+    let mut redis = redis_conn(&s.redis.url()).await;
+    let run = Running::start(&files.path).await;
+    let key = format!("{n}:item:1");
+
+    db.client.batch_execute("INSERT INTO items (id, name) VALUES (1, 'first')").await.unwrap();
+    drained(&run, &db.client).await;
+    let value: String = redis.get(&key).await.unwrap();
+    assert_eq!(value, r#"{"id":1,"name":"first"}"#);
+    let ttl: i64 = redis.ttl(&key).await.unwrap();
+    assert!((290..=300).contains(&ttl), "ttl {ttl}");
+
+    db.client.batch_execute("UPDATE items SET name = 'second' WHERE id = 1").await.unwrap();
+    drained(&run, &db.client).await;
+    let value: String = redis.get(&key).await.unwrap();
+    assert_eq!(value, r#"{"id":1,"name":"second"}"#);
+
+    db.client.batch_execute("DELETE FROM items WHERE id = 1").await.unwrap();
+    drained(&run, &db.client).await;
+    assert!(existing(&mut redis, std::slice::from_ref(&key)).await.is_empty());
+    run.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_set_fails_leaves_the_key_absent() {
+    let s = support::shared();
+    let redis_server = tokio::task::spawn_blocking(walbust::throwaway::ThrowawayRedis::start).await.unwrap().unwrap();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let rules =
+        format!("[[rule]]\nname = \"item cache\"\ntable = \"items\"\nrefresh = [{{ key = \"{n}:item:{{id}}\" }}]\n");
+    let files = write_config(&db, &redis_server.url(), &rules, "");
+    let mut redis = redis_conn(&redis_server.url()).await;
+    let key = format!("{n}:item:1");
+    let _: () = redis.set(&key, "stale").await.unwrap();
+    // Out of memory with no eviction: writes fail, deletes still work.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").query_async(&mut redis).await.unwrap();
+    let run = Running::start(&files.path).await;
+
+    db.client.batch_execute("INSERT INTO items (id, name) VALUES (1, 'fresh')").await.unwrap();
+    drained(&run, &db.client).await;
+    assert!(existing(&mut redis, std::slice::from_ref(&key)).await.is_empty(), "the stale value is gone");
+    run.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_messages_apply_in_commit_order_and_rolled_back_ones_never_arrive() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let rules = format!(
+        "[[rule]]\nname = \"item cache\"\ntable = \"items\"\nrefresh = [{{ key = \"{n}:item:{{id}}\", columns = [\"id\"] }}]\n"
+    );
+    let files = write_config(&db, &s.redis.url(), &rules, "");
+    let mut redis = redis_conn(&s.redis.url()).await;
+    let (admin, rolled_back) = (format!("{n}:admin:defaults"), format!("{n}:never"));
+    cache(&mut redis, &[admin.clone(), rolled_back.clone()]).await;
+    let run = Running::start(&files.path).await;
+    let emit = |keys: &str| format!("SELECT pg_logical_emit_message(true, 'walbust', '{{\"keys\":[{keys}]}}')");
+
+    // The row's write-through comes first, the message's UNLINK of the same key second.
+    let k1 = format!("{n}:item:1");
+    db.client
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO items (id) VALUES (1); {}; COMMIT",
+            emit(&format!("\"{k1}\", \"{admin}\""))
+        ))
+        .await
+        .unwrap();
+    // And the other way round: UNLINK first, then the row's SET.
+    let k2 = format!("{n}:item:2");
+    db.client
+        .batch_execute(&format!("BEGIN; {}; INSERT INTO items (id) VALUES (2); COMMIT", emit(&format!("\"{k2}\""))))
+        .await
+        .unwrap();
+    db.client.batch_execute(&format!("BEGIN; {}; ROLLBACK", emit(&format!("\"{rolled_back}\"")))).await.unwrap();
+    db.client
+        .batch_execute(&format!("BEGIN; {}; COMMIT", "SELECT pg_logical_emit_message(true, 'walbust', 'not json')"))
+        .await
+        .unwrap();
+    db.client.batch_execute("INSERT INTO items (id) VALUES (3)").await.unwrap();
+    drained(&run, &db.client).await;
+
+    assert_eq!(existing(&mut redis, &[k1, admin, k2.clone(), rolled_back.clone()]).await, [k2, rolled_back]);
+    assert_eq!(Stats::get(&run.stats.manual_messages), 2);
+    assert_eq!(Stats::get(&run.stats.malformed_messages), 1, "the malformed body is skipped, not fatal");
+    run.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_rule_set_applies_from_the_next_transaction() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let rules =
+        |prefix: &str| format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:{prefix}:{{id}}\"]\n");
+    let files = write_config(&db, &s.redis.url(), &rules("a"), "");
+    let mut redis = redis_conn(&s.redis.url()).await;
+    let all: Vec<String> = ["a:1", "a:2", "b:1", "b:2"].iter().map(|k| format!("{n}:{k}")).collect();
+    cache(&mut redis, &all).await;
+    let run = Running::start(&files.path).await;
+
+    db.client.batch_execute("INSERT INTO items (id) VALUES (1)").await.unwrap();
+    drained(&run, &db.client).await;
+    let new = RuleSet::from_sources(&[("b.toml".into(), rules("b"))]).unwrap().rules;
+    run.reload.send(Arc::new(new)).unwrap();
+    wait_until(Duration::from_secs(10), "the reload to be taken", || async { Stats::get(&run.stats.reloads) == 1 })
+        .await;
+    db.client.batch_execute("INSERT INTO items (id) VALUES (2)").await.unwrap();
+    drained(&run, &db.client).await;
+    assert_eq!(
+        existing(&mut redis, &all).await,
+        [all[1].clone(), all[2].clone()],
+        "a:1 by the old rules, b:2 by the new"
+    );
+    run.stop().await.expect("clean stop");
+}
