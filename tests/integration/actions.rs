@@ -234,3 +234,75 @@ async fn a_reloaded_rule_set_applies_from_the_next_transaction() {
     );
     run.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_them_in() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let rules =
+        |prefix: &str| format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:{prefix}:{{id}}\"]\n");
+    let files = write_config(&db, &s.redis.url(), &rules("old"), "");
+    let rule_file = files.path.with_file_name("rules").join("test.toml");
+    let log = files.path.with_file_name("walbust.log");
+    let mut redis = redis_conn(&s.redis.url()).await;
+    let all: Vec<String> = ["old:1", "old:2", "new:1", "new:2"].iter().map(|k| format!("{n}:{k}")).collect();
+    cache(&mut redis, &all).await;
+    let mut walbust = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
+        .args(["--log-level", "info", "run", "--config"])
+        .arg(&files.path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let slot_active = || async {
+        let row =
+            db.client.query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&n]).await.unwrap();
+        row.is_some_and(|r| r.get::<_, bool>(0))
+    };
+    wait_until(Duration::from_secs(30), "walbust to hold its slot", slot_active).await;
+    let hup = |child: &std::process::Child| {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
+    };
+    let log_has = |needle: &'static str| {
+        let log = log.clone();
+        move || {
+            let log = log.clone();
+            async move { std::fs::read_to_string(&log).unwrap_or_default().contains(needle) }
+        }
+    };
+
+    std::fs::write(&rule_file, rules("new").replace("{id}", "{id").replace("name = ", "nmae = ")).unwrap();
+    hup(&walbust);
+    wait_until(Duration::from_secs(10), "the broken reload to be rejected", log_has("reload rejected")).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("unknown field `nmae`"), "every error is logged:\n{text}");
+    db.client.batch_execute("INSERT INTO items (id) VALUES (1)").await.unwrap();
+    let old_1 = all[0].clone();
+    wait_until(Duration::from_secs(10), "the old rules to bust old:1", || {
+        let (url, key) = (s.redis.url(), old_1.clone());
+        async move { existing(&mut redis_conn(&url).await, &[key]).await.is_empty() }
+    })
+    .await;
+
+    std::fs::write(&rule_file, rules("new")).unwrap();
+    hup(&walbust);
+    wait_until(Duration::from_secs(10), "the good reload to be accepted", log_has("new rules accepted")).await;
+    wait_until(Duration::from_secs(10), "the pipeline to swap the rules in", log_has("reloaded rules")).await;
+    db.client.batch_execute("INSERT INTO items (id) VALUES (2)").await.unwrap();
+
+    let expected = [all[1].clone(), all[2].clone()];
+    let mut left = Vec::new();
+    for _ in 0..400 {
+        left = existing(&mut redis, &all).await;
+        if left == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(left, expected, "old:1 busted by the old rules, new:2 by the new ones");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(walbust.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(walbust.wait().unwrap().code(), Some(0));
+}
