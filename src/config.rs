@@ -25,6 +25,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// Batching of actions on their way to Redis.
     pub batch: BatchConfig,
+    /// The metrics and health endpoint.
+    pub metrics: MetricsConfig,
 }
 
 /// `[source]`: the database, slot and publication.
@@ -45,6 +47,29 @@ pub struct SourceConfig {
     pub read_timeout: Duration,
     /// The logical decoding message prefix that carries manual invalidations.
     pub message_prefix: String,
+    /// What to do when the slot is lost.
+    pub on_slot_lost: OnSlotLost,
+    /// Actions run after a lost slot is recreated, since invalidations in between are gone.
+    pub flush: Vec<crate::action::Action>,
+    /// How often a heartbeat message is written; `None` when disabled.
+    pub heartbeat_interval: Option<Duration>,
+}
+
+/// `on_slot_lost`: the policy for a slot that was invalidated, dropped, or left behind by a failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnSlotLost {
+    /// Stop with a clear message and a non-zero exit code.
+    #[default]
+    Error,
+    /// Recreate the slot, run the `flush` actions, and go on.
+    Recreate,
+}
+
+/// `[metrics]`: where /metrics and /healthz are served.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Address to listen on; `None` when disabled with `listen = "off"`.
+    pub listen: Option<String>,
 }
 
 /// `[redis]`: where invalidations go.
@@ -80,6 +105,26 @@ struct RawConfig {
     redis: Spanned<RawRedis>,
     #[serde(default)]
     batch: Option<RawBatch>,
+    #[serde(default)]
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlush {
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    patterns: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +145,12 @@ struct RawSource {
     read_timeout: Option<Spanned<String>>,
     #[serde(default)]
     message_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    on_slot_lost: Option<Spanned<String>>,
+    #[serde(default)]
+    flush: Option<RawFlush>,
+    #[serde(default)]
+    heartbeat_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,7 +243,28 @@ impl Validator<'_> {
         let source = self.source(raw.source.into_inner(), source_span);
         let redis = self.redis(raw.redis.into_inner());
         let batch = raw.batch.map(|b| self.batch(b)).unwrap_or_default();
-        Some(Config { path: self.path.to_path_buf(), rules, source: source?, redis: redis?, batch })
+        let listen = match raw.metrics.and_then(|m| m.listen) {
+            None => Some("127.0.0.1:9187".to_string()),
+            Some(l) if l.get_ref() == "off" => None,
+            Some(l) => {
+                if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                    self.error(
+                        l.span(),
+                        format!("invalid metrics listen address `{}`", l.get_ref()),
+                        Some("write host:port, such as 127.0.0.1:9187, or \"off\""),
+                    );
+                }
+                Some(l.into_inner())
+            }
+        };
+        Some(Config {
+            path: self.path.to_path_buf(),
+            rules,
+            source: source?,
+            redis: redis?,
+            batch,
+            metrics: MetricsConfig { listen },
+        })
     }
 
     fn source(&mut self, raw: RawSource, span: Range<usize>) -> Option<SourceConfig> {
@@ -241,13 +313,45 @@ impl Validator<'_> {
         }
         if read_timeout <= status_interval {
             self.error(
-                raw.read_timeout.as_ref().map_or(span, |r| r.span()),
+                raw.read_timeout.as_ref().map_or(span.clone(), |r| r.span()),
                 format!("read_timeout ({read_timeout:?}) must be longer than status_interval ({status_interval:?})"),
                 Some("the server answers a status update within status_interval; give read_timeout several of them"),
             );
         }
+        let on_slot_lost = match raw.on_slot_lost.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("error", _)) => OnSlotLost::Error,
+            Some(("recreate", _)) => OnSlotLost::Recreate,
+            Some((other, span)) => {
+                self.error(
+                    span,
+                    format!("invalid on_slot_lost `{other}`"),
+                    Some("use \"error\" (the default) or \"recreate\""),
+                );
+                OnSlotLost::Error
+            }
+        };
+        let flush = raw.flush.map(|f| {
+            let keys = f.keys.into_iter().map(crate::action::Action::Unlink);
+            let patterns = f.patterns.into_iter().map(crate::action::Action::ScanUnlink);
+            let tags = f.tags.into_iter().map(crate::action::Action::BustTag);
+            keys.chain(patterns).chain(tags).collect::<Vec<_>>()
+        });
+        if on_slot_lost == OnSlotLost::Recreate && flush.as_ref().is_none_or(Vec::is_empty) {
+            let at = raw.on_slot_lost.as_ref().map_or(span.clone(), |s| s.span());
+            self.problems.push(
+                Diagnostic::warning(self.path, self.text, Some(at), "on_slot_lost = \"recreate\" without `flush` actions")
+                    .with_hint("invalidations lost with the slot are not replayed; add flush = { patterns = [\"...\"] } for the caches the rules serve"),
+            );
+        }
+        let heartbeat_interval = match raw.heartbeat_interval.as_ref() {
+            Some(s) if s.get_ref() == "off" => None,
+            other => Some(self.duration(other, Duration::from_secs(30))).filter(|d| !d.is_zero()),
+        };
         Some(SourceConfig {
             conninfo,
+            on_slot_lost,
+            flush: flush.unwrap_or_default(),
+            heartbeat_interval,
             slot,
             publication,
             create_slot: raw.create_slot.unwrap_or(true),

@@ -14,12 +14,13 @@
 use crate::action::Action;
 use crate::batch::{Batch, ChangeRecord, CommitRecord};
 use crate::config::Config;
+use crate::config::OnSlotLost;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, DecodeError, Decoder, LogicalMessage, RelationCache};
 use crate::progress::Progress;
 use crate::rules::{Change, Op, Routed, Router, RuleSet, manual};
 use crate::sink::Sink;
-use crate::source::slot::{self, SetupError};
+use crate::source::slot::{self, SetupError, SlotPolicy};
 use crate::source::{ReplicationConn, ReplicationFrame, ReplicationStream, SourceError};
 use std::future::Future;
 use std::pin::Pin;
@@ -37,6 +38,9 @@ const STATUS_COALESCE: Duration = Duration::from_millis(50);
 
 /// How long shutdown waits for Redis to take the last batch before giving up on it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The logical decoding message prefix of walbust's heartbeats.
+pub const HEARTBEAT_PREFIX: &str = "walbust-heartbeat";
 
 /// How many times in a row a busy slot is retried before walbust gives up.
 const SLOT_BUSY_ATTEMPTS: u32 = 10;
@@ -122,6 +126,10 @@ pub struct Stats {
     pub malformed_messages: AtomicU64,
     /// Rule sets swapped in by a reload.
     pub reloads: AtomicU64,
+    /// Heartbeats received back through the stream.
+    pub heartbeats: AtomicU64,
+    /// Write-to-receipt delay of the last heartbeat, in microseconds.
+    pub heartbeat_lag_us: AtomicU64,
 }
 
 impl Stats {
@@ -209,9 +217,15 @@ pub async fn run<S: Sink>(
         status_due: None,
         reload,
         pending_rules: None,
+        slot: SlotState::default(),
     };
+    let heartbeat =
+        config.source.heartbeat_interval.map(|every| tokio::spawn(heartbeat(config.source.conninfo.clone(), every)));
     tokio::pin!(shutdown);
     let result = reader.run(shutdown.as_mut()).await;
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     drop(reader.tx);
     // Let the applier finish what it holds; if Redis is down, stop waiting after a grace period.
     let wait = tokio::time::timeout(SHUTDOWN_GRACE, applier);
@@ -221,6 +235,38 @@ pub async fn run<S: Sink>(
             abandon.notify_one();
             result.and(Err(PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE)))
         }
+    }
+}
+
+/// Writes a non-transactional logical message every `every`, carrying the time it was
+/// written: the slot advances even when the database is idle, and its arrival measures the
+/// whole path's latency.
+async fn heartbeat(conninfo: crate::source::ConnInfo, every: Duration) {
+    let mut warned = false;
+    loop {
+        let client = match crate::source::connect_sql(&conninfo).await {
+            Ok(c) => c,
+            Err(e) => {
+                if !warned {
+                    warn!(error = %error_chain(&e), "heartbeat cannot connect; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(every).await;
+                continue;
+            }
+        };
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let now = crate::source::now_pg_micros().to_string();
+            let sql = "SELECT pg_logical_emit_message(false, $1, $2)";
+            if let Err(e) = client.execute(sql, &[&HEARTBEAT_PREFIX, &now]).await {
+                warn!(error = %error_chain(&e), "writing a heartbeat failed; reconnecting");
+                break;
+            }
+            warned = false;
+        }
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -325,6 +371,18 @@ struct Reader<'a> {
     status_due: Option<Instant>,
     reload: Option<watch::Receiver<Arc<RuleSet>>>,
     pending_rules: Option<Arc<RuleSet>>,
+    slot: SlotState,
+}
+
+/// What the reader knows about its slot across reconnects.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotState {
+    /// Streaming from the slot has started at least once: if it vanishes, it was lost.
+    held: bool,
+    /// The slot was lost and on_slot_lost = "recreate": the next connection recreates it.
+    replace_lost: bool,
+    /// The server timeline seen at the last connection.
+    timeline: Option<u32>,
 }
 
 /// The state of one replication session: what is open and what is batched.
@@ -363,6 +421,19 @@ impl Reader<'_> {
                     backoff = Duration::from_millis(100);
                     None
                 }
+                Err(PipelineError::Setup(e)) if matches!(*e, SetupError::SlotLost { .. }) => {
+                    match self.config.source.on_slot_lost {
+                        OnSlotLost::Error => {
+                            error!(slot = %self.config.source.slot, error = %e, "stopping: the replication slot was lost");
+                            return Err(PipelineError::Setup(e));
+                        }
+                        OnSlotLost::Recreate => {
+                            error!(slot = %self.config.source.slot, error = %e, "the replication slot was lost; recreating it (on_slot_lost = \"recreate\")");
+                            self.slot.replace_lost = true;
+                            None
+                        }
+                    }
+                }
                 Err(e) if e.is_transient() => Some(e),
                 Err(e) => {
                     error!(slot = %self.config.source.slot, error = %error_chain(&e), "stopping: the error is not one that retrying can fix");
@@ -392,9 +463,15 @@ impl Reader<'_> {
     async fn session(&mut self, mut shutdown: Pin<&mut impl Future<Output = ()>>) -> Result<SessionEnd, PipelineError> {
         let source = &self.config.source;
         let rules = self.router.rules().clone();
+        let policy = SlotPolicy {
+            may_create: source.create_slot && !self.slot.held,
+            replace_lost: self.slot.replace_lost,
+            known_timeline: self.slot.timeline,
+            held_before: self.slot.held,
+        };
         let connect = async {
             let mut conn = ReplicationConn::connect(&source.conninfo, true).await?;
-            let position = slot::prepare(&mut conn, source, &rules).await?;
+            let position = slot::prepare(&mut conn, source, &rules, policy).await?;
             Ok::<_, PipelineError>((conn, position))
         };
         let (conn, position) = tokio::select! {
@@ -402,11 +479,23 @@ impl Reader<'_> {
             _ = shutdown.as_mut() => return Ok(SessionEnd::Shutdown),
         };
         self.absorb_applied();
+        if position.created && self.slot.replace_lost {
+            self.flush_after_recreate().await;
+        }
+        self.slot = SlotState { held: true, replace_lost: false, timeline: Some(position.timeline) };
         let start = self.progress.flushed().max(position.start);
         self.progress.flush(start);
         let publication = format!("\"{}\"", source.publication);
         let options = [("proto_version", "1"), ("publication_names", publication.as_str()), ("messages", "true")];
-        let mut stream = conn.start_replication(&source.slot, start, &options).await?;
+        let mut stream = conn.start_replication(&source.slot, start, &options).await.map_err(|e| match &e {
+            // The slot exists but its WAL is gone (invalidated between the check and the start).
+            SourceError::Server { code, message, .. }
+                if code == "55000" && message.contains("no longer get changes") =>
+            {
+                PipelineError::from(SetupError::SlotLost { slot: source.slot.clone(), reason: message.clone() })
+            }
+            _ => PipelineError::from(e),
+        })?;
         info!(slot = %source.slot, lsn = %start, created = position.created, "streaming changes");
         if let Some(obs) = &self.observer {
             let _ = obs.send(Event::Streaming { start });
@@ -422,6 +511,17 @@ impl Reader<'_> {
             }
             other => other,
         }
+    }
+
+    /// After a lost slot is recreated: the invalidations in between are gone, so run the
+    /// configured `flush` actions before streaming from the new slot.
+    async fn flush_after_recreate(&mut self) {
+        let actions = self.config.source.flush.clone();
+        warn!(slot = %self.config.source.slot, actions = actions.len(), "running the flush actions for the recreated slot");
+        self.sent_seq += 1;
+        let batch = Sealed { seq: self.sent_seq, actions, ack: None, commits: Vec::new(), changes: Vec::new() };
+        // The applier holds the receiver for as long as the reader runs.
+        let _ = self.tx.send(batch).await;
     }
 
     /// On shutdown: hand over the batch in hand, wait for it to apply, acknowledge it.
@@ -571,6 +671,15 @@ impl Reader<'_> {
             }
             LogicalMessage::Message(m) if m.prefix == self.config.source.message_prefix => {
                 self.manual(session, lsn, &m.content);
+            }
+            LogicalMessage::Message(m) if m.prefix == HEARTBEAT_PREFIX => {
+                let sent = std::str::from_utf8(&m.content).ok().and_then(|t| t.parse::<i64>().ok());
+                if let Some(sent) = sent {
+                    let lag = SystemTime::now().duration_since(pgoutput::pg_time_to_system(sent)).unwrap_or_default();
+                    self.stats.heartbeat_lag_us.store(lag.as_micros() as u64, Ordering::Relaxed);
+                    Stats::add(&self.stats.heartbeats, 1);
+                    debug!(lsn = %lsn, lag = ?lag, "heartbeat");
+                }
             }
             LogicalMessage::Message(m) => {
                 debug!(prefix = %m.prefix, lsn = %lsn, "logical decoding message for another consumer");
@@ -729,6 +838,7 @@ mod tests {
             status_due: None,
             reload: None,
             pending_rules: None,
+            slot: SlotState::default(),
         };
         (reader, rx, applied_tx)
     }

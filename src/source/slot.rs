@@ -53,6 +53,17 @@ pub enum SetupError {
         /// What to do.
         fix: String,
     },
+    /// The slot was lost: invalidated (`wal_status = lost`), dropped while walbust held it,
+    /// or left behind by a timeline change. Invalidations since then cannot be recovered.
+    #[error(
+        "replication slot `{slot}` was lost: {reason}; invalidations since then are gone. With on_slot_lost = \"recreate\" walbust recreates the slot and runs the configured `flush` actions; otherwise flush the caches it served, drop the slot (SELECT pg_drop_replication_slot('{slot}');) and restart walbust"
+    )]
+    SlotLost {
+        /// Its name.
+        slot: String,
+        /// What happened to it.
+        reason: String,
+    },
     /// Another process is streaming from the slot.
     #[error(
         "replication slot `{slot}` is in use by process {pid}; stop the other consumer, or end it with SELECT pg_terminate_backend({pid});"
@@ -83,6 +94,21 @@ pub struct SlotPosition {
     pub start: Lsn,
     /// True when this call created the slot.
     pub created: bool,
+    /// The server's timeline.
+    pub timeline: u32,
+}
+
+/// What [`prepare`] may do about the slot.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SlotPolicy {
+    /// Create the slot when it is missing.
+    pub may_create: bool,
+    /// Drop a lost slot and create it anew (on_slot_lost = "recreate").
+    pub replace_lost: bool,
+    /// The timeline seen on an earlier connection, when there was one.
+    pub known_timeline: Option<u32>,
+    /// True once walbust has streamed from the slot: a missing slot is then a lost one.
+    pub held_before: bool,
 }
 
 /// Quotes a string literal for SQL (standard_conforming_strings is on since Postgres 9.1).
@@ -100,8 +126,21 @@ pub async fn prepare(
     conn: &mut ReplicationConn,
     config: &SourceConfig,
     rules: &RuleSet,
+    policy: SlotPolicy,
 ) -> Result<SlotPosition, SetupError> {
     let query = |doing: &'static str| move |source| SetupError::Query { doing, source };
+    let lost = |reason: String| SetupError::SlotLost { slot: config.slot.clone(), reason };
+    let rows = conn.simple_query("IDENTIFY_SYSTEM").await.map_err(query("identifying the server"))?;
+    let timeline = rows.first().and_then(|r| r.get("timeline")).and_then(|t| t.parse().ok()).unwrap_or(0);
+    let mut replace = false;
+    if let Some(known) = policy.known_timeline.filter(|&t| t != timeline) {
+        if !policy.replace_lost {
+            return Err(lost(format!(
+                "the server's timeline changed from {known} to {timeline} (a failover or a restore)"
+            )));
+        }
+        replace = true;
+    }
     let rows = conn.simple_query("SHOW wal_level").await.map_err(query("reading wal_level"))?;
     let wal_level = rows.first().and_then(|r| r.get("wal_level")).unwrap_or_default().to_string();
     if wal_level != "logical" {
@@ -123,8 +162,23 @@ pub async fn prepare(
         quote_literal(&config.slot)
     );
     let rows = conn.simple_query(&sql).await.map_err(query("looking up the replication slot"))?;
-    let Some(slot) = rows.first() else {
-        if !config.create_slot {
+    let mut slot = rows.first();
+    if let Some(existing) = slot {
+        let is_lost = existing.get("wal_status") == Some("lost");
+        if (is_lost || replace) && policy.replace_lost && existing.get("active_pid").is_none() {
+            let sql = format!("SELECT pg_drop_replication_slot({})", quote_literal(&config.slot));
+            conn.simple_query(&sql).await.map_err(query("dropping the lost replication slot"))?;
+            tracing::warn!(slot = %config.slot, "dropped the lost replication slot to recreate it");
+            slot = None;
+        } else if is_lost {
+            return Err(lost("it has lost required WAL (wal_status = lost, max_slot_wal_keep_size exceeded)".into()));
+        }
+    }
+    let Some(slot) = slot else {
+        if policy.held_before && !policy.replace_lost {
+            return Err(lost("it no longer exists (it was dropped while walbust held it)".into()));
+        }
+        if !policy.may_create && !policy.replace_lost {
             return Err(SetupError::MissingSlot { slot: config.slot.clone() });
         }
         let sql =
@@ -133,7 +187,7 @@ pub async fn prepare(
         let start =
             rows.first().and_then(|r| r.get("consistent_point")).and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
         tracing::info!(slot = %config.slot, lsn = %start, "created replication slot");
-        return Ok(SlotPosition { start, created: true });
+        return Ok(SlotPosition { start, created: true, timeline });
     };
     let unusable = |problem: String, fix: String| SetupError::UnusableSlot { slot: config.slot.clone(), problem, fix };
     let drop_hint = format!(
@@ -151,17 +205,11 @@ pub async fn prepare(
             "connect to that database in `[source] url`, or pick another `slot`".into(),
         ));
     }
-    if slot.get("wal_status") == Some("lost") {
-        return Err(unusable(
-            "has lost required WAL (wal_status = lost); invalidations since it fell behind are gone".into(),
-            format!("{drop_hint}, then flush the caches it served"),
-        ));
-    }
     if let Some(pid) = slot.get("active_pid") {
         return Err(SetupError::SlotBusy { slot: config.slot.clone(), pid: pid.to_string() });
     }
     let start = slot.get("confirmed_flush_lsn").and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
-    Ok(SlotPosition { start, created: false })
+    Ok(SlotPosition { start, created: false, timeline })
 }
 
 /// `CREATE PUBLICATION` over the tables the rules name.

@@ -4,4 +4,5 @@ mod actions;
 mod connection;
 mod durability;
 mod routing;
+mod slot_safety;
 mod support;

@@ -181,6 +181,14 @@ pub struct Running {
 impl Running {
     /// Loads `config` and its rules and starts the pipeline with a Redis sink; waits until it streams.
     pub async fn start(config: &Path) -> Running {
+        match Running::try_start(config).await {
+            Ok(r) => r,
+            Err(e) => panic!("pipeline stopped at start: {}", pipeline::error_chain(&e)),
+        }
+    }
+
+    /// Like [`Running::start`], but returns the error when the pipeline stops before streaming.
+    pub async fn try_start(config: &Path) -> Result<Running, PipelineError> {
         let config = Config::load(config).unwrap_or_else(|e| panic!("config: {e}"));
         let rules = RuleSet::load(&config.rules).unwrap_or_else(|e| panic!("rules: {e}")).rules;
         let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).expect("redis sink");
@@ -204,19 +212,31 @@ impl Running {
                 .await
             }
         });
-        let started = tokio::time::timeout(Duration::from_secs(30), async {
+        let streaming = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 match events.recv().await {
-                    Some(Event::Streaming { .. }) => return,
+                    Some(Event::Streaming { .. }) => return true,
                     Some(_) => {}
-                    None => return,
+                    // The pipeline dropped its observer: it has stopped.
+                    None => return false,
                 }
             }
         })
-        .await;
-        assert!(started.is_ok(), "pipeline did not start streaming within 30s");
-        assert!(!handle.is_finished(), "pipeline stopped at start: {:?}", handle.await);
-        Running { stats, reload: reload_tx, stop: Some(stop), handle }
+        .await
+        .expect("pipeline did not start streaming within 30s");
+        if !streaming {
+            let result = handle.await.expect("pipeline task panicked");
+            return Err(result.expect_err("a pipeline that stops before shutdown has failed"));
+        }
+        Ok(Running { stats, reload: reload_tx, stop: Some(stop), handle })
+    }
+
+    /// Waits for the pipeline to stop by itself and returns its result.
+    pub async fn stopped_by_itself(self, timeout: Duration) -> Result<(), PipelineError> {
+        tokio::time::timeout(timeout, self.handle)
+            .await
+            .expect("pipeline did not stop by itself in time")
+            .expect("pipeline task panicked")
     }
 
     /// Asks the pipeline to stop as on SIGTERM and returns its result.
