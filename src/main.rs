@@ -20,6 +20,9 @@ fn main() -> ExitCode {
         Command::Run { config } => runtime.block_on(cli::run::run(&config)),
         Command::Check { config, deny_warnings } => cli::check::check(&config, deny_warnings),
         Command::Demo => runtime.block_on(cli::demo::demo()),
+        Command::Invalidate { config, keys, patterns, tags } => {
+            runtime.block_on(cli::invalidate::invalidate(&config, keys, patterns, tags))
+        }
     };
     ExitCode::from(code)
 }

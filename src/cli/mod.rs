@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod demo;
+pub mod invalidate;
 pub mod run;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -58,6 +59,21 @@ pub enum Command {
     },
     /// Start a throwaway Postgres and Redis, run the pipeline over scripted writes, and show what it invalidates.
     Demo,
+    /// Invalidate keys, patterns or index sets in Redis right now, outside the stream (emergencies).
+    Invalidate {
+        /// The config file (for `[redis]`).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// An exact key to UNLINK (repeatable).
+        #[arg(long = "key", value_name = "KEY")]
+        keys: Vec<String>,
+        /// A glob to SCAN and UNLINK (repeatable).
+        #[arg(long = "pattern", value_name = "GLOB")]
+        patterns: Vec<String>,
+        /// An index set to bust: its members, then the set (repeatable).
+        #[arg(long = "tag", value_name = "SET")]
+        tags: Vec<String>,
+    },
 }
 
 /// Sets up `tracing` from the flags.

@@ -306,3 +306,37 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
     unsafe { libc::kill(walbust.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(walbust.wait().unwrap().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invalidate_command_applies_keys_patterns_and_tags_at_once() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let files = write_config(
+        &db,
+        &s.redis.url(),
+        &format!("[[rule]]\nname = \"x\"\ntable = \"items\"\nkeys = [\"{n}:x\"]\n"),
+        "",
+    );
+    let mut redis = redis_conn(&s.redis.url()).await;
+    let all: Vec<String> = ["k", "p:1", "p:2", "member", "keep"].iter().map(|k| format!("{n}:{k}")).collect();
+    cache(&mut redis, &all).await;
+    let _: () = redis.sadd(format!("{n}:tag"), &all[3]).await.unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
+        .args(["invalidate", "--config"])
+        .arg(&files.path)
+        .args(["--key", &all[0], "--pattern", &format!("{n}:p:*"), "--tag", &format!("{n}:tag")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains(&format!("UNLINK {n}:k")) && printed.contains(&format!("BUST-TAG {n}:tag")), "{printed}");
+    assert_eq!(existing(&mut redis, &all).await, [all[4].clone()]);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
+        .args(["invalidate", "--config"])
+        .arg(&files.path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "nothing to do is a usage error");
+}
