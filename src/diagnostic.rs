@@ -123,7 +123,7 @@ pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
 /// Turns a TOML parse or schema error into a diagnostic at the place it names.
 pub fn from_toml(file: &Path, source: &str, err: &toml::de::Error) -> Diagnostic {
     let message = err.message().trim_end().to_string();
-    let hint = unknown_field_hint(&message);
+    let hint = unknown_field_hint(&message).or_else(|| value_hint(&message, source, err.span()));
     let d = Diagnostic::error(file, source, err.span(), message);
     match hint {
         Some(h) => d.with_hint(h),
@@ -137,6 +137,35 @@ fn unknown_field_hint(message: &str) -> Option<String> {
     let (field, rest) = rest.split_once('`')?;
     let expected: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
     did_you_mean(field, expected.iter().copied()).map(|s| format!("did you mean `{s}`?"))
+}
+
+/// For serde's "missing field" and "invalid type" errors, which name no key: says which key
+/// the value belongs to and what to write instead.
+fn value_hint(message: &str, source: &str, span: Option<Range<usize>>) -> Option<String> {
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.split('`').next()?;
+        return Some(format!("add the required `{field}` key to the table that starts here"));
+    }
+    let expected = message.strip_prefix("invalid type: ")?.rsplit_once(", expected ")?.1;
+    let span = span?;
+    let key = key_before(source, span.start)?;
+    let value = source.get(span)?.trim();
+    Some(match expected {
+        _ if key == "rule" => "rules are tables: start each with a [[rule]] header line".to_string(),
+        "a sequence" => format!("`{key}` takes a list: write {key} = [{value}]"),
+        "a string" => format!("`{key}` takes a string in quotes, as in {key} = \"{}\"", value.trim_matches('"')),
+        other => format!("`{key}` takes {other}"),
+    })
+}
+
+/// The key of `key = value` when `offset` is where the value starts.
+fn key_before(source: &str, offset: usize) -> Option<&str> {
+    let before = source.get(..offset)?;
+    let line = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
+    let lhs = line.trim_end().strip_suffix('=')?.trim_end();
+    let is_key = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    let start = lhs.char_indices().rev().find(|&(_, c)| !is_key(c)).map_or(0, |(i, c)| i + c.len_utf8());
+    Some(&lhs[start..]).filter(|k| !k.is_empty())
 }
 
 /// The candidate closest to `word` by edit distance, when it is close enough to be a typo.
@@ -180,6 +209,21 @@ mod tests {
     fn suggests_close_names_only() {
         assert_eq!(did_you_mean("kyes", ["name", "table", "keys"]), Some("keys"));
         assert_eq!(did_you_mean("zzzzzz", ["name", "table", "keys"]), None);
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let src = "[[rule]]\nname = 42\nkeys = \"k\"\n";
+        let hint = |at: usize, message: &str| value_hint(message, src, Some(at..at + 3));
+        assert_eq!(
+            hint(16, "invalid type: integer `42`, expected a string").as_deref(),
+            Some("`name` takes a string in quotes, as in name = \"42\"")
+        );
+        assert_eq!(
+            hint(26, "invalid type: string \"k\", expected a sequence").as_deref(),
+            Some("`keys` takes a list: write keys = [\"k\"]")
+        );
+        assert_eq!(key_before("refresh = [{ key = \"k\", ttl = 5 }]", 30), Some("ttl"));
     }
 
     #[test]

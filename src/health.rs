@@ -323,7 +323,8 @@ fn respond(head: &[u8], metrics: &Metrics, health: &Health) -> Response {
 async fn write_response(stream: &mut TcpStream, r: &Response) -> std::io::Result<()> {
     let allow = if r.allow { "Allow: GET, HEAD\r\n" } else { "" };
     let head = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
         r.status,
         r.content_type,
         r.body.len()
@@ -443,7 +444,12 @@ mod tests {
 
         health.not_streaming("reconnecting after: server closed the connection");
         let r = server.get("/healthz").await;
-        assert!(body(&r).contains("not streaming since 0s: reconnecting after: server closed the connection; redis unreachable"), "{r}");
+        assert!(
+            body(&r).contains(
+                "not streaming since 0s: reconnecting after: server closed the connection; redis unreachable"
+            ),
+            "{r}"
+        );
 
         health.streaming();
         health.redis_reachable();

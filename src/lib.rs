@@ -13,18 +13,27 @@
 //! [`progress`] keeps the received and flushed positions, each only moving forward, and
 //! [`pipeline`] wires the stages together, sends standby status updates, reconnects
 //! after failures and owns shutdown. [`config`] reads `config.toml`, reporting every
-//! problem with [`diagnostic`]s at `file:line:col`. [`throwaway`] starts disposable
+//! problem with [`diagnostic`]s at `file:line:col`. [`catalog`] checks the rules against the
+//! live catalog (tables, columns, publication, replica identity) for `walbust check --online`
+//! and before the pipeline starts. [`ruletest`] runs `*.test.toml`
+//! rule tests offline through the same router and batch. [`throwaway`] starts disposable
 //! Postgres and Redis servers for `walbust demo`, the tests and the benchmarks.
 
 pub mod action;
 pub mod batch;
+pub mod catalog;
 pub mod config;
 pub mod diagnostic;
+pub mod health;
 pub mod lsn;
+pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod progress;
 pub mod rules;
+pub mod ruletest;
+pub mod setup;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod throwaway;

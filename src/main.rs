@@ -18,8 +18,15 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Run { config } => runtime.block_on(cli::run::run(&config)),
-        Command::Check { config, deny_warnings } => cli::check::check(&config, deny_warnings),
+        Command::Check { config, online, deny_warnings } => {
+            runtime.block_on(cli::check::check(&config, online, deny_warnings))
+        }
         Command::Demo => runtime.block_on(cli::demo::demo()),
+        Command::Status { config, json } => runtime.block_on(cli::status::status(&config, json)),
+        Command::Setup { config, app_roles, admin_url, apply } => {
+            runtime.block_on(cli::setup::setup(&config, &app_roles, admin_url.as_deref(), apply))
+        }
+        Command::Test { files, run, junit } => cli::test::test(&files, run.as_deref(), junit.as_deref()),
         Command::Invalidate { config, keys, patterns, tags } => {
             runtime.block_on(cli::invalidate::invalidate(&config, keys, patterns, tags))
         }

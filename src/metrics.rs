@@ -76,13 +76,16 @@ impl Counter {
     }
 }
 
+/// The series sharing one hash: label values and their counter.
+type Bucket<const N: usize> = Vec<([Box<str>; N], Counter)>;
+
 /// Counters of one metric, one per label set, created on first use.
 #[derive(Debug)]
 struct Family<const N: usize> {
     labels: [&'static str; N],
     // Keyed by a hash of the label values so a lookup needs no allocation; collisions
     // share the bucket and are told apart by comparing the values.
-    series: RwLock<HashMap<u64, Vec<([Box<str>; N], Counter)>>>,
+    series: RwLock<HashMap<u64, Bucket<N>>>,
 }
 
 impl<const N: usize> Family<N> {
@@ -141,9 +144,9 @@ impl Histogram {
         let value = if value.is_nan() || value < 0.0 { 0.0 } else { value };
         let i = self.bounds.iter().position(|&b| value <= b).unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        let _ = self.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-            Some((f64::from_bits(bits) + value).to_bits())
-        });
+        let _ = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| Some((f64::from_bits(bits) + value).to_bits()));
     }
 
     /// Records a duration in seconds.
@@ -368,7 +371,12 @@ impl Metrics {
         let _ = writeln!(out, "{COMMITS} {}", self.commits.get());
         header(&mut out, ACTIONS, "counter", "Invalidation actions produced, by rule and kind, before deduplication.");
         render_family(&mut out, ACTIONS, &self.actions);
-        header(&mut out, WIDENED, "counter", "Actions widened to a pattern because a value was missing, by rule and reason.");
+        header(
+            &mut out,
+            WIDENED,
+            "counter",
+            "Actions widened to a pattern because a value was missing, by rule and reason.",
+        );
         render_family(&mut out, WIDENED, &self.widened);
         header(&mut out, BATCHES, "counter", "Batches Redis acknowledged.");
         let _ = writeln!(out, "{BATCHES} {}", self.batches.get());
@@ -380,7 +388,12 @@ impl Metrics {
         let _ = writeln!(out, "{RECONNECTS} {}", self.reconnects.get());
         let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let slot = slot.unwrap_or_default();
-        header(&mut out, SLOT_RETAINED_WAL, "gauge", "WAL the server keeps for the slot: current position minus restart_lsn.");
+        header(
+            &mut out,
+            SLOT_RETAINED_WAL,
+            "gauge",
+            "WAL the server keeps for the slot: current position minus restart_lsn.",
+        );
         if let Some(b) = slot.retained_wal_bytes {
             let _ = writeln!(out, "{SLOT_RETAINED_WAL} {b}");
         }
@@ -395,7 +408,12 @@ impl Metrics {
                 );
             }
         }
-        header(&mut out, SLOT_SAFE_WAL_SIZE, "gauge", "WAL that can be written before the slot risks being lost; absent when unlimited.");
+        header(
+            &mut out,
+            SLOT_SAFE_WAL_SIZE,
+            "gauge",
+            "WAL that can be written before the slot risks being lost; absent when unlimited.",
+        );
         if let Some(b) = slot.safe_wal_size_bytes {
             let _ = writeln!(out, "{SLOT_SAFE_WAL_SIZE} {b}");
         }
@@ -570,7 +588,7 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_and_count_matches_inf() {
         let m = Metrics::new();
-        for secs in [0.001, 0.004, 0.2, 7.0, 1000.0, -1.0] {
+        for secs in [0.001_f64, 0.004, 0.2, 7.0, 1000.0, -1.0] {
             m.observe_ack_lag(Duration::from_secs_f64(secs.max(0.0)));
         }
         m.ack_lag.observe(f64::NAN);

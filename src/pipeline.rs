@@ -15,13 +15,16 @@ use crate::action::Action;
 use crate::batch::{Batch, ChangeRecord, CommitRecord};
 use crate::config::Config;
 use crate::config::OnSlotLost;
+use crate::health::Health;
 use crate::lsn::Lsn;
+use crate::metrics::{Counter, Metrics};
 use crate::pgoutput::{self, DecodeError, Decoder, LogicalMessage, RelationCache};
 use crate::progress::Progress;
 use crate::rules::{Change, Op, Routed, Router, RuleSet, manual};
 use crate::sink::Sink;
 use crate::source::slot::{self, SetupError, SlotPolicy};
 use crate::source::{ReplicationConn, ReplicationFrame, ReplicationStream, SourceError};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -180,7 +183,6 @@ struct Applied {
 }
 
 /// What the caller can attach to a running pipeline.
-#[derive(Default)]
 pub struct Options {
     /// Receives an [`Event`] per applied batch (the demo, tests).
     pub observer: Option<mpsc::UnboundedSender<Event>>,
@@ -188,6 +190,16 @@ pub struct Options {
     pub stats: Arc<Stats>,
     /// New rule sets (SIGHUP); each is swapped in at the next transaction boundary.
     pub reload: Option<watch::Receiver<Arc<RuleSet>>>,
+    /// Prometheus metrics, served by `walbust run` on `[metrics] listen`.
+    pub metrics: Arc<Metrics>,
+    /// What /healthz reports.
+    pub health: Arc<Health>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { observer: None, stats: Arc::default(), reload: None, metrics: Metrics::new(), health: Health::new() }
+    }
 }
 
 /// Runs the pipeline until `shutdown` resolves or a fatal error occurs.
@@ -198,11 +210,17 @@ pub async fn run<S: Sink>(
     shutdown: impl Future<Output = ()>,
     options: Options,
 ) -> Result<(), PipelineError> {
-    let Options { observer, stats, reload } = options;
+    let Options { observer, stats, reload, metrics, health } = options;
     let (tx, rx) = mpsc::channel::<Sealed>(1);
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
     let abandon = Arc::new(tokio::sync::Notify::new());
-    let applier = tokio::spawn(apply_loop(sink, rx, applied_tx, observer.clone(), stats.clone(), abandon.clone()));
+    let applier = tokio::spawn(apply_loop(
+        sink,
+        rx,
+        applied_tx,
+        Observers { events: observer.clone(), stats: stats.clone(), metrics: metrics.clone(), health: health.clone() },
+        abandon.clone(),
+    ));
     let mut reader = Reader {
         config,
         router: Router::new(rules),
@@ -218,6 +236,10 @@ pub async fn run<S: Sink>(
         reload,
         pending_rules: None,
         slot: SlotState::default(),
+        metrics,
+        health,
+        counters: HashMap::new(),
+        change_counters: HashMap::new(),
     };
     let heartbeat =
         config.source.heartbeat_interval.map(|every| tokio::spawn(heartbeat(config.source.conninfo.clone(), every)));
@@ -270,22 +292,38 @@ async fn heartbeat(conninfo: crate::source::ConnInfo, every: Duration) {
     }
 }
 
+/// Where the applier reports what it did.
+struct Observers {
+    events: Option<mpsc::UnboundedSender<Event>>,
+    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
 async fn apply_loop<S: Sink>(
     mut sink: S,
     mut rx: mpsc::Receiver<Sealed>,
     applied: watch::Sender<Applied>,
-    observer: Option<mpsc::UnboundedSender<Event>>,
-    stats: Arc<Stats>,
+    observers: Observers,
     abandon: Arc<tokio::sync::Notify>,
 ) {
+    let Observers { events, stats, metrics, health } = observers;
     while let Some(batch) = rx.recv().await {
         let mut backoff = Duration::from_millis(50);
+        let since = Instant::now();
         loop {
+            let started = Instant::now();
             match sink.apply(&batch.actions).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    metrics.observe_redis_apply(started.elapsed());
+                    health.redis_reachable();
+                    break;
+                }
                 Err(e) => {
                     Stats::add(&stats.sink_errors, 1);
-                    warn!(error = %e, cause = %error_chain(&e), retry_in = ?backoff, actions = batch.actions.len(),
+                    metrics.redis_error();
+                    health.redis_unreachable(&error_chain(&e));
+                    warn!(error = %e, cause = %error_chain(&e), retry_in = ?backoff, actions = batch.actions.len(), failing_for = ?since.elapsed(),
                         "applying a batch failed; retrying, nothing is acknowledged meanwhile");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -296,18 +334,23 @@ async fn apply_loop<S: Sink>(
             }
         }
         Stats::add(&stats.batches, 1);
+        metrics.batch_applied();
+        let now = SystemTime::now();
+        for c in &batch.commits {
+            metrics.observe_ack_lag(now.duration_since(c.commit_time).unwrap_or_default());
+        }
         applied.send_modify(|a| {
             a.seq = batch.seq;
             if let Some(lsn) = batch.ack {
                 a.lsn = a.lsn.max(lsn);
             }
         });
-        if let Some(obs) = &observer {
+        if let Some(obs) = &events {
             let _ = obs.send(Event::Applied {
                 changes: batch.changes,
                 commits: batch.commits,
                 actions: batch.actions,
-                at: SystemTime::now(),
+                at: now,
             });
         }
     }
@@ -372,6 +415,12 @@ struct Reader<'a> {
     reload: Option<watch::Receiver<Arc<RuleSet>>>,
     pending_rules: Option<Arc<RuleSet>>,
     slot: SlotState,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// Metric counters cached per (rule, kind), so counting skips the registry.
+    counters: HashMap<(Arc<str>, &'static str), Counter>,
+    /// Metric counters cached per (relation OID, op).
+    change_counters: HashMap<(u32, Op), Counter>,
 }
 
 /// What the reader knows about its slot across reconnects.
@@ -449,9 +498,11 @@ impl Reader<'_> {
                 } else {
                     busy = 0;
                 }
+                self.health.not_streaming(&format!("reconnecting after: {}", error_chain(&e)));
                 warn!(slot = %self.config.source.slot, error = %error_chain(&e), retry_in = ?backoff, "replication interrupted; reconnecting");
             }
             Stats::add(&self.stats.reconnects, 1);
+            self.metrics.reconnect();
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.as_mut() => return Ok(()),
@@ -497,6 +548,7 @@ impl Reader<'_> {
             _ => PipelineError::from(e),
         })?;
         info!(slot = %source.slot, lsn = %start, created = position.created, "streaming changes");
+        self.health.streaming();
         if let Some(obs) = &self.observer {
             let _ = obs.send(Event::Streaming { start });
         }
@@ -603,11 +655,14 @@ impl Reader<'_> {
                 Wake::Frame(Some(frame)) => {
                     session.last_received = Instant::now();
                     match frame {
-                        ReplicationFrame::XLogData { wal_start, data, .. } => {
+                        ReplicationFrame::XLogData { wal_start, wal_end, data, .. } => {
                             self.progress.receive(wal_start);
+                            self.metrics.set_received(wal_start);
+                            self.metrics.set_server_wal_end(wal_end);
                             self.on_message(session, wal_start, data)?;
                         }
                         ReplicationFrame::Keepalive { wal_end, reply_requested, .. } => {
+                            self.metrics.set_server_wal_end(wal_end);
                             self.on_keepalive(session, wal_end);
                             if reply_requested {
                                 self.send_status(stream, false).await?;
@@ -646,6 +701,7 @@ impl Reader<'_> {
             LogicalMessage::Commit(c) => {
                 let Some((xid, _)) = session.open.take() else { return Err(unexpected("Commit without Begin")) };
                 Stats::add(&self.stats.commits, 1);
+                self.metrics.commit();
                 session.batch.commit(CommitRecord {
                     xid,
                     end_lsn: c.end_lsn,
@@ -678,6 +734,7 @@ impl Reader<'_> {
                     let lag = SystemTime::now().duration_since(pgoutput::pg_time_to_system(sent)).unwrap_or_default();
                     self.stats.heartbeat_lag_us.store(lag.as_micros() as u64, Ordering::Relaxed);
                     Stats::add(&self.stats.heartbeats, 1);
+                    self.metrics.set_heartbeat(pgoutput::pg_time_to_system(sent));
                     debug!(lsn = %lsn, lag = ?lag, "heartbeat");
                 }
             }
@@ -712,13 +769,21 @@ impl Reader<'_> {
             return Err(PipelineError::Unexpected { lsn, what: format!("{op} outside a transaction") });
         }
         Stats::add(&self.stats.changes, 1);
+        let metrics = &self.metrics;
+        self.change_counters
+            .entry((oid, op))
+            .or_insert_with(|| metrics.changes_counter(&relation.qualified_name(), op.as_str()))
+            .inc();
         let change = Change { relation: &relation, op, old, new };
         session.routed.clear();
         self.router.route(&change, &mut session.routed);
         Stats::add(&self.stats.actions, session.routed.len() as u64);
         for r in &session.routed {
+            let kind = r.action.kind();
+            self.counters.entry((r.rule.clone(), kind)).or_insert_with(|| metrics.actions_counter(&r.rule, kind)).inc();
             if let Some(why) = r.widened {
                 Stats::add(&self.stats.widened, 1);
+                self.metrics.widened(&r.rule, why.as_str());
                 debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
             }
             session.batch.push(r.action.clone());
@@ -803,6 +868,7 @@ impl Reader<'_> {
     async fn send_status(&mut self, stream: &mut ReplicationStream, reply: bool) -> Result<(), PipelineError> {
         let (received, flushed) = (self.progress.received(), self.progress.flushed());
         stream.send_status(received, flushed, flushed, reply).await?;
+        self.metrics.set_flushed(flushed);
         self.stats.flushed_lsn.store(flushed.0, Ordering::Relaxed);
         self.last_status = Instant::now();
         self.status_due = None;
@@ -839,6 +905,10 @@ mod tests {
             reload: None,
             pending_rules: None,
             slot: SlotState::default(),
+            metrics: Metrics::new(),
+            health: Health::new(),
+            counters: HashMap::new(),
+            change_counters: HashMap::new(),
         };
         (reader, rx, applied_tx)
     }

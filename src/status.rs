@@ -62,7 +62,9 @@ impl WalStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     /// The server could not be reached, or refused the connection.
-    #[error("cannot connect to the source database to read slot `{slot}`; check `[source] url` and that the server is up")]
+    #[error(
+        "cannot connect to the source database to read slot `{slot}`; check `[source] url` and that the server is up"
+    )]
     Connect {
         /// The slot asked about.
         slot: String,
@@ -145,31 +147,32 @@ impl SlotStatus {
         let lit = quote_literal(slot);
         if !self.exists {
             return Some(format!(
-                "replication slot `{slot}` does not exist in database `{}`; start `walbust run` with create_slot = true, \
-                 or create it with SELECT pg_create_logical_replication_slot({lit}, 'pgoutput');",
+                "replication slot `{slot}` does not exist in database `{}`; start `walbust run` with \
+                 create_slot = true, or create it with SELECT pg_create_logical_replication_slot({lit}, 'pgoutput');",
                 self.database
             ));
         }
         let drop = format!("drop it with SELECT pg_drop_replication_slot({lit}); and let walbust create it again");
         if self.slot_type.as_deref() != Some("logical") || self.plugin.as_deref() != Some("pgoutput") {
             return Some(format!(
-                "replication slot `{slot}` uses plugin `{}`, but walbust needs a logical slot with `pgoutput`; {drop}, \
-                 or pick another `slot` in config.toml",
+                "replication slot `{slot}` uses plugin `{}`, but walbust needs a logical slot with `pgoutput`; \
+                 {drop}, or pick another `slot` in config.toml",
                 self.plugin.as_deref().unwrap_or("none")
             ));
         }
         if self.slot_database.as_deref() != Some(self.database.as_str()) {
             return Some(format!(
-                "replication slot `{slot}` belongs to database `{}`, not `{}`; connect to that database in `[source] url`, \
-                 or pick another `slot`",
+                "replication slot `{slot}` belongs to database `{}`, not `{}`; connect to that database in \
+                 `[source] url`, or pick another `slot`",
                 self.slot_database.as_deref().unwrap_or("?"),
                 self.database
             ));
         }
         if self.wal_status == Some(WalStatus::Lost) {
             return Some(format!(
-                "replication slot `{slot}` has lost required WAL (wal_status = lost): invalidations since it fell behind \
-                 are gone; {drop}, then flush the caches it served"
+                "replication slot `{slot}` has lost required WAL (wal_status = lost): invalidations since it \
+                 fell behind are gone; {drop}, then flush the caches it served (or set on_slot_lost = \"recreate\" \
+                 with a `flush` list)"
             ));
         }
         None
@@ -179,8 +182,8 @@ impl SlotStatus {
     pub fn warning(&self) -> Option<String> {
         (self.wal_status == Some(WalStatus::Unreserved)).then(|| {
             format!(
-                "replication slot `{}` is past its WAL reservation (wal_status = unreserved) and will be lost at the next \
-                 checkpoint unless walbust catches up; check that walbust runs and Redis is reachable",
+                "replication slot `{}` is past its WAL reservation (wal_status = unreserved) and will be lost at \
+                 the next checkpoint unless walbust catches up; check that walbust runs and Redis is reachable",
                 self.slot
             )
         })
@@ -328,11 +331,13 @@ pub async fn query_status(client: &tokio_postgres::Client, slot: &str) -> Result
 }
 
 /// Polls the slot every `every` until `shutdown` resolves, updating the slot gauges and
-/// the server's WAL end in `metrics`. Connection failures are logged and retried on the
-/// next tick; they never stop the daemon.
+/// the server's WAL end in `metrics`. Failures are logged (once until the next success)
+/// and retried on the next tick with a new connection; they never stop the daemon.
 pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let slot = &config.source.slot;
     let mut client: Option<tokio_postgres::Client> = None;
+    let mut failing = false;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -340,26 +345,36 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
             _ = tick.tick() => {}
             _ = shutdown.as_mut() => return,
         }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            match connect_sql(&config.source.conninfo).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::warn!(slot = %config.source.slot, error = %e, "slot monitor cannot connect; retrying");
-                    continue;
-                }
-            }
-        }
-        let Some(c) = &client else { continue };
-        match query_status(c, &config.source.slot).await {
-            Ok(status) => {
+        let poll = async {
+            let c = match client.take() {
+                Some(c) if !c.is_closed() => c,
+                _ => connect_sql(&config.source.conninfo)
+                    .await
+                    .map_err(|source| StatusError::Connect { slot: slot.clone(), source })?,
+            };
+            let status = query_status(&c, slot).await?;
+            Ok::<_, StatusError>((c, status))
+        };
+        let result = tokio::select! {
+            r = poll => r,
+            _ = shutdown.as_mut() => return,
+        };
+        match result {
+            Ok((c, status)) => {
+                client = Some(c);
                 if let Some(lsn) = status.current_wal_lsn {
                     metrics.set_server_wal_end(lsn);
                 }
                 metrics.set_slot(status.health());
+                if std::mem::take(&mut failing) {
+                    tracing::info!(slot = %slot, "slot monitor reads the slot again");
+                }
             }
             Err(e) => {
-                tracing::warn!(slot = %config.source.slot, error = %e, "slot monitor query failed; retrying");
-                client = None;
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(slot = %slot, error = %crate::pipeline::error_chain(&e), retry_in = ?every,
+                        "slot monitor cannot read the slot; its gauges keep their last values");
+                }
             }
         }
     }

@@ -1,12 +1,21 @@
-//! `walbust check`: the config and every rule file, validated offline.
+//! `walbust check`: the config and every rule file, validated offline, and with `--online`
+//! against the database's catalog too (tables, columns, publication, replica identity).
 
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use std::path::Path;
+use std::time::Duration;
+use walbust::catalog;
 use walbust::config::{Config, ConfigError};
+use walbust::diagnostic::Diagnostics;
+use walbust::pipeline::error_chain;
 use walbust::rules::RuleSet;
+use walbust::source::connect_sql;
+
+/// How long `--online` waits for the database when the config sets no `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Prints one status line per file, then the problems; returns the exit code.
-pub fn check(config_path: &Path, deny_warnings: bool) -> u8 {
+pub async fn check(config_path: &Path, online: bool, deny_warnings: bool) -> u8 {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(ConfigError::Invalid(d)) => {
@@ -20,18 +29,8 @@ pub fn check(config_path: &Path, deny_warnings: bool) -> u8 {
         }
     };
     println!("ok   {}", config_path.display());
-    match RuleSet::load(&config.rules) {
-        Ok(loaded) => {
-            for file in &loaded.files {
-                let n = loaded.rules.rules().iter().filter(|r| r.file == *file).count();
-                let warned = loaded.warnings.0.iter().any(|w| w.file == *file);
-                println!("{} {} ({n} rules)", if warned { "warn" } else { "ok  " }, file.display());
-            }
-            if !loaded.warnings.0.is_empty() {
-                eprintln!("{}", loaded.warnings);
-            }
-            if deny_warnings && !loaded.warnings.0.is_empty() { EXIT_FAILED } else { EXIT_OK }
-        }
+    let loaded = match RuleSet::load(&config.rules) {
+        Ok(loaded) => loaded,
         Err(problems) => {
             let mut files: Vec<&Path> = problems.0.iter().map(|d| d.file.as_path()).collect();
             files.dedup();
@@ -39,7 +38,74 @@ pub fn check(config_path: &Path, deny_warnings: bool) -> u8 {
                 println!("FAIL {}", f.display());
             }
             eprintln!("{problems}");
-            EXIT_FAILED
+            if online {
+                eprintln!("note: the online check did not run; fix the rule files first");
+            }
+            return EXIT_FAILED;
+        }
+    };
+    let mut diagnostics = loaded.warnings;
+    if online {
+        match check_database(&config, &loaded.rules).await {
+            Ok(found) => {
+                let tables = loaded.rules.tables().len();
+                println!(
+                    "ok   database {}, publication `{}` ({tables} table{})",
+                    config.source.conninfo.describe(),
+                    config.source.publication,
+                    if tables == 1 { "" } else { "s" }
+                );
+                diagnostics.0.extend(found.0);
+            }
+            Err(message) => {
+                println!("FAIL database {}", config.source.conninfo.describe());
+                eprintln!("error: {message}");
+                return EXIT_USAGE;
+            }
         }
     }
+    for file in &loaded.files {
+        let n = loaded.rules.rules().iter().filter(|r| r.file == *file).count();
+        let mut here = diagnostics.0.iter().filter(|d| d.file == *file);
+        let status = if here.clone().any(|d| d.is_error()) {
+            "FAIL"
+        } else if here.next().is_some() {
+            "warn"
+        } else {
+            "ok  "
+        };
+        println!("{status} {} ({n} rules)", file.display());
+    }
+    if !diagnostics.0.is_empty() {
+        eprintln!("{diagnostics}");
+    }
+    if diagnostics.has_errors() || (deny_warnings && !diagnostics.0.is_empty()) { EXIT_FAILED } else { EXIT_OK }
+}
+
+/// Connects with `[source]` and checks the rules against the catalog; the error says why
+/// the database could not be checked.
+async fn check_database(config: &Config, rules: &RuleSet) -> Result<Diagnostics, String> {
+    let info = &config.source.conninfo;
+    let limit = if info.connect_timeout.is_zero() { CONNECT_TIMEOUT } else { info.connect_timeout * 2 };
+    let client = match tokio::time::timeout(limit, connect_sql(info)).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => {
+            return Err(format!(
+                "cannot reach the database {} for the online check: {}; check [source] url, the password \
+                 (PGPASSWORD or password_file) and that the server is up, or run check without --online",
+                info.describe(),
+                error_chain(&e)
+            ));
+        }
+        Err(_) => {
+            return Err(format!(
+                "timed out after {limit:?} connecting to the database {} for the online check; check [source] url \
+                 and that the server is reachable, or run check without --online",
+                info.describe()
+            ));
+        }
+    };
+    catalog::check_online(&client, &config.source.publication, rules)
+        .await
+        .map_err(|e| format!("cannot read the catalog of {}: {}", info.describe(), error_chain(&e)))
 }

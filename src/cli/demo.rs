@@ -101,7 +101,7 @@ async fn run_demo() -> anyhow::Result<()> {
                 Arc::new(rules),
                 sink,
                 stop,
-                Options { observer: Some(events_tx), stats, reload: None },
+                Options { observer: Some(events_tx), stats, ..Options::default() },
             )
             .await
         }

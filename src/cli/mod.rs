@@ -4,6 +4,9 @@ pub mod check;
 pub mod demo;
 pub mod invalidate;
 pub mod run;
+pub mod setup;
+pub mod status;
+pub mod test;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -48,17 +51,56 @@ pub enum Command {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
     },
-    /// Validate the config and rule files offline; one status line per file.
+    /// Validate the config and rule files offline (with --online, against the database too); one status line per file.
     Check {
         /// The config file.
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
+        /// Also check the rules against the live catalog: tables, columns, publication, replica identity.
+        #[arg(long)]
+        online: bool,
         /// Treat warnings as failures.
         #[arg(long)]
         deny_warnings: bool,
     },
     /// Start a throwaway Postgres and Redis, run the pipeline over scripted writes, and show what it invalidates.
     Demo,
+    /// Run rule tests (`*.test.toml`): changes through the production router, compared with expected actions.
+    Test {
+        /// Test files, or directories searched for `*.test.toml` files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Run only the tests whose names match this regular expression.
+        #[arg(long, value_name = "REGEX")]
+        run: Option<String>,
+        /// Also write the results as JUnit XML to this file.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+    },
+    /// Show the slot: active pid, confirmed flush LSN, retained WAL, wal_status, lag; exit 1 when it is missing or lost.
+    Status {
+        /// The config file.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Print one JSON object instead of aligned lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print (or, with --apply, run) the SQL a DBA needs: publication, replica identity, role, grants.
+    Setup {
+        /// The config file.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// An application role allowed to write manual invalidation messages (repeatable).
+        #[arg(long = "app-role", value_name = "ROLE")]
+        app_roles: Vec<String>,
+        /// Connection URL of an administrator for --apply (defaults to `[source] url`).
+        #[arg(long, value_name = "URL")]
+        admin_url: Option<String>,
+        /// Run the statements in one transaction instead of printing them.
+        #[arg(long)]
+        apply: bool,
+    },
     /// Invalidate keys, patterns or index sets in Redis right now, outside the stream (emergencies).
     Invalidate {
         /// The config file (for `[redis]`).

@@ -6,6 +6,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 use walbust::config::{Config, ConfigError};
+use walbust::diagnostic::Diagnostics;
+use walbust::health::Health;
+use walbust::metrics::Metrics;
 use walbust::pipeline::{self, Options, Stats, error_chain};
 use walbust::rules::RuleSet;
 use walbust::sink::RedisSink;
@@ -29,6 +32,13 @@ pub async fn run(config_path: &Path) -> u8 {
     for w in loaded.warnings.warnings() {
         warn!("{w}");
     }
+    match validate_against_database(&config, &loaded.rules).await {
+        Ok(()) => {}
+        Err(problems) => {
+            eprintln!("{problems}");
+            return EXIT_USAGE;
+        }
+    }
     let sink = match RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -41,10 +51,39 @@ pub async fn run(config_path: &Path) -> u8 {
     let stats = Arc::new(Stats::default());
     let rules = Arc::new(loaded.rules);
     let (reload_tx, reload) = watch::channel(rules.clone());
-    let reloader = tokio::spawn(reload_on_sighup(config_path.to_path_buf(), reload_tx));
-    let options = Options { observer: None, stats: stats.clone(), reload: Some(reload) };
-    let result = pipeline::run(&config, rules, sink, shutdown_signal(), options).await;
-    reloader.abort();
+    let (metrics, health) = (Metrics::new(), Health::new());
+    let (stop_tx, stop) = watch::channel(false);
+    let mut background = vec![tokio::spawn(reload_on_sighup(config_path.to_path_buf(), reload_tx))];
+    if let Some(listen) = &config.metrics.listen {
+        match walbust::health::bind(listen).await {
+            Ok(listener) => {
+                info!(listen = %listen, "serving /metrics and /healthz");
+                background.push(tokio::spawn(walbust::health::serve(
+                    listener,
+                    metrics.clone(),
+                    health.clone(),
+                    stopped(stop.clone()),
+                )));
+            }
+            Err(e) => {
+                eprintln!("error: {}", error_chain(&e));
+                return EXIT_USAGE;
+            }
+        }
+    }
+    background.push(tokio::spawn({
+        let (config, metrics, stop) = (config.clone(), metrics.clone(), stop.clone());
+        async move { walbust::status::monitor(&config, metrics, SLOT_CHECK_INTERVAL, stopped(stop)).await }
+    }));
+    let options = Options { observer: None, stats: stats.clone(), reload: Some(reload), metrics, health };
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    let result = pipeline::run(&config, rules, sink, shutdown, options).await;
+    for task in background {
+        task.abort();
+    }
     match result {
         Ok(()) => {
             info!(changes = Stats::get(&stats.changes), commits = Stats::get(&stats.commits), "stopped");
@@ -56,6 +95,14 @@ pub async fn run(config_path: &Path) -> u8 {
             EXIT_FAILED
         }
     }
+}
+
+/// How often the slot's retained WAL and wal_status are read for the metrics.
+const SLOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Resolves once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
@@ -100,6 +147,13 @@ async fn reload_on_sighup(config_path: PathBuf, rules: watch::Sender<Arc<RuleSet
                 for w in loaded.warnings.warnings() {
                     warn!("{w}");
                 }
+                if let Err(problems) = validate_against_database(&config, &loaded.rules).await {
+                    for p in problems.errors() {
+                        error!("{p}");
+                    }
+                    error!("reload rejected: the rules name columns the tables lack; the rules in use stay");
+                    continue;
+                }
                 info!(rules = loaded.rules.rules().len(), files = loaded.files.len(), "new rules accepted");
                 let _ = rules.send(Arc::new(loaded.rules));
             }
@@ -112,6 +166,33 @@ async fn reload_on_sighup(config_path: PathBuf, rules: watch::Sender<Arc<RuleSet
                     "reload rejected: the rule files have errors; the rules in use stay"
                 );
             }
+        }
+    }
+}
+
+/// Checks every column the rules name against the live catalog, so a misspelt column is an
+/// error at load rather than a widened pattern at run time. When the database cannot be
+/// reached the check is skipped with a warning: the pipeline then waits for the database,
+/// and still widens (and logs) any column a table lacks.
+async fn validate_against_database(config: &Config, rules: &RuleSet) -> Result<(), Diagnostics> {
+    let client = match walbust::source::connect_sql(&config.source.conninfo).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %error_chain(&e), "cannot check the rules' columns against the database now");
+            return Ok(());
+        }
+    };
+    match walbust::catalog::validate_columns(&client, rules).await {
+        Ok(d) if d.has_errors() => Err(d),
+        Ok(d) => {
+            for w in d.warnings() {
+                warn!("{w}");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            warn!(error = %error_chain(&e), "cannot check the rules' columns against the database now");
+            Ok(())
         }
     }
 }

@@ -216,7 +216,11 @@ impl RuleSet {
         let mut files = Vec::new();
         for pattern in globs {
             let mut matched: Vec<PathBuf> = match glob::glob(pattern) {
-                Ok(paths) => paths.filter_map(Result::ok).filter(|p| p.is_file()).collect(),
+                // Rule tests (`*.test.toml`) sit beside the rules; `rules/*.toml` must not load them.
+                Ok(paths) => paths
+                    .filter_map(Result::ok)
+                    .filter(|p| p.is_file() && !p.to_string_lossy().ends_with(crate::ruletest::SUFFIX))
+                    .collect(),
                 Err(e) => {
                     problems.push(Diagnostic::error(
                         Path::new(pattern),

@@ -72,7 +72,8 @@ pub(super) fn parse_file(path: &Path, text: &str, problems: &mut Vec<Diagnostic>
     };
     if raw.rule.is_empty() {
         problems.push(
-            Diagnostic::warning(path, text, None, "rule file holds no rules")
+            // Pinned to the file's first line, so every diagnostic names a line and column.
+            Diagnostic::warning(path, text, Some(0..0), "rule file holds no rules")
                 .with_hint("add a [[rule]] table with name, table and keys"),
         );
     }
@@ -290,8 +291,14 @@ impl Validator<'_> {
         match Template::parse(t.get_ref()) {
             Ok(tpl) => {
                 for (image, column) in tpl.columns_with_image() {
-                    // Point at the placeholder itself: the span starts at the opening quote.
-                    let at = t.get_ref().find(column).map_or(t.span().start, |o| t.span().start + 1 + o);
+                    // Point at the placeholder itself (not a literal that happens to hold the
+                    // same text): the span starts at the opening quote.
+                    let src = t.get_ref();
+                    let at = src
+                        .match_indices(column)
+                        .map(|(o, _)| o)
+                        .find(|&o| src[..o].ends_with(['{', '.', ' ']))
+                        .map_or(t.span().start, |o| t.span().start + 1 + o);
                     self.column(column, image, at);
                 }
                 Some(tpl)
@@ -299,7 +306,9 @@ impl Validator<'_> {
             Err(e) => {
                 let at = t.span().start + 1 + e.offset;
                 let name = self.name.clone();
-                self.error(at..at, format!("{e} in {what} of rule `{name}`"), e.hint);
+                // "empty template in template ``" says nothing; name the list instead.
+                let problem = if e.template.is_empty() { e.message.clone() } else { e.to_string() };
+                self.error(at..at, format!("{problem} in {what} of rule `{name}`"), e.hint);
                 None
             }
         }
@@ -358,9 +367,10 @@ impl Validator<'_> {
             Some(t) => match parse_duration(t.get_ref()) {
                 Some(d) if d.as_secs() > 0 && d.subsec_nanos() == 0 => Some(d.as_secs()),
                 _ => {
+                    let name = self.name.clone();
                     self.error(
                         t.span(),
-                        format!("invalid ttl `{}`", t.get_ref()),
+                        format!("invalid ttl `{}` in a refresh of rule `{name}`", t.get_ref()),
                         "write whole seconds with a unit: 300s, 5m or 1h",
                     );
                     None

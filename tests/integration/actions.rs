@@ -248,23 +248,18 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
     let mut redis = redis_conn(&s.redis.url()).await;
     let all: Vec<String> = ["old:1", "old:2", "new:1", "new:2"].iter().map(|k| format!("{n}:{k}")).collect();
     cache(&mut redis, &all).await;
-    let mut walbust = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
-        .args(["--log-level", "info", "run", "--config"])
-        .arg(&files.path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let walbust = support::Walbust::spawn(
+        &["--log-level", "info", "run", "--config"],
+        &files.path,
+        std::fs::File::create(&log).unwrap().into(),
+    );
     let slot_active = || async {
         let row =
             db.client.query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&n]).await.unwrap();
         row.is_some_and(|r| r.get::<_, bool>(0))
     };
     wait_until(Duration::from_secs(30), "walbust to hold its slot", slot_active).await;
-    let hup = |child: &std::process::Child| {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
-    };
+    let hup = |child: &support::Walbust| child.signal(libc::SIGHUP);
     let log_has = |needle: &'static str| {
         let log = log.clone();
         move || {
@@ -302,9 +297,7 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(left, expected, "old:1 busted by the old rules, new:2 by the new ones");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(walbust.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(walbust.wait().unwrap().code(), Some(0));
+    assert_eq!(walbust.terminate(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

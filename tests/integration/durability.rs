@@ -2,8 +2,8 @@
 //! and an idle database does not pin WAL.
 
 use crate::routing::current_lsn;
-use crate::support::{self, Running, cache, existing, fresh_db, redis_conn, wait_until, write_config};
-use std::process::{Child, Command, Stdio};
+use crate::support::{self, Running, Walbust, cache, existing, fresh_db, redis_conn, wait_until, write_config};
+use std::process::Stdio;
 use std::time::Duration;
 use walbust::lsn::Lsn;
 use walbust::pipeline::Stats;
@@ -54,13 +54,8 @@ async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Lsn {
     row.get::<_, String>(0).parse().expect("lsn")
 }
 
-fn spawn_walbust(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_walbust"))
-        .args(["--log-level", "warn", "run", "--config"])
-        .arg(config)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawning walbust")
+fn spawn_walbust(config: &std::path::Path) -> Walbust {
+    Walbust::spawn(&["--log-level", "warn", "run", "--config"], config, Stdio::inherit())
 }
 
 async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str) {
@@ -80,19 +75,16 @@ async fn sigkill_under_writes_then_restart_loses_no_invalidation() {
     for i in 1..=120 {
         db.client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.expect("insert");
     }
-    walbust.kill().expect("SIGKILL");
-    walbust.wait().expect("reap");
+    walbust.0.kill().expect("SIGKILL");
+    walbust.0.wait().expect("reap");
     for i in 121..=300 {
         db.client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.expect("insert");
     }
-    let mut walbust = spawn_walbust(&files.path);
+    let walbust = spawn_walbust(&files.path);
     all_gone(&s.redis.url(), &keys, Duration::from_secs(60)).await;
 
     // SIGTERM: finish, acknowledge, exit 0.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(walbust.id() as libc::pid_t, libc::SIGTERM) };
-    let status = walbust.wait().expect("wait");
-    assert_eq!(status.code(), Some(0), "SIGTERM ends walbust with exit code 0");
+    assert_eq!(walbust.terminate(), Some(0), "SIGTERM ends walbust with exit code 0");
     let end = current_lsn(&db.client).await;
     assert!(confirmed_flush(&db.client, &db.name).await >= Lsn(end.0.saturating_sub(1 << 20)), "acknowledged on exit");
 }

@@ -1,8 +1,13 @@
 //! Integration tests against real Postgres and Redis servers started by the harness.
 
 mod actions;
+mod bad_rules;
+mod check_online;
 mod connection;
 mod durability;
+mod metrics;
+mod operations;
 mod routing;
+mod ruletest;
 mod slot_safety;
 mod support;

@@ -150,7 +150,7 @@ async fn invalidations_reach_a_redis_that_only_speaks_tls() {
     let db = fresh_db(&s.pg, "CREATE TABLE items (id int PRIMARY KEY);").await;
     let n = &db.name;
     let rules = format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:item:{{id}}\"]\n");
-    let files = write_config_with(&db, &redis.url(), &rules, "", "ca_file = \"ca.pem\"");
+    let files = write_config_with(&db, &redis.url(), &rules, "", "ca_file = \"ca.pem\"", "off");
     std::fs::write(files.path.with_file_name("ca.pem"), &s.certs.ca_pem).unwrap();
     let client = redis::Client::build_with_tls(
         redis.url(),
@@ -165,4 +165,22 @@ async fn invalidations_reach_a_redis_that_only_speaks_tls() {
     drained(&run, &db.client).await;
     assert_eq!(existing(&mut conn, &all).await, [all[1].clone()]);
     run.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_rules_naming_a_column_the_table_lacks() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, "CREATE TABLE users (id int PRIMARY KEY, email text);").await;
+    let rules = "[[rule]]\nname = \"user profile\"\ntable = \"users\"\nkeys = [\"user:{emial}\"]\n";
+    let files = write_config(&db, &s.redis.url(), rules, "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
+        .args(["run", "--config"])
+        .arg(&files.path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unknown column `emial`") && stderr.contains("did you mean `email`?"), "{stderr}");
+    assert!(stderr.contains("test.toml:4:"), "the message names the file and line: {stderr}");
 }

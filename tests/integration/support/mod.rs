@@ -143,23 +143,24 @@ pub struct ConfigFiles {
 
 /// Writes config.toml and rules/test.toml for `db`, with extra `[source]` lines.
 pub fn write_config(db: &TestDb, redis_url: &str, rules: &str, source_extra: &str) -> ConfigFiles {
-    write_config_with(db, redis_url, rules, source_extra, "")
+    write_config_with(db, redis_url, rules, source_extra, "", "off")
 }
 
-/// [`write_config`] with extra `[redis]` lines as well.
+/// [`write_config`] with extra `[redis]` lines and a `[metrics] listen` address ("off" for none).
 pub fn write_config_with(
     db: &TestDb,
     redis_url: &str,
     rules: &str,
     source_extra: &str,
     redis_extra: &str,
+    metrics_listen: &str,
 ) -> ConfigFiles {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(dir.path().join("rules")).expect("rules dir");
     std::fs::write(dir.path().join("rules/test.toml"), rules).expect("rule file");
     let text = format!(
         "rules = [\"rules/*.toml\"]\n[source]\nurl = \"{url}\"\nslot = \"{name}\"\npublication = \"{name}\"\n\
-         status_interval = \"200ms\"\n{source_extra}\n[redis]\nurl = \"{redis_url}\"\n{redis_extra}\n",
+         status_interval = \"200ms\"\n{source_extra}\n[redis]\nurl = \"{redis_url}\"\n{redis_extra}\n[metrics]\nlisten = \"{metrics_listen}\"\n",
         url = db.url,
         name = db.name,
     );
@@ -207,7 +208,7 @@ impl Running {
                     Arc::new(rules),
                     sink,
                     stop,
-                    Options { observer: Some(tx), stats, reload: Some(reload) },
+                    Options { observer: Some(tx), stats, reload: Some(reload), ..Options::default() },
                 )
                 .await
             }
@@ -290,4 +291,42 @@ pub async fn existing(conn: &mut redis::aio::MultiplexedConnection, keys: &[Stri
     }
     let flags: Vec<bool> = pipe.query_async(conn).await.expect("exists");
     keys.iter().zip(flags).filter(|(_, e)| *e).map(|(k, _)| k.clone()).collect()
+}
+
+/// A `walbust` child process, killed when dropped so that a failing test leaves none behind.
+pub struct Walbust(pub std::process::Child);
+
+impl Walbust {
+    /// Starts the built binary with `args`.
+    pub fn spawn(args: &[&str], config: &Path, stderr: std::process::Stdio) -> Walbust {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
+            .args(args)
+            .arg(config)
+            .stdin(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawning walbust");
+        Walbust(child)
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, signal) };
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        self.0.wait().expect("waiting for walbust").code()
+    }
+}
+
+impl Drop for Walbust {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

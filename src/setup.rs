@@ -1,0 +1,664 @@
+//! `walbust setup`: the SQL a superuser runs once so walbust can stream, generated from the
+//! config and rules, and optionally applied.
+//!
+//! The script creates a login role with `REPLICATION` and nothing else (pgoutput reads rows
+//! through the publication, so the role needs no `SELECT` on the tables), a publication over
+//! the tables the rules name with TRUNCATE published, keeps `pg_logical_emit_message` (the
+//! manual invalidation channel) to the named application roles, and sets `REPLICA IDENTITY
+//! FULL` where rules read old-row columns the table's replica identity leaves out. The
+//! last part needs the live catalog: [`replica_identity_advice`] reads it, and
+//! [`setup_sql_with`] includes its statements. [`apply`] does all of it in one transaction,
+//! skipping what already exists.
+
+use crate::config::Config;
+use crate::rules::template::Image;
+use crate::rules::{Op, Rule, RuleSet, TableName};
+use crate::source::slot::{quote_ident, quote_literal};
+use crate::source::{ConnInfo, SourceError, connect_sql};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use tokio_postgres::GenericClient;
+
+/// The ops a publication must publish for walbust.
+pub const PUBLISH: &str = "insert, update, delete, truncate";
+
+/// Why setup could not be checked or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The admin connection failed.
+    #[error("cannot connect to the database to set it up; check the admin connection and that the server is up")]
+    Connect(#[source] SourceError),
+    /// A statement or catalog query failed; the transaction was rolled back.
+    #[error("{doing} failed; nothing was changed")]
+    Query {
+        /// What was being done.
+        doing: String,
+        /// Why.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Tables the rules name do not exist.
+    #[error(
+        "{}",
+        missing("table", tables, &format!("named by the rules in database `{database}`"), ["fix the rules' `table`"; 2])
+    )]
+    MissingTables {
+        /// The missing tables.
+        tables: Vec<String>,
+        /// The database connected to.
+        database: String,
+    },
+    /// Application roles to grant to do not exist.
+    #[error("{}", missing("application role", roles, "", ["leave it out", "leave them out"]))]
+    MissingRoles {
+        /// The missing roles.
+        roles: Vec<String>,
+    },
+    /// The admin connection reached another database than the one walbust streams from.
+    #[error(
+        "connected to database `{connected}`, but the config streams from `{configured}`; connect to `{configured}`"
+    )]
+    WrongDatabase {
+        /// Where the admin connection landed.
+        connected: String,
+        /// `[source] url`'s database.
+        configured: String,
+    },
+}
+
+impl ApplyError {
+    /// The exit code for `walbust setup`: 2 when the server cannot be reached, else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ApplyError::Connect(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// "table `a` ... does not exist; create it or ...", in the singular or the plural.
+fn missing(kind: &str, items: &[String], place: &str, or: [&str; 2]) -> String {
+    let names = items.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ");
+    let place = if place.is_empty() { String::new() } else { format!(" {place}") };
+    match items.len() {
+        1 => format!("{kind} {names}{place} does not exist; create it or {}", or[0]),
+        _ => format!("{kind}s {names}{place} do not exist; create them or {}", or[1]),
+    }
+}
+
+/// A table whose replica identity leaves out columns rules read from the old row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaIdentityAdvice {
+    /// The table.
+    pub table: TableName,
+    /// Its replica identity now, e.g. `DEFAULT (primary key users_pkey: id)`.
+    pub identity: String,
+    /// The columns rules read from old rows that the identity does not send.
+    pub columns: Vec<String>,
+    /// The rules reading them.
+    pub rules: Vec<String>,
+}
+
+impl ReplicaIdentityAdvice {
+    /// The `ALTER TABLE ... REPLICA IDENTITY FULL` statement, preceded by a comment saying why.
+    pub fn sql(&self) -> String {
+        format!(
+            "-- {}: rule{} {} read{} {} from old rows, which REPLICA IDENTITY {} leaves out of UPDATE and\n\
+             -- DELETE; without FULL walbust widens those keys to pattern deletes.\n\
+             ALTER TABLE {} REPLICA IDENTITY FULL;\n",
+            comment_safe(&self.table.to_string()),
+            plural(self.rules.len()),
+            self.rules.iter().map(|r| format!("\"{}\"", comment_safe(r))).collect::<Vec<_>>().join(", "),
+            if self.rules.len() == 1 { "s" } else { "" },
+            comment_safe(&self.columns.join(", ")),
+            comment_safe(&self.identity),
+            qualified(&self.table),
+        )
+    }
+}
+
+/// Text safe inside a `--` comment: control characters (a newline would end it) become spaces.
+fn comment_safe(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// `"schema"."table"`.
+fn qualified(t: &TableName) -> String {
+    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table))
+}
+
+/// Columns a rule reads from the old row: those of rules firing on UPDATE or DELETE,
+/// except `{new.col}` placeholders.
+fn old_row_columns(rule: &Rule) -> impl Iterator<Item = &str> {
+    let reads_old = rule.on.contains(Op::Update) || rule.on.contains(Op::Delete);
+    rule.columns.iter().filter(move |c| reads_old && c.image != Image::New).map(|c| c.name.as_str())
+}
+
+/// The statements that create the role.
+fn role_sql(role: &str, database: &str) -> String {
+    format!(
+        "CREATE ROLE {r} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n\
+         GRANT CONNECT ON DATABASE {d} TO {r};\n",
+        r = quote_ident(role),
+        d = quote_ident(database),
+    )
+}
+
+/// `CREATE PUBLICATION` over `tables`, publishing every op walbust routes.
+pub fn publication_sql(publication: &str, tables: &[&TableName]) -> String {
+    let name = quote_ident(publication);
+    if tables.is_empty() {
+        return format!("CREATE PUBLICATION {name} FOR ALL TABLES WITH (publish = {});\n", quote_literal(PUBLISH));
+    }
+    let tables: Vec<String> = tables.iter().map(|t| qualified(t)).collect();
+    format!("CREATE PUBLICATION {name} FOR TABLE {} WITH (publish = {});\n", tables.join(", "), quote_literal(PUBLISH))
+}
+
+/// The roles that keep `pg_logical_emit_message`: walbust's own (it writes heartbeats with
+/// it), then the application roles, without repeats.
+fn emitters(role: &str, app_roles: &[String]) -> Vec<String> {
+    let mut all = vec![role.to_string()];
+    for r in app_roles {
+        if !all.contains(r) {
+            all.push(r.clone());
+        }
+    }
+    all
+}
+
+/// A `DO` block revoking every overload of `pg_logical_emit_message` from PUBLIC and granting
+/// it to `roles`. Overloads are looked up at run time: Postgres 13 to 16 have
+/// `(boolean, text, text)` and `(boolean, text, bytea)`; 17 adds a `flush` argument to both.
+pub fn emit_message_sql(roles: &[String]) -> String {
+    let mut body = String::from(
+        "DECLARE f regprocedure;\nBEGIN\n  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p\n           \
+         WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace\n  LOOP\n    \
+         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);\n",
+    );
+    if !roles.is_empty() {
+        let roles: Vec<String> = roles.iter().map(|r| quote_ident(r)).collect();
+        let _ = writeln!(
+            body,
+            "    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, {});",
+            quote_literal(&roles.join(", "))
+        );
+    }
+    body.push_str("  END LOOP;\nEND\n");
+    // A dollar-quote tag that the body (role names included) cannot end early.
+    let mut tag = String::from("walbust");
+    while body.contains(&format!("${tag}$")) {
+        tag.push('_');
+    }
+    format!("DO ${tag}$\n{body}${tag}$;\n")
+}
+
+/// The setup script for `config` and `rules`, without replica identity statements (those
+/// need the live catalog: see [`setup_sql_with`] and [`replica_identity_advice`]).
+pub fn setup_sql(config: &Config, rules: &RuleSet, app_roles: &[String]) -> String {
+    setup_sql_with(config, rules, app_roles, None)
+}
+
+/// The setup script, with the statements of `replica_identity` when given (`Some(&[])`
+/// says every table's identity was checked and is enough).
+pub fn setup_sql_with(
+    config: &Config,
+    rules: &RuleSet,
+    app_roles: &[String],
+    replica_identity: Option<&[ReplicaIdentityAdvice]>,
+) -> String {
+    let source = &config.source;
+    let role = &source.conninfo.user;
+    let database = &source.conninfo.dbname;
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "-- walbust setup for database {db}, generated from {config}.\n\
+         -- Run as a superuser connected to {db}, e.g. psql -d {db} -f setup.sql\n\
+         -- postgresql.conf needs wal_level = logical, and max_replication_slots and\n\
+         -- max_wal_senders of at least 1 each for walbust (changing wal_level needs a restart).\n\n\
+         BEGIN;\n\n",
+        db = comment_safe(database),
+        config = comment_safe(&config.path.display().to_string()),
+    );
+    let _ = write!(
+        out,
+        "-- The role walbust logs in as: LOGIN and REPLICATION, no superuser. pgoutput sends rows\n\
+         -- through the publication, so it needs no SELECT on the tables. Give it a password with\n\
+         -- \\password {} (or another method in pg_hba.conf); keep it out of config.toml.\n{}\n",
+        comment_safe(&quote_ident(role)),
+        role_sql(role, database),
+    );
+    let _ = write!(
+        out,
+        "-- The publication: the tables the rules name, with TRUNCATE published.\n{}\n",
+        publication_sql(&source.publication, &rules.tables()),
+    );
+    let granted = if app_roles.is_empty() {
+        "none named (superusers always can)".to_string()
+    } else {
+        app_roles.iter().map(|r| comment_safe(&quote_ident(r))).collect::<Vec<_>>().join(", ")
+    };
+    let _ = write!(
+        out,
+        "-- Manual invalidations ride pg_logical_emit_message(true, {prefix}, ...), so only the\n\
+         -- application roles that send them keep it: {granted}. walbust's role keeps it\n\
+         -- for its heartbeats. Revokes EXECUTE from PUBLIC on every overload ((boolean, text, text)\n\
+         -- and (boolean, text, bytea), each with a flush argument on Postgres 17 and later).\n{sql}\n",
+        prefix = comment_safe(&quote_literal(&source.message_prefix)),
+        sql = emit_message_sql(&emitters(role, app_roles)),
+    );
+    match replica_identity {
+        None => out.push_str(
+            "-- Replica identity: not checked. Where rules read old-row columns outside the primary key,\n\
+             -- run ALTER TABLE ... REPLICA IDENTITY FULL; (walbust setup --apply checks the catalog).\n\n",
+        ),
+        Some([]) => {
+            out.push_str("-- Replica identity: every table already sends the old-row columns the rules read.\n\n")
+        }
+        Some(advice) => {
+            out.push_str("-- Replica identity: old-row columns the rules read.\n");
+            for a in advice {
+                out.push_str(&a.sql());
+            }
+            out.push('\n');
+        }
+    }
+    out.push_str("COMMIT;\n");
+    out
+}
+
+const IDENTITY_QUERY: &str = "\
+SELECT c.relreplident::text,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       (SELECT i.indexrelid::regclass::text FROM pg_index i
+        WHERE i.indrelid = c.oid
+          AND CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END
+        LIMIT 1),
+       ARRAY(SELECT a.attname::text FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+             WHERE i.indrelid = c.oid
+               AND CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END
+             ORDER BY a.attnum)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')";
+
+/// Reads each table's replica identity and returns, for the tables whose identity leaves
+/// out old-row columns the rules read, the advice to make it `FULL`. Columns a table lacks
+/// are left to `walbust check`; missing tables are an error.
+pub async fn replica_identity_advice<C: GenericClient + Sync>(
+    client: &C,
+    rules: &RuleSet,
+) -> Result<Vec<ReplicaIdentityAdvice>, ApplyError> {
+    let query = |doing: String| move |source| ApplyError::Query { doing, source };
+    let mut advice = Vec::new();
+    let mut missing = Vec::new();
+    for table in rules.tables() {
+        let row = client
+            .query_opt(IDENTITY_QUERY, &[&table.schema, &table.table])
+            .await
+            .map_err(query(format!("reading the replica identity of {table}")))?;
+        let Some(row) = row else {
+            missing.push(table.to_string());
+            continue;
+        };
+        let kind: String = row.get(0);
+        let all: Vec<String> = row.get(1);
+        let index: Option<String> = row.get(2);
+        let index_columns: Vec<String> = row.get(3);
+        let (identity, sent): (String, BTreeSet<&str>) = match (kind.as_str(), &index) {
+            ("f", _) => continue,
+            ("d", Some(ix)) => {
+                (format!("DEFAULT (primary key {ix}: {})", index_columns.join(", ")), index_cols(&index_columns))
+            }
+            ("d", None) => ("DEFAULT (no primary key)".into(), BTreeSet::new()),
+            ("i", Some(ix)) => (format!("USING INDEX {ix} ({})", index_columns.join(", ")), index_cols(&index_columns)),
+            ("i", None) => ("USING INDEX (index missing)".into(), BTreeSet::new()),
+            _ => ("NOTHING".into(), BTreeSet::new()),
+        };
+        let mut needed: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for rule in rules.for_table(table) {
+            for column in old_row_columns(rule) {
+                if all.iter().any(|c| c == column) && !sent.contains(column) {
+                    needed.entry(column).or_default().insert(&*rule.name);
+                }
+            }
+        }
+        if needed.is_empty() {
+            continue;
+        }
+        let rule_names: BTreeSet<&str> = needed.values().flatten().copied().collect();
+        advice.push(ReplicaIdentityAdvice {
+            table: table.clone(),
+            identity,
+            columns: needed.keys().map(|c| c.to_string()).collect(),
+            rules: rule_names.into_iter().map(str::to_string).collect(),
+        });
+    }
+    if !missing.is_empty() {
+        let database = client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .map_err(query("reading the database name".into()))?
+            .get(0);
+        return Err(ApplyError::MissingTables { tables: missing, database });
+    }
+    Ok(advice)
+}
+
+fn index_cols(columns: &[String]) -> BTreeSet<&str> {
+    columns.iter().map(String::as_str).collect()
+}
+
+/// What [`apply`] did, one line per step, for the operator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Statements run.
+    pub done: Vec<String>,
+    /// Steps skipped because their object already exists.
+    pub skipped: Vec<String>,
+    /// Things that exist but look wrong, with what to do.
+    pub warnings: Vec<String>,
+}
+
+/// Connects as `admin` (a superuser, or a role allowed to create roles and publications)
+/// and sets the database up for `config` and `rules` in one transaction: the role and the
+/// publication unless they exist (adding tables an existing publication lacks), the
+/// `pg_logical_emit_message` grants, and `REPLICA IDENTITY FULL` where needed. Nothing
+/// is changed when any step fails.
+pub async fn apply(
+    admin: &ConnInfo,
+    config: &Config,
+    rules: &RuleSet,
+    app_roles: &[String],
+) -> Result<Applied, ApplyError> {
+    let mut client = connect_sql(admin).await.map_err(ApplyError::Connect)?;
+    let query = |doing: &str| {
+        let doing = doing.to_string();
+        move |source| ApplyError::Query { doing, source }
+    };
+    let tx = client.transaction().await.map_err(query("starting a transaction"))?;
+    let source = &config.source;
+    let mut applied = Applied::default();
+
+    let database: String =
+        tx.query_one("SELECT current_database()::text", &[]).await.map_err(query("reading the database name"))?.get(0);
+    if database != source.conninfo.dbname {
+        return Err(ApplyError::WrongDatabase { connected: database, configured: source.conninfo.dbname.clone() });
+    }
+    let mut missing_roles = Vec::new();
+    for role in app_roles {
+        let found = tx
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[role])
+            .await
+            .map_err(query("looking up application roles"))?;
+        if found.is_none() {
+            missing_roles.push(role.clone());
+        }
+    }
+    if !missing_roles.is_empty() {
+        return Err(ApplyError::MissingRoles { roles: missing_roles });
+    }
+    // Checks every table first, so a missing one is named before anything runs.
+    let advice = replica_identity_advice(&tx, rules).await?;
+
+    let role = &source.conninfo.user;
+    let existing = tx
+        .query_opt("SELECT rolcanlogin, rolreplication, rolsuper FROM pg_roles WHERE rolname = $1", &[role])
+        .await
+        .map_err(query("looking up the walbust role"))?;
+    match existing {
+        None => {
+            let sql = role_sql(role, &database);
+            tx.batch_execute(&sql).await.map_err(query(&format!("creating role {role}")))?;
+            applied.done.push(format!("created role {} with LOGIN REPLICATION", quote_ident(role)));
+        }
+        Some(r) => {
+            let (login, replication, superuser): (bool, bool, bool) = (r.get(0), r.get(1), r.get(2));
+            applied.skipped.push(format!("role {} exists", quote_ident(role)));
+            if superuser {
+                applied.warnings.push(format!(
+                    "role {0} is a superuser; walbust needs only LOGIN REPLICATION: \
+                     set `[source] url` to a role created by walbust setup",
+                    quote_ident(role)
+                ));
+            } else if !(login && replication) {
+                applied.warnings.push(format!(
+                    "role {0} lacks LOGIN or REPLICATION; run ALTER ROLE {0} LOGIN REPLICATION;",
+                    quote_ident(role)
+                ));
+            }
+        }
+    }
+
+    let publication = &source.publication;
+    let existing = tx
+        .query_opt(
+            "SELECT puballtables, pubinsert AND pubupdate AND pubdelete AND pubtruncate \
+             FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(query("looking up the publication"))?;
+    let tables = rules.tables();
+    match existing {
+        None => {
+            tx.batch_execute(&publication_sql(publication, &tables))
+                .await
+                .map_err(query(&format!("creating publication {publication}")))?;
+            applied.done.push(format!("created publication {} over {} tables", quote_ident(publication), tables.len()));
+        }
+        Some(r) => {
+            let (all_tables, every_op): (bool, bool) = (r.get(0), r.get(1));
+            applied.skipped.push(format!("publication {} exists", quote_ident(publication)));
+            if !every_op {
+                applied.warnings.push(format!(
+                    "publication {0} does not publish every op walbust routes; \
+                     run ALTER PUBLICATION {0} SET (publish = {1});",
+                    quote_ident(publication),
+                    quote_literal(PUBLISH)
+                ));
+            }
+            if !all_tables {
+                let rows = tx
+                    .query(
+                        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                        &[publication],
+                    )
+                    .await
+                    .map_err(query("listing the publication's tables"))?;
+                let published: BTreeSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                let lacking: Vec<&TableName> = tables
+                    .iter()
+                    .copied()
+                    .filter(|t| !published.contains(&(t.schema.clone(), t.table.clone())))
+                    .collect();
+                if !lacking.is_empty() {
+                    let names: Vec<String> = lacking.iter().map(|t| qualified(t)).collect();
+                    let sql = format!("ALTER PUBLICATION {} ADD TABLE {};", quote_ident(publication), names.join(", "));
+                    tx.batch_execute(&sql)
+                        .await
+                        .map_err(query(&format!("adding tables to publication {publication}")))?;
+                    applied.done.push(format!(
+                        "added {} to publication {}",
+                        names.join(", "),
+                        quote_ident(publication)
+                    ));
+                }
+            }
+        }
+    }
+
+    let emitters = emitters(role, app_roles);
+    tx.batch_execute(&emit_message_sql(&emitters)).await.map_err(query("restricting pg_logical_emit_message"))?;
+    let names: Vec<String> = emitters.iter().map(|r| quote_ident(r)).collect();
+    applied.done.push(format!("revoked pg_logical_emit_message from PUBLIC, granted it to {}", names.join(", ")));
+
+    for a in &advice {
+        tx.batch_execute(&a.sql()).await.map_err(query(&format!("setting the replica identity of {}", a.table)))?;
+        applied.done.push(format!("set REPLICA IDENTITY FULL on {} (rules read {})", a.table, a.columns.join(", ")));
+    }
+    tx.commit().await.map_err(query("committing the setup"))?;
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn config(user: &str, publication: &str) -> Config {
+        let text = format!(
+            "rules = [\"rules/*.toml\"]\n[source]\nurl = \"postgres://{user}@db:5432/app\"\n\
+             publication = \"{publication}\"\n[redis]\nurl = \"redis://127.0.0.1:6379/0\"\n"
+        );
+        Config::parse(Path::new("/etc/walbust/config.toml"), &text, &|_| None).expect("test config parses")
+    }
+
+    fn rules(text: &str) -> RuleSet {
+        RuleSet::from_sources(&[(PathBuf::from("rules/test.toml"), text.to_string())]).expect("test rules parse").rules
+    }
+
+    const RULES: &str = r#"
+[[rule]]
+name = "user settings"
+table = "public.user_settings"
+keys = ["user:{user_id}:settings"]
+
+[[rule]]
+name = "odd"
+table = "we\"ird.Ta ble"
+keys = ["odd:{id}"]
+"#;
+
+    #[test]
+    fn the_script_creates_a_least_privilege_role_and_the_publication() {
+        let sql = setup_sql(&config("walbust", "walbust"), &rules(RULES), &["app".into()]);
+        assert!(
+            sql.contains("CREATE ROLE \"walbust\" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n"),
+            "{sql}"
+        );
+        assert!(sql.contains("GRANT CONNECT ON DATABASE \"app\" TO \"walbust\";\n"), "{sql}");
+        assert!(
+            sql.contains(
+                "CREATE PUBLICATION \"walbust\" FOR TABLE \"public\".\"user_settings\", \"we\"\"ird\".\"Ta ble\" \
+                 WITH (publish = 'insert, update, delete, truncate');\n"
+            ),
+            "{sql}"
+        );
+        assert!(!sql.contains("SUPERUSER;"), "{sql}");
+        assert!(!sql.contains("GRANT SELECT"), "pgoutput needs no SELECT: {sql}");
+        assert!(sql.starts_with("-- walbust setup for database app"));
+        assert!(sql.contains("\nBEGIN;\n") && sql.ends_with("COMMIT;\n"), "{sql}");
+        assert!(sql.contains("Replica identity: not checked"), "{sql}");
+        assert!(
+            sql.contains(r#"GRANT EXECUTE ON FUNCTION %s TO %s', f, '"walbust", "app"');"#),
+            "walbust keeps it for heartbeats: {sql}"
+        );
+        let twice = setup_sql(&config("walbust", "walbust"), &rules(RULES), &["walbust".into()]);
+        assert!(twice.contains(r#"TO %s', f, '"walbust"');"#), "{twice}");
+    }
+
+    #[test]
+    fn emit_message_is_revoked_from_public_on_every_overload_and_granted_to_app_roles() {
+        let sql = emit_message_sql(&["app".into(), "Jobs \"runner\"".into()]);
+        assert!(sql.starts_with("DO $walbust$\n") && sql.ends_with("$walbust$;\n"), "{sql}");
+        assert!(sql.contains("proname = 'pg_logical_emit_message'"), "{sql}");
+        assert!(sql.contains("REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC"), "{sql}");
+        assert!(sql.contains(r#"GRANT EXECUTE ON FUNCTION %s TO %s', f, '"app", "Jobs ""runner"""');"#), "{sql}");
+        let none = emit_message_sql(&[]);
+        assert!(!none.contains("GRANT"), "{none}");
+    }
+
+    #[test]
+    fn a_role_name_cannot_end_the_dollar_quote_or_the_literal() {
+        let sql = emit_message_sql(&["x$walbust$'; DROP TABLE t; --".into()]);
+        assert!(sql.starts_with("DO $walbust_$\n") && sql.ends_with("$walbust_$;\n"), "{sql}");
+        assert!(sql.contains(r#"'"x$walbust$''; DROP TABLE t; --"'"#), "{sql}");
+    }
+
+    #[test]
+    fn names_with_newlines_cannot_escape_comments() {
+        let a = ReplicaIdentityAdvice {
+            table: TableName { schema: "public".into(), table: "t\nDROP TABLE x;".into() },
+            identity: "DEFAULT (primary key t_pkey: id)".into(),
+            columns: vec!["org_id".into()],
+            rules: vec!["r\n; DROP TABLE y;".into()],
+        };
+        let sql = a.sql();
+        let (comment, statement) = sql.split_once("ALTER TABLE ").expect("one statement");
+        for line in comment.lines() {
+            assert!(line.starts_with("-- "), "{line:?} in\n{sql}");
+        }
+        assert_eq!(statement.matches(';').count(), 2, "only the quoted name's and the statement's: {sql}");
+        assert!(sql.ends_with("ALTER TABLE \"public\".\"t\nDROP TABLE x;\" REPLICA IDENTITY FULL;\n"), "{sql}");
+    }
+
+    #[test]
+    fn replica_identity_statements_are_included_when_given() {
+        let advice = [ReplicaIdentityAdvice {
+            table: TableName { schema: "public".into(), table: "user_settings".into() },
+            identity: "DEFAULT (primary key user_settings_pkey: id)".into(),
+            columns: vec!["user_id".into()],
+            rules: vec!["user settings".into()],
+        }];
+        let cfg = config("walbust", "walbust");
+        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Some(&advice));
+        assert!(
+            sql.contains(
+                "-- public.user_settings: rule \"user settings\" reads user_id from old rows, which REPLICA IDENTITY \
+                 DEFAULT (primary key user_settings_pkey: id) leaves out of UPDATE and\n"
+            ),
+            "{sql}"
+        );
+        assert!(sql.contains("ALTER TABLE \"public\".\"user_settings\" REPLICA IDENTITY FULL;\n"), "{sql}");
+        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Some(&[]));
+        assert!(sql.contains("every table already sends"), "{sql}");
+        assert!(!sql.contains("ALTER TABLE"), "{sql}");
+    }
+
+    #[test]
+    fn old_row_columns_skip_insert_only_rules_and_new_placeholders() {
+        let set = rules(
+            r#"
+[[rule]]
+name = "inserts"
+table = "public.t"
+on = ["insert"]
+keys = ["a:{a}"]
+
+[[rule]]
+name = "updates"
+table = "public.t"
+on = ["update"]
+keys = ["b:{b}:{new.c}:{old.d}"]
+"#,
+        );
+        let cols: Vec<&str> = set.rules().iter().flat_map(|r| old_row_columns(r)).collect();
+        assert_eq!(cols, ["b", "d"]);
+    }
+
+    #[test]
+    fn errors_name_the_values_and_say_what_to_do() {
+        let e = ApplyError::MissingTables { tables: vec!["public.a".into()], database: "app".into() };
+        assert_eq!(
+            e.to_string(),
+            "table `public.a` named by the rules in database `app` does not exist; create it or fix the rules' `table`"
+        );
+        let e =
+            ApplyError::MissingTables { tables: vec!["public.a".into(), "public.b".into()], database: "app".into() };
+        assert_eq!(
+            e.to_string(),
+            "tables `public.a`, `public.b` named by the rules in database `app` do not exist; \
+             create them or fix the rules' `table`"
+        );
+        let e = ApplyError::MissingRoles { roles: vec!["app".into()] };
+        assert_eq!(e.to_string(), "application role `app` does not exist; create it or leave it out");
+        let e = ApplyError::MissingRoles { roles: vec!["a".into(), "b".into()] };
+        assert_eq!(e.to_string(), "application roles `a`, `b` do not exist; create them or leave them out");
+    }
+}
