@@ -167,19 +167,30 @@ async fn an_idle_database_keeps_confirming_while_another_database_writes() {
     let files = write_config(&idle, &s.redis.url(), &item_rules(&idle.name), "");
     let run = Running::start(&files.path).await;
     let before = confirmed_flush(&idle.client, &idle.name).await;
-    for _ in 0..50 {
+    // About 32 MB of WAL in the other database, two segments' worth.
+    for _ in 0..40 {
         busy.client
-            .batch_execute("INSERT INTO noise (pad) SELECT repeat('x', 500) FROM generate_series(1, 20)")
+            .batch_execute(
+                "INSERT INTO noise (pad) SELECT repeat(md5(random()::text), 25) FROM generate_series(1, 1000)",
+            )
             .await
             .unwrap();
     }
     let target = current_lsn(&busy.client).await;
-    assert!(target > before);
+    assert!(target.0 - before.0 > 16 << 20, "the other database wrote {} bytes of WAL", target.0 - before.0);
     wait_until(
         Duration::from_secs(30),
         "the idle slot's confirmed_flush_lsn to pass the other database's writes",
         || async { confirmed_flush(&idle.client, &idle.name).await >= target },
     )
     .await;
+    // The slot's restart point follows (a checkpoint logs the running transactions it needs),
+    // so the WAL it retains stays small.
+    let retained = || async {
+        busy.client.batch_execute("CHECKPOINT").await.unwrap();
+        let sql = "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1";
+        idle.client.query_one(sql, &[&idle.name]).await.unwrap().get::<_, i64>(0) < 1 << 20
+    };
+    wait_until(Duration::from_secs(30), "the idle slot to retain less than 1 MB of WAL", retained).await;
     run.stop().await.expect("clean stop");
 }

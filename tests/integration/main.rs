@@ -9,5 +9,6 @@ mod metrics;
 mod operations;
 mod routing;
 mod ruletest;
+mod setup_check;
 mod slot_safety;
 mod support;
