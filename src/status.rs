@@ -178,6 +178,18 @@ impl SlotStatus {
         None
     }
 
+    /// True when less than a fifth of max_slot_wal_keep_size is left before the slot is
+    /// lost, or it is already past its reservation.
+    pub fn near_wal_limit(&self) -> bool {
+        if self.wal_status == Some(WalStatus::Unreserved) {
+            return true;
+        }
+        match (self.retained_wal_bytes, self.safe_wal_size_bytes) {
+            (Some(retained), Some(safe)) => safe.max(0) < (retained.max(0) + safe.max(0)) / 5,
+            _ => false,
+        }
+    }
+
     /// A warning worth printing although the slot works.
     pub fn warning(&self) -> Option<String> {
         (self.wal_status == Some(WalStatus::Unreserved)).then(|| {
@@ -338,6 +350,7 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
     let slot = &config.source.slot;
     let mut client: Option<tokio_postgres::Client> = None;
     let mut failing = false;
+    let mut near_limit = false;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -366,6 +379,15 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
                     metrics.set_server_wal_end(lsn);
                 }
                 metrics.set_slot(status.health());
+                let now_near = status.near_wal_limit();
+                if now_near && !near_limit {
+                    tracing::warn!(slot = %slot, retained_wal_bytes = ?status.retained_wal_bytes,
+                        safe_wal_size_bytes = ?status.safe_wal_size_bytes, wal_status = ?status.wal_status,
+                        "the slot's retained WAL nears max_slot_wal_keep_size; past it the slot is lost. Check that walbust keeps up and Redis is reachable");
+                } else if near_limit && !now_near {
+                    tracing::info!(slot = %slot, "the slot's retained WAL is back under the warning level");
+                }
+                near_limit = now_near;
                 if std::mem::take(&mut failing) {
                     tracing::info!(slot = %slot, "slot monitor reads the slot again");
                 }
@@ -484,7 +506,14 @@ last_heartbeat:      2024-05-01 12:00:00.5+00 (2.0s ago)
     fn a_healthy_slot_exits_0() {
         assert_eq!(healthy().problem(), None);
         assert_eq!(healthy().exit_code(), EXIT_OK);
+        let near = SlotStatus { retained_wal_bytes: Some(90), safe_wal_size_bytes: Some(10), ..healthy() };
+        assert!(near.near_wal_limit(), "10 of 100 bytes of headroom left");
+        let far = SlotStatus { retained_wal_bytes: Some(10), safe_wal_size_bytes: Some(90), ..healthy() };
+        assert!(!far.near_wal_limit());
+        let unlimited = SlotStatus { safe_wal_size_bytes: None, ..healthy() };
+        assert!(!unlimited.near_wal_limit());
         let unreserved = SlotStatus { wal_status: Some(WalStatus::Unreserved), ..healthy() };
+        assert!(unreserved.near_wal_limit());
         assert_eq!(unreserved.exit_code(), EXIT_OK);
         assert!(unreserved.warning().unwrap().contains("unreserved"));
     }
