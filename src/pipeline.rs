@@ -320,6 +320,7 @@ async fn apply_loop<S: Sink>(
                     break;
                 }
                 Err(e) => {
+                    metrics.observe_redis_apply(started.elapsed());
                     Stats::add(&stats.sink_errors, 1);
                     metrics.redis_error();
                     health.redis_unreachable(&error_chain(&e));
