@@ -385,7 +385,7 @@ impl Validator<'_> {
     }
 
     fn table_name(&mut self, raw: &Spanned<String>) -> Option<TableName> {
-        match parse_table(raw.get_ref()) {
+        match TableName::parse(raw.get_ref()) {
             Ok(t) => Some(t),
             Err(why) => {
                 self.error(
@@ -963,20 +963,6 @@ fn cell(v: &toml::Value) -> Result<Value, (String, String)> {
     }
 }
 
-/// `schema.table` or a bare `table` (schema `public`), as in rule files.
-fn parse_table(s: &str) -> Result<TableName, &'static str> {
-    let (schema, table) = match s.split_once('.') {
-        Some((schema, table)) => (schema.trim(), table.trim()),
-        None => ("public", s.trim()),
-    };
-    if schema.is_empty() || table.is_empty() {
-        return Err("schema and table must not be empty");
-    }
-    if table.contains('.') {
-        return Err("too many dots");
-    }
-    Ok(TableName { schema: schema.to_string(), table: table.to_string() })
-}
 
 /// The tables one test uses, gathered while its changes are read.
 struct TableBuilder {

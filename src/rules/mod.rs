@@ -94,6 +94,23 @@ pub struct TableName {
     pub table: String,
 }
 
+impl TableName {
+    /// Parses `schema.table`, or a bare `table` in schema `public`, as rule files name tables.
+    pub fn parse(s: &str) -> Result<TableName, &'static str> {
+        let (schema, table) = match s.split_once('.') {
+            Some((schema, table)) => (schema.trim(), table.trim()),
+            None => ("public", s.trim()),
+        };
+        if schema.is_empty() || table.is_empty() {
+            return Err("schema and table must not be empty");
+        }
+        if table.contains('.') {
+            return Err("too many dots");
+        }
+        Ok(TableName { schema: schema.to_string(), table: table.to_string() })
+    }
+}
+
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.schema, self.table)

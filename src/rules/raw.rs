@@ -125,7 +125,7 @@ impl Validator<'_> {
         if name.is_empty() {
             self.error(raw.name.span(), "rule name is empty".into(), "give every rule a short unique name");
         }
-        let table = match parse_table(raw.table.get_ref()) {
+        let table = match TableName::parse(raw.table.get_ref()) {
             Ok(t) => Some(t),
             Err(why) => {
                 self.error(
@@ -401,17 +401,3 @@ impl Validator<'_> {
     }
 }
 
-/// `schema.table` or a bare `table` (schema `public`).
-fn parse_table(s: &str) -> Result<TableName, &'static str> {
-    let (schema, table) = match s.split_once('.') {
-        Some((schema, table)) => (schema.trim(), table.trim()),
-        None => ("public", s.trim()),
-    };
-    if schema.is_empty() || table.is_empty() {
-        return Err("schema and table must not be empty");
-    }
-    if table.contains('.') {
-        return Err("too many dots");
-    }
-    Ok(TableName { schema: schema.to_string(), table: table.to_string() })
-}
