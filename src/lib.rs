@@ -16,7 +16,9 @@
 //! problem with [`diagnostic`]s at `file:line:col`. [`catalog`] checks the rules against the
 //! live catalog (tables, columns, publication, replica identity) for `walbust check --online`
 //! and before the pipeline starts. [`ruletest`] runs `*.test.toml`
-//! rule tests offline through the same router and batch. [`throwaway`] starts disposable
+//! rule tests offline through the same router and batch. [`recording`] captures the change
+//! stream to a file from a temporary slot of its own (`walbust record`) and replays it through
+//! the same router and batch (`walbust replay`). [`throwaway`] starts disposable
 //! Postgres and Redis servers for `walbust demo`, the tests and the benchmarks.
 
 pub mod action;
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod progress;
+pub mod recording;
 pub mod rules;
 pub mod ruletest;
 pub mod setup;

@@ -27,6 +27,12 @@ fn main() -> ExitCode {
             runtime.block_on(cli::setup::setup(&config, &app_roles, admin_url.as_deref(), apply))
         }
         Command::Test { files, run, junit } => cli::test::test(&files, run.as_deref(), junit.as_deref()),
+        Command::Record { config, output, duration, max_transactions, until_lsn } => runtime.block_on(
+            cli::record::record(&config, &output, duration.as_deref(), max_transactions, until_lsn.as_deref()),
+        ),
+        Command::Replay { file, rules, against, apply, redis } => {
+            runtime.block_on(cli::replay::replay(&file, &rules, &against, redis.as_deref().filter(|_| apply)))
+        }
         Command::Invalidate { config, keys, patterns, tags } => {
             runtime.block_on(cli::invalidate::invalidate(&config, keys, patterns, tags))
         }

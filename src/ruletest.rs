@@ -27,6 +27,7 @@ use crate::action::Action;
 use crate::batch::Batch;
 use crate::diagnostic::{self, Diagnostic, Diagnostics, did_you_mean, line_col};
 use crate::pgoutput::{Column, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
+use crate::recording::expected::RecordingCase;
 use crate::rules::{Change, Op, Router, RuleSet, TableName, Widening, manual};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -108,6 +109,12 @@ struct RawTest {
     tables: Vec<Spanned<RawTable>>,
     #[serde(default)]
     tx: Vec<Spanned<RawTx>>,
+    /// A recording to replay instead of `tx`, relative to the test file.
+    #[serde(default)]
+    recording: Option<Spanned<String>>,
+    /// The expected `walbust replay` output for `recording`.
+    #[serde(default)]
+    expect_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +175,7 @@ pub struct Case {
     rules: Arc<RuleSet>,
     tables: Vec<TestTable>,
     txs: Vec<Tx>,
+    recording: Option<RecordingCase>,
 }
 
 #[derive(Debug)]
@@ -550,6 +558,11 @@ impl Validator<'_> {
             }
         };
         let rules = globs.and_then(|g| self.rules(g, rule_sets));
+        if raw.recording.is_some() || raw.expect_file.is_some() {
+            let case = self.recording_case(raw, name, line, rules);
+            self.failed |= failed_before;
+            return case;
+        }
         let mut declared: Vec<Declared> = file_tables.to_vec();
         for d in self.declarations(&raw.tables) {
             declared.retain(|f| f.name != d.name);
@@ -593,12 +606,50 @@ impl Validator<'_> {
                         expect,
                     })
                     .collect();
-                Some(Case { name, line, rules, tables, txs })
+                Some(Case { name, line, rules, tables, txs, recording: None })
             }
             _ => None,
         };
         self.failed |= failed_before;
         result
+    }
+
+    /// A test replaying a recording: `recording` and `expect_file`, and no `tx` or `tables`.
+    fn recording_case(
+        &mut self,
+        raw: &RawTest,
+        name: String,
+        line: usize,
+        rules: Option<Arc<RuleSet>>,
+    ) -> Option<Case> {
+        let (Some(recording), Some(expect_file)) = (&raw.recording, &raw.expect_file) else {
+            let at = raw.recording.as_ref().or(raw.expect_file.as_ref()).map_or(raw.name.span(), Spanned::span);
+            self.error(
+                at,
+                format!("test `{name}` needs both `recording` and `expect_file`"),
+                "write the expected output with: walbust replay --rules RULES FILE.jsonl > FILE.expected",
+            );
+            return None;
+        };
+        if !raw.tx.is_empty() || !raw.tables.is_empty() {
+            self.error(
+                recording.span(),
+                format!("test `{name}` replays a recording and also lists transactions or tables"),
+                "a test either replays a recording or lists [[test.tx]]; split it in two",
+            );
+            return None;
+        }
+        let dir = self.path.parent().unwrap_or(Path::new(""));
+        match RecordingCase::load(dir, recording.get_ref(), expect_file.get_ref()) {
+            Ok(r) if !self.failed => {
+                Some(Case { name, line, rules: rules?, tables: Vec::new(), txs: Vec::new(), recording: Some(r) })
+            }
+            Ok(_) => None,
+            Err(e) => {
+                self.error(recording.span(), e.message, e.hint);
+                None
+            }
+        }
     }
 
     /// Resolves `rules` globs against the test file's directory; `None` after reporting a problem.
@@ -963,7 +1014,6 @@ fn cell(v: &toml::Value) -> Result<Value, (String, String)> {
     }
 }
 
-
 /// The tables one test uses, gathered while its changes are read.
 struct TableBuilder {
     declared: Vec<Declared>,
@@ -1111,6 +1161,16 @@ impl Case {
     /// production router, deduplicates through a batch per transaction, and compares.
     pub fn run(&self) -> CaseResult {
         let started = Instant::now();
+        if let Some(r) = &self.recording {
+            let problems = r.run(self.rules.clone());
+            return CaseResult {
+                name: self.name.clone(),
+                line: self.line,
+                problems,
+                txs: Vec::new(),
+                duration: started.elapsed(),
+            };
+        }
         let mut router = Router::new(self.rules.clone());
         let mut problems = Vec::new();
         for t in &self.tables {

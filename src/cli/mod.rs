@@ -3,6 +3,8 @@
 pub mod check;
 pub mod demo;
 pub mod invalidate;
+pub mod record;
+pub mod replay;
 pub mod run;
 pub mod setup;
 pub mod status;
@@ -100,6 +102,42 @@ pub enum Command {
         /// Run the statements in one transaction instead of printing them.
         #[arg(long)]
         apply: bool,
+    },
+    /// Record the committed change stream to a file, from a temporary slot of its own, until Ctrl-C or a limit.
+    Record {
+        /// The config file (for `[source]`).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// The recording to write (JSON Lines; created or truncated).
+        #[arg(long, short, value_name = "FILE")]
+        output: PathBuf,
+        /// Stop after this long, as in 30s, 5m or 1h.
+        #[arg(long, value_name = "D")]
+        duration: Option<String>,
+        /// Stop after this many transactions.
+        #[arg(long, value_name = "N")]
+        max_transactions: Option<u64>,
+        /// Stop once every transaction committed before this LSN is recorded.
+        #[arg(long, value_name = "L")]
+        until_lsn: Option<String>,
+    },
+    /// Replay a recording through rule files: each transaction's actions and a summary, or with --against only what differs.
+    Replay {
+        /// The recording.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// A glob of rule files (repeatable).
+        #[arg(long = "rules", value_name = "GLOB", required = true)]
+        rules: Vec<String>,
+        /// A glob of the rule files to compare with (repeatable): print only the actions --rules adds and drops.
+        #[arg(long, value_name = "GLOB")]
+        against: Vec<String>,
+        /// Also execute the actions in Redis, batched as `walbust run` does.
+        #[arg(long, requires = "redis", conflicts_with = "against")]
+        apply: bool,
+        /// The Redis URL for --apply.
+        #[arg(long, value_name = "URL", requires = "apply")]
+        redis: Option<String>,
     },
     /// Invalidate keys, patterns or index sets in Redis right now, outside the stream (emergencies).
     Invalidate {

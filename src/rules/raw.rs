@@ -400,4 +400,3 @@ impl Validator<'_> {
         }
     }
 }
-

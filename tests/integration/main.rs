@@ -7,6 +7,7 @@ mod connection;
 mod durability;
 mod metrics;
 mod operations;
+mod replay;
 mod routing;
 mod ruletest;
 mod setup_check;

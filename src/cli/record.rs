@@ -1,0 +1,108 @@
+//! `walbust record`: the committed change stream written to a recording file.
+
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use std::path::Path;
+use walbust::config::{Config, parse_duration};
+use walbust::lsn::Lsn;
+use walbust::pipeline::error_chain;
+use walbust::recording::recorder::{Event, Limits, RecordOptions, Totals};
+
+/// Records from a temporary slot of its own until SIGINT/SIGTERM or a limit; returns the
+/// exit code: 0 stopped cleanly (the file is a complete recording), 1 the stream failed
+/// (the file holds every transaction before the failure), 2 a usage or config error.
+pub async fn record(
+    config_path: &Path,
+    output: &Path,
+    duration: Option<&str>,
+    max_transactions: Option<u64>,
+    until_lsn: Option<&str>,
+) -> u8 {
+    let duration = match duration.map(|d| parse_duration(d).ok_or(d)).transpose() {
+        Ok(d) => d,
+        Err(d) => {
+            eprintln!("error: invalid --duration `{d}`\n  hint: write a number and a unit, as in 30s, 5m or 1h");
+            return EXIT_USAGE;
+        }
+    };
+    let until_lsn = match until_lsn.map(str::parse::<Lsn>).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "error: invalid --until-lsn: {e}\n  hint: SELECT pg_current_wal_lsn(); prints the current position"
+            );
+            return EXIT_USAGE;
+        }
+    };
+    if max_transactions == Some(0) {
+        eprintln!("error: --max-transactions 0 would record nothing\n  hint: give at least 1, or leave it out");
+        return EXIT_USAGE;
+    }
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_USAGE;
+        }
+    };
+    let options = RecordOptions {
+        output: output.to_path_buf(),
+        limits: Limits { duration, max_transactions, until_lsn },
+        slot: None,
+    };
+    let file = output.display().to_string();
+    let on_event = |event: Event| match event {
+        Event::Started { slot, start, relations } => eprintln!(
+            "recording publication `{}` from temporary slot `{slot}` at {start} ({relations} published tables) into {file}; stop with Ctrl-C",
+            config.source.publication
+        ),
+        Event::Progress(t) => eprintln!("recorded {}", totals(&t)),
+        Event::Stopping(reason) => eprintln!("stopping ({reason}); finishing the transaction in hand"),
+    };
+    let outcome = walbust::recording::record(&config.source, &options, shutdown_signal(), on_event).await;
+    match outcome {
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            if e.is_usage() { EXIT_USAGE } else { EXIT_FAILED }
+        }
+        Ok(None) => {
+            eprintln!("stopped before the recording started; nothing was written");
+            EXIT_OK
+        }
+        Ok(Some(o)) => {
+            if o.dropped_open {
+                eprintln!("warning: the transaction in hand did not commit in time and is not in the recording");
+            }
+            match o.ended {
+                Ok(reason) => {
+                    eprintln!("recorded {} into {file} ({reason})", totals(&o.totals));
+                    EXIT_OK
+                }
+                Err(e) => {
+                    eprintln!("error: {}", error_chain(&e));
+                    eprintln!("  {file} holds the {} before the failure", totals(&o.totals));
+                    EXIT_FAILED
+                }
+            }
+        }
+    }
+}
+
+fn totals(t: &Totals) -> String {
+    format!(
+        "{} transactions, {} row changes, {} messages, {} table definitions changed; through {}",
+        t.transactions, t.changes, t.messages, t.relations, t.flushed
+    )
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without handlers the default action stops the process; lines written are complete.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
