@@ -33,9 +33,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-/// The pgoutput protocol version requested.
-const PROTOCOL_VERSION: u32 = 1;
-
 /// Shortest pause between two status updates sent because the flushed position moved.
 const STATUS_COALESCE: Duration = Duration::from_millis(50);
 
@@ -448,7 +445,7 @@ struct Session {
 impl Session {
     fn new() -> Self {
         Session {
-            decoder: Decoder::new(PROTOCOL_VERSION),
+            decoder: Decoder::new(crate::source::PGOUTPUT_VERSION),
             relations: RelationCache::default(),
             open: None,
             batch: Batch::new(),
@@ -537,8 +534,8 @@ impl Reader<'_> {
         self.slot = SlotState { held: true, replace_lost: false, timeline: Some(position.timeline) };
         let start = self.progress.flushed().max(position.start);
         self.progress.flush(start);
-        let publication = format!("\"{}\"", source.publication);
-        let options = [("proto_version", "1"), ("publication_names", publication.as_str()), ("messages", "true")];
+        let publication = slot::quote_ident(&source.publication);
+        let options = crate::source::pgoutput_options(&publication);
         let mut stream = conn.start_replication(&source.slot, start, &options).await.map_err(|e| match &e {
             // The slot exists but its WAL is gone (invalidated between the check and the start).
             SourceError::Server { code, message, .. }

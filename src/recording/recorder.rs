@@ -26,9 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-/// The pgoutput protocol version requested: the same as `walbust run` (pipeline.rs).
-const PROTOCOL_VERSION: u32 = 1;
-
 /// How long a stop waits for the Commit of the transaction in hand.
 const FINISH_GRACE: Duration = Duration::from_secs(10);
 
@@ -232,9 +229,8 @@ pub async fn record(
     let start = header.start_lsn;
     let relations = header.relations.len();
     let writer = Writer::create(&options.output, header)?;
-    let publication = format!("\"{}\"", source.publication);
-    // The same options as `walbust run` (pipeline.rs), so the stream decodes the same.
-    let stream_options = [("proto_version", "1"), ("publication_names", publication.as_str()), ("messages", "true")];
+    let publication = crate::source::slot::quote_ident(&source.publication);
+    let stream_options = crate::source::pgoutput_options(&publication);
     let mut stream = conn
         .start_replication(&slot, start, &stream_options)
         .await
@@ -242,7 +238,7 @@ pub async fn record(
     on_event(Event::Started { slot: slot.clone(), start, relations });
     let mut session = Session {
         writer,
-        decoder: Decoder::new(PROTOCOL_VERSION),
+        decoder: Decoder::new(crate::source::PGOUTPUT_VERSION),
         relations: RelationCache::new(),
         open: None,
         totals: Totals { flushed: start, ..Totals::default() },

@@ -45,6 +45,16 @@ pub use conninfo::{ConnInfo, ConnInfoError, SslMode};
 pub use sql::connect_sql;
 pub use stream::{ReplicationFrame, ReplicationStream, now_pg_micros};
 
+/// The pgoutput protocol version walbust requests; `run` and `record` decode the same stream.
+pub const PGOUTPUT_VERSION: u32 = 1;
+
+/// The START_REPLICATION options of `run` and `record`: pgoutput protocol 1 over the
+/// publication, with logical decoding messages (manual invalidations, heartbeats).
+/// `quoted_publication` is the publication name as an identifier, double-quoted.
+pub fn pgoutput_options(quoted_publication: &str) -> [(&'static str, &str); 3] {
+    [("proto_version", "1"), ("publication_names", quoted_publication), ("messages", "true")]
+}
+
 /// A boxed error kept as the cause of a [`SourceError`].
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
