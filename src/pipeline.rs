@@ -776,16 +776,6 @@ impl Reader<'_> {
         session.routed.clear();
         self.router.route(&change, &mut session.routed);
         Stats::add(&self.stats.actions, session.routed.len() as u64);
-        for r in &session.routed {
-            let kind = r.action.kind();
-            self.counters.entry((r.rule.clone(), kind)).or_insert_with(|| metrics.actions_counter(&r.rule, kind)).inc();
-            if let Some(why) = r.widened {
-                Stats::add(&self.stats.widened, 1);
-                self.metrics.widened(&r.rule, why.as_str());
-                debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
-            }
-            session.batch.push(r.action.clone());
-        }
         if self.observer.is_some() {
             let xid = session.open.map_or(0, |(x, _)| x);
             let mut actions: Vec<Action> = Vec::with_capacity(session.routed.len());
@@ -800,6 +790,17 @@ impl Reader<'_> {
                 op: op.as_str(),
                 actions,
             });
+        }
+        // The routed actions move into the batch; the buffer keeps its capacity for the next change.
+        for r in session.routed.drain(..) {
+            let kind = r.action.kind();
+            self.counters.entry((r.rule.clone(), kind)).or_insert_with(|| metrics.actions_counter(&r.rule, kind)).inc();
+            if let Some(why) = r.widened {
+                Stats::add(&self.stats.widened, 1);
+                self.metrics.widened(&r.rule, why.as_str());
+                debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
+            }
+            session.batch.push(r.action);
         }
         Ok(())
     }
