@@ -11,7 +11,7 @@ use crate::lsn::Lsn;
 use crate::status::WalStatus;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasherDefault, DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -54,6 +54,76 @@ pub const ACK_LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 /// Bucket bounds of [`REDIS_APPLY`], in seconds.
 pub const REDIS_APPLY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// [`Counter`] handles found again by a small key (an OID and op, a rule's address and an
+/// action kind), hashed with a multiply-rotate mix rather than SipHash: the per-change path
+/// counts without hashing label strings or taking the registry's lock. Two keys resolving
+/// to the same label set share one counter, so a key only has to be stable, not unique.
+#[derive(Debug)]
+pub struct CounterCache<K> {
+    map: HashMap<K, Counter, BuildHasherDefault<MixHasher>>,
+}
+
+impl<K: Hash + Eq> Default for CounterCache<K> {
+    fn default() -> Self {
+        CounterCache { map: HashMap::default() }
+    }
+}
+
+impl<K: Hash + Eq> CounterCache<K> {
+    /// The counter for `key`, resolved by `make` the first time.
+    pub fn get(&mut self, key: K, make: impl FnOnce() -> Counter) -> &Counter {
+        self.map.entry(key).or_insert_with(make)
+    }
+
+    /// Forgets every handle (the counters themselves keep their counts in the registry).
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// A fast, unkeyed hasher for small integer keys the process itself chooses (never for
+/// data from outside, which could be crafted to collide).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MixHasher(u64);
+
+impl MixHasher {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+
+    fn mix(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(Self::K);
+    }
+}
+
+impl Hasher for MixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.mix(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.mix(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.mix(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.mix(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// A monotonically increasing count; cheap to clone and to increment from any thread.
 #[derive(Debug, Clone, Default)]

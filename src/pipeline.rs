@@ -17,14 +17,14 @@ use crate::config::Config;
 use crate::config::OnSlotLost;
 use crate::health::Health;
 use crate::lsn::Lsn;
-use crate::metrics::{Counter, Metrics};
+use crate::metrics::{CounterCache, Metrics};
 use crate::pgoutput::{self, DecodeError, Decoder, LogicalMessage, RelationCache};
 use crate::progress::Progress;
 use crate::rules::{Change, Op, Routed, Router, RuleSet, manual};
 use crate::sink::Sink;
 use crate::source::slot::{self, SetupError, SlotPolicy};
 use crate::source::{ReplicationConn, ReplicationFrame, ReplicationStream, SourceError};
-use std::collections::HashMap;
+use futures_util::FutureExt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -44,6 +44,10 @@ pub const HEARTBEAT_PREFIX: &str = "walbust-heartbeat";
 
 /// How many times in a row a busy slot is retried before walbust gives up.
 const SLOT_BUSY_ATTEMPTS: u32 = 10;
+
+/// Frames already in the read buffer handled in one go before timers, shutdown and the
+/// applier are looked at again.
+const BUFFERED_FRAMES_PER_ROUND: usize = 256;
 
 /// Why the pipeline stopped.
 #[derive(Debug, thiserror::Error)]
@@ -235,8 +239,8 @@ pub async fn run<S: Sink>(
         slot: SlotState::default(),
         metrics,
         health,
-        counters: HashMap::new(),
-        change_counters: HashMap::new(),
+        counters: CounterCache::default(),
+        change_counters: CounterCache::default(),
     };
     let heartbeat =
         config.source.heartbeat_interval.map(|every| tokio::spawn(heartbeat(config.source.conninfo.clone(), every)));
@@ -415,10 +419,10 @@ struct Reader<'a> {
     slot: SlotState,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    /// Metric counters cached per (rule, kind), so counting skips the registry.
-    counters: HashMap<(Arc<str>, &'static str), Counter>,
-    /// Metric counters cached per (relation OID, op).
-    change_counters: HashMap<(u32, Op), Counter>,
+    /// Action counters by (address of the rule's name, address of the kind's name).
+    counters: CounterCache<(usize, usize)>,
+    /// Change counters by (relation OID, op).
+    change_counters: CounterCache<(u32, Op)>,
 }
 
 /// What the reader knows about its slot across reconnects.
@@ -649,27 +653,53 @@ impl Reader<'_> {
                     permit.send(self.seal(&mut session.batch));
                 }
                 Wake::Reload(rules) => self.pending_rules = Some(rules),
-                Wake::Frame(None) => return Ok(SessionEnd::ServerClosed),
-                Wake::Frame(Some(frame)) => {
+                Wake::Frame(frame) => {
                     session.last_received = Instant::now();
-                    match frame {
-                        ReplicationFrame::XLogData { wal_start, wal_end, data, .. } => {
-                            self.progress.receive(wal_start);
-                            self.metrics.set_received(wal_start);
-                            self.metrics.set_server_wal_end(wal_end);
-                            self.on_message(session, wal_start, data)?;
+                    if let Some(end) = self.on_frame(stream, session, frame).await? {
+                        return Ok(end);
+                    }
+                    // Frames already buffered are taken here rather than by another round of
+                    // the select: no I/O is involved, and a backlog drains without rebuilding
+                    // every branch per frame. The budget keeps timers and shutdown prompt.
+                    for _ in 0..BUFFERED_FRAMES_PER_ROUND {
+                        if session.batch.len() >= batch_config.max_actions || !stream.has_buffered_frame() {
+                            break;
                         }
-                        ReplicationFrame::Keepalive { wal_end, reply_requested, .. } => {
-                            self.metrics.set_server_wal_end(wal_end);
-                            self.on_keepalive(session, wal_end);
-                            if reply_requested {
-                                self.send_status(stream, false).await?;
-                            }
+                        // A buffered frame is ready without waiting on the socket.
+                        let Some(frame) = stream.next().now_or_never() else { break };
+                        if let Some(end) = self.on_frame(stream, session, frame?).await? {
+                            return Ok(end);
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Handles one frame of the stream; `Some` when it ends the session.
+    async fn on_frame(
+        &mut self,
+        stream: &mut ReplicationStream,
+        session: &mut Session,
+        frame: Option<ReplicationFrame>,
+    ) -> Result<Option<SessionEnd>, PipelineError> {
+        match frame {
+            None => return Ok(Some(SessionEnd::ServerClosed)),
+            Some(ReplicationFrame::XLogData { wal_start, wal_end, data, .. }) => {
+                self.progress.receive(wal_start);
+                self.metrics.set_received(wal_start);
+                self.metrics.set_server_wal_end(wal_end);
+                self.on_message(session, wal_start, data)?;
+            }
+            Some(ReplicationFrame::Keepalive { wal_end, reply_requested, .. }) => {
+                self.metrics.set_server_wal_end(wal_end);
+                self.on_keepalive(session, wal_end);
+                if reply_requested {
+                    self.send_status(stream, false).await?;
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// A keepalive's position is safe to report only with no transaction open and
@@ -757,50 +787,45 @@ impl Reader<'_> {
         old: Option<&pgoutput::OldTuple>,
         new: Option<&pgoutput::Tuple>,
     ) -> Result<(), PipelineError> {
-        let Some(relation) = session.relations.get(oid).cloned() else {
+        let Session { relations, open, batch, routed, .. } = session;
+        let Some(relation) = relations.get(oid) else {
             return Err(PipelineError::Unexpected {
                 lsn,
                 what: format!("{op} for relation OID {oid}, which no Relation message announced"),
             });
         };
-        if session.open.is_none() {
+        let Some((xid, _)) = *open else {
             return Err(PipelineError::Unexpected { lsn, what: format!("{op} outside a transaction") });
-        }
+        };
         Stats::add(&self.stats.changes, 1);
         let metrics = &self.metrics;
-        self.change_counters
-            .entry((oid, op))
-            .or_insert_with(|| metrics.changes_counter(&relation.qualified_name(), op.as_str()))
-            .inc();
-        let change = Change { relation: &relation, op, old, new };
-        session.routed.clear();
-        self.router.route(&change, &mut session.routed);
-        Stats::add(&self.stats.actions, session.routed.len() as u64);
+        self.change_counters.get((oid, op), || metrics.changes_counter(&relation.qualified_name(), op.as_str())).inc();
+        let change = Change { relation, op, old, new };
+        routed.clear();
+        self.router.route(&change, routed);
+        Stats::add(&self.stats.actions, routed.len() as u64);
         if self.observer.is_some() {
-            let xid = session.open.map_or(0, |(x, _)| x);
-            let mut actions: Vec<Action> = Vec::with_capacity(session.routed.len());
-            for r in &session.routed {
+            let mut actions: Vec<Action> = Vec::with_capacity(routed.len());
+            for r in routed.iter() {
                 if !actions.contains(&r.action) {
                     actions.push(r.action.clone());
                 }
             }
-            session.batch.changes.push(ChangeRecord {
-                xid,
-                table: relation.qualified_name(),
-                op: op.as_str(),
-                actions,
-            });
+            batch.changes.push(ChangeRecord { xid, table: relation.qualified_name(), op: op.as_str(), actions });
         }
         // The routed actions move into the batch; the buffer keeps its capacity for the next change.
-        for r in session.routed.drain(..) {
+        for r in routed.drain(..) {
             let kind = r.action.kind();
-            self.counters.entry((r.rule.clone(), kind)).or_insert_with(|| metrics.actions_counter(&r.rule, kind)).inc();
+            // The rule's address is stable while its rule set is in use; the cache is cleared
+            // when rules are swapped.
+            let key = (Arc::as_ptr(&r.rule).cast::<u8>() as usize, kind.as_ptr() as usize);
+            self.counters.get(key, || metrics.actions_counter(&r.rule, kind)).inc();
             if let Some(why) = r.widened {
                 Stats::add(&self.stats.widened, 1);
                 self.metrics.widened(&r.rule, why.as_str());
                 debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
             }
-            session.batch.push(r.action);
+            batch.push(r.action);
         }
         Ok(())
     }
@@ -836,6 +861,7 @@ impl Reader<'_> {
     fn swap_rules(&mut self, session: &Session, rules: Arc<RuleSet>) {
         let count = rules.rules().len();
         self.router.replace_rules(rules);
+        self.counters.clear();
         for relation in session.relations.iter() {
             for m in self.router.bind(relation) {
                 error!(rule = %m.rule, table = %m.table, column = %m.column,
@@ -906,8 +932,8 @@ mod tests {
             slot: SlotState::default(),
             metrics: Metrics::new(),
             health: Health::new(),
-            counters: HashMap::new(),
-            change_counters: HashMap::new(),
+            counters: CounterCache::default(),
+            change_counters: CounterCache::default(),
         };
         (reader, rx, applied_tx)
     }
