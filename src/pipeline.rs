@@ -1,15 +1,17 @@
 //! The pipeline: replication stream -> decoder -> router -> batcher -> sink, and progress back.
 //!
 //! Two tasks share the work. The reader owns the replication connection: it decodes,
-//! routes and batches, hands sealed batches to the applier over a channel of one, and
-//! sends standby status updates. The applier owns the sink: it applies each batch,
-//! retrying with backoff until Redis acknowledges it, then publishes the position the
-//! batch covers. Only that position is ever reported to Postgres as flushed, so a crash
-//! at any point replays from the last commit Redis has fully applied.
+//! routes and batches, hands a sealed batch to the applier whenever the applier is idle
+//! (over a channel of one), and sends standby status updates. The applier owns the sink:
+//! it applies each batch, retrying with backoff until Redis acknowledges it, then
+//! publishes the position the batch covers. Only that position is ever reported to
+//! Postgres as flushed, so a crash at any point replays from the last commit Redis has
+//! fully applied.
 //!
-//! The reader keeps reading while the applier waits on Redis, until a batch is full;
-//! then it stops reading but still sends status updates, so the server neither times
-//! the connection out nor sees a position that has not been applied.
+//! The reader keeps reading while the applier waits on Redis, so under load one batch
+//! carries many transactions for one round trip. Once a batch is full it stops reading
+//! but still sends status updates, so the server neither times the connection out nor
+//! sees a position that has not been applied.
 
 use crate::action::Action;
 use crate::batch::{Batch, ChangeRecord, CommitRecord};
@@ -381,7 +383,6 @@ enum Wake {
     Applied,
     StatusDue,
     StatusTick,
-    Permit(mpsc::OwnedPermit<Sealed>),
     Frame(Option<ReplicationFrame>),
     Reload(Arc<RuleSet>),
 }
@@ -615,11 +616,21 @@ impl Reader<'_> {
             {
                 self.swap_rules(session, rules);
             }
-            let full = session.batch.len() >= batch_config.max_actions;
-            // Hand the batch over once the stream is idle, the batch is old, or it is full.
+            // Hand the batch over once the stream is idle, the batch is old, or it is full, and
+            // only to an idle applier: while Redis works on one batch the next keeps filling,
+            // so a busy stream costs one round trip per batch rather than per transaction.
             // Actions of a transaction still open may go early; only its ack waits for Commit.
             let ready = !session.batch.is_empty()
-                && (full || !stream.has_buffered_frame() || session.batch.older_than(batch_config.max_delay));
+                && self.applied_seq == self.sent_seq
+                && (session.batch.len() >= batch_config.max_actions
+                    || !stream.has_buffered_frame()
+                    || session.batch.older_than(batch_config.max_delay));
+            if ready {
+                let batch = self.seal(&mut session.batch);
+                // The applier has taken every batch sent so far, so the channel has room.
+                self.tx.try_send(batch).expect("the applier holds an empty channel while the reader runs");
+            }
+            let full = session.batch.len() >= batch_config.max_actions;
             let status_due = self.status_due.map(tokio::time::Instant::from_std);
             let wake = tokio::select! {
                 biased;
@@ -631,9 +642,6 @@ impl Reader<'_> {
                 }
                 _ = sleep_until_some(status_due), if status_due.is_some() => Wake::StatusDue,
                 _ = status.tick() => Wake::StatusTick,
-                permit = self.tx.clone().reserve_owned(), if ready => {
-                    Wake::Permit(permit.expect("the applier holds the receiver while the reader runs"))
-                }
                 frame = stream.next(), if !full => Wake::Frame(frame?),
                 rules = next_rules(&mut self.reload) => Wake::Reload(rules),
             };
@@ -648,9 +656,6 @@ impl Reader<'_> {
                     }
                     // Ask for a reply when the server has been quiet, so a dead link shows up.
                     self.send_status(stream, silent >= status_interval).await?;
-                }
-                Wake::Permit(permit) => {
-                    permit.send(self.seal(&mut session.batch));
                 }
                 Wake::Reload(rules) => self.pending_rules = Some(rules),
                 Wake::Frame(frame) => {

@@ -6,7 +6,7 @@ use crate::support::{self, Running, Walbust, cache, existing, fresh_db, redis_co
 use std::process::Stdio;
 use std::time::Duration;
 use walbust::lsn::Lsn;
-use walbust::pipeline::Stats;
+use walbust::pipeline::{Event, Stats};
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
 
 const ITEMS_SCHEMA: &str = "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);";
@@ -193,4 +193,51 @@ async fn an_idle_database_keeps_confirming_while_another_database_writes() {
     };
     wait_until(Duration::from_secs(30), "the idle slot to retain less than 1 MB of WAL", retained).await;
     run.stop().await.expect("clean stop");
+}
+
+/// While Redis works on one batch, the transactions that arrive meanwhile wait together in
+/// the next batch instead of queueing one round trip each; none of them is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_arriving_while_redis_is_busy_share_the_next_batch() {
+    let s = support::shared();
+    let redis = tokio::task::spawn_blocking(ThrowawayRedis::start).await.unwrap().expect("own redis");
+    let db = fresh_db(&s.pg, ITEMS_SCHEMA).await;
+    let files = write_config(&db, &redis.url(), &item_rules(&db.name), "");
+    let keys = item_keys(&db.name, 1..=40);
+    let mut conn = redis_conn(&redis.url()).await;
+    cache(&mut conn, &keys).await;
+    let (run, mut events) = Running::start_observed(&files.path).await;
+    db.client.execute("INSERT INTO items (id) VALUES (1)", &[]).await.unwrap();
+    // Once that transaction's batch is applied the applier is idle.
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.recv()).await;
+        match event.expect("the first insert was not applied within 30s").expect("pipeline stopped") {
+            Event::Applied { actions, .. } if !actions.is_empty() => break,
+            _ => {}
+        }
+    }
+
+    // Redis holds every write back for three seconds; 39 transactions commit meanwhile.
+    let pause = tokio::time::Instant::now();
+    redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("WRITE").query_async::<()>(&mut conn).await.unwrap();
+    for i in 2..=40 {
+        db.client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.unwrap();
+    }
+    let written = pause.elapsed();
+    assert!(written < Duration::from_millis(2500), "the writes took {written:?}, too long to fall inside the pause");
+    all_gone(&redis.url(), &keys, Duration::from_secs(30)).await;
+    run.stop().await.expect("clean stop");
+
+    let mut batches = Vec::new();
+    while let Some(event) = events.recv().await {
+        if let Event::Applied { actions, commits, .. } = event
+            && !actions.is_empty()
+        {
+            batches.push((actions.len(), commits.len()));
+        }
+    }
+    // The first batch went to Redis as the pause began; everything after it waited in one.
+    assert_eq!(batches.len(), 2, "batches with actions as (actions, commits): {batches:?}");
+    assert_eq!(batches.iter().map(|b| b.0).sum::<usize>(), 39, "{batches:?}");
+    assert!(batches[1].1 >= 38, "the second batch holds the commits that waited: {batches:?}");
 }

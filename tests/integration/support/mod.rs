@@ -188,8 +188,21 @@ impl Running {
         }
     }
 
+    /// Like [`Running::start`], and returns the pipeline's events from the moment it streams.
+    pub async fn start_observed(config: &Path) -> (Running, mpsc::UnboundedReceiver<Event>) {
+        match Running::start_inner(config).await {
+            Ok(r) => r,
+            Err(e) => panic!("pipeline stopped at start: {}", pipeline::error_chain(&e)),
+        }
+    }
+
     /// Like [`Running::start`], but returns the error when the pipeline stops before streaming.
     pub async fn try_start(config: &Path) -> Result<Running, PipelineError> {
+        // Events are dropped unread from here on.
+        Running::start_inner(config).await.map(|(running, _)| running)
+    }
+
+    async fn start_inner(config: &Path) -> Result<(Running, mpsc::UnboundedReceiver<Event>), PipelineError> {
         let config = Config::load(config).unwrap_or_else(|e| panic!("config: {e}"));
         let rules = RuleSet::load(&config.rules).unwrap_or_else(|e| panic!("rules: {e}")).rules;
         let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).expect("redis sink");
@@ -229,7 +242,7 @@ impl Running {
             let result = handle.await.expect("pipeline task panicked");
             return Err(result.expect_err("a pipeline that stops before shutdown has failed"));
         }
-        Ok(Running { stats, reload: reload_tx, stop: Some(stop), handle })
+        Ok((Running { stats, reload: reload_tx, stop: Some(stop), handle }, events))
     }
 
     /// Waits for the pipeline to stop by itself and returns its result.
