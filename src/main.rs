@@ -9,7 +9,11 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread: the pipeline is a reader and an applier handing batches to each other,
+    // mostly waiting on sockets. On one thread a hand-over is a local wake-up rather than a
+    // cross-thread one (a futex call and a second thread's epoll), and walbust leaves the
+    // other cores to the database it sits beside.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
