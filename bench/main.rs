@@ -617,7 +617,8 @@ async fn recvlogical(env: &Env, slot: &str, target: Lsn) -> anyhow::Result<Durat
     Ok(elapsed)
 }
 
-/// Runs the pipeline in this process until its flushed LSN reaches `target`.
+/// Runs the pipeline in this process until its flushed LSN reaches `target`, on a thread of
+/// its own with a single-threaded runtime, as the `walbust` binary runs it.
 async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> anyhow::Result<Duration> {
     let config = Config::parse(&env.dir.join("config.toml"), &env.config_text(slot, false, None), &|_| None)?;
     let rules = RuleSet::from_sources(&[(PathBuf::from("rules.toml"), RULES.to_string())])
@@ -627,27 +628,35 @@ async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> anyhow::Resul
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let start = Instant::now();
-    let handle = tokio::spawn({
+    let handle = std::thread::spawn({
         let stats = stats.clone();
-        async move {
-            let stop = async {
-                let _ = stop_rx.await;
-            };
-            let options = Options { stats, ..Default::default() };
-            pipeline::run(&config, Arc::new(rules), sink, stop, options).await
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async move {
+                let stop = async {
+                    let _ = stop_rx.await;
+                };
+                let options = Options { stats, ..Default::default() };
+                pipeline::run(&config, Arc::new(rules), sink, stop, options)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(pipeline::error_chain(&e)))
+            })
         }
     });
+    let join = |handle: std::thread::JoinHandle<anyhow::Result<()>>| {
+        handle.join().map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?
+    };
     let deadline = start + Duration::from_secs(600);
     while Stats::get(&stats.flushed_lsn) < target.0 {
         if handle.is_finished() {
-            bail!("the pipeline stopped early: {:?}", handle.await?);
+            bail!("the pipeline stopped early: {:?}", join(handle));
         }
         ensure!(Instant::now() < deadline, "walbust did not reach {target} within 600s");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = start.elapsed();
     let _ = stop_tx.send(());
-    handle.await?.map_err(|e| anyhow::anyhow!(pipeline::error_chain(&e)))?;
+    tokio::task::spawn_blocking(move || join(handle)).await??;
     Ok(elapsed)
 }
 
