@@ -141,7 +141,7 @@ struct Cli {
     /// Changes written while walbust's CPU time is measured.
     #[arg(long, default_value_t = 200_000)]
     cost_changes: i64,
-    /// Seconds per pgbench run.
+    /// Seconds per pgbench run; 0 skips pgbench.
     #[arg(long, default_value_t = 20)]
     pgbench_secs: u64,
     /// pgbench clients.
@@ -877,6 +877,25 @@ fn cpu_user_sys(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((utime / ticks, stime / ticks))
 }
 
+/// Context switches of every thread of a process (voluntary and not): each time it went to
+/// sleep waiting for work or was preempted. A figure of wake-ups that, unlike CPU time,
+/// does not depend on how fast the machine is.
+fn context_switches(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>()?;
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// A `Vm*` figure of /proc/PID/status, in MiB.
 fn vm_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -908,13 +927,14 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
     let pid = child.id().context("walbust has no pid")?;
     env.wait_active("bench_cost", &mut child).await?;
     let rss_idle = vm_mib(pid, "VmRSS")?;
-    let (mut per_change, mut load, mut rates) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut per_change, mut load, mut rates, mut wakeups) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (drain_us, drain_hwm, startup) = cost_drain(cli, env, bin, &mut load).await?;
     let mut next = 1_i64;
     for run in 0..cli.runs {
         env.db.batch_execute("TRUNCATE bench_items").await?;
         load.push(settle(cli).await);
         let (user0, sys0) = cpu_user_sys(pid)?;
+        let switches0 = context_switches(pid)?;
         let before = user0 + sys0;
         let start = Instant::now();
         let per_txn = 10_i32;
@@ -924,16 +944,18 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
         wait_confirmed(env, "bench_cost", target, Duration::from_secs(600)).await?;
         let elapsed = start.elapsed();
         let (user1, sys1) = cpu_user_sys(pid)?;
+        let switches = (context_switches(pid)? - switches0) as f64 * 1000.0 / n as f64;
         let cpu = user1 + sys1 - before;
         let us = cpu * 1e6 / n as f64;
         eprintln!(
-            "  cost run {} (while writing): {cpu:.2}s CPU ({:.2}s user, {:.2}s sys) for {n} changes in {:.2}s = {us:.2} us/change",
+            "  cost run {} (while writing): {cpu:.2}s CPU ({:.2}s user, {:.2}s sys) for {n} changes in {:.2}s = {us:.2} us/change, {switches:.1} context switches per 1,000 changes",
             run + 1,
             user1 - user0,
             sys1 - sys0,
             elapsed.as_secs_f64()
         );
         per_change.push(us);
+        wakeups.push(switches);
         rates.push(n as f64 / elapsed.as_secs_f64());
     }
     let hwm = vm_mib(pid, "VmHWM")?;
@@ -957,6 +979,10 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
         spread(&per_change, us),
         verdict(median(&per_change) <= 5.0)
     );
+    println!(
+        "| walbust context switches per 1,000 changes, steady state (its wake-ups) | {} | - | - |",
+        spread(&wakeups, |v| format!("{v:.1}"))
+    );
     println!("| end-to-end rate while writing (writer + walbust) | {} changes/s | - | - |", spread(&rates, thousands));
     println!("| RSS idle after start | {} | - | - |", mib(rss_idle));
     println!(
@@ -968,6 +994,10 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
     println!("| load avg at runs | {} | | |", loads(&load));
     stop_child(&mut child).await;
     env.drop_slot("bench_cost").await?;
+    if cli.pgbench_secs == 0 {
+        println!("\npgbench skipped (--pgbench-secs 0).\n");
+        return Ok(());
+    }
     pgbench(cli, env, bin).await
 }
 
