@@ -112,6 +112,11 @@ impl Batch {
         self.opened.is_some_and(|t| t.elapsed() >= delay)
     }
 
+    /// When the first action or acknowledgement went in, if any has.
+    pub fn opened(&self) -> Option<Instant> {
+        self.opened
+    }
+
     /// Takes the batch out, leaving an empty one.
     pub fn take(&mut self) -> Batch {
         std::mem::take(self)

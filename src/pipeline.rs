@@ -382,6 +382,7 @@ enum Wake {
     Shutdown,
     Applied,
     StatusDue,
+    BatchDue,
     StatusTick,
     Frame(Option<ReplicationFrame>),
     Reload(Arc<RuleSet>),
@@ -616,21 +617,30 @@ impl Reader<'_> {
             {
                 self.swap_rules(session, rules);
             }
-            // Hand the batch over once the stream is idle, the batch is old, or it is full, and
-            // only to an idle applier: while Redis works on one batch the next keeps filling,
-            // so a busy stream costs one round trip per batch rather than per transaction.
-            // Actions of a transaction still open may go early; only its ack waits for Commit.
-            let ready = !session.batch.is_empty()
-                && self.applied_seq == self.sent_seq
-                && (session.batch.len() >= batch_config.max_actions
-                    || !stream.has_buffered_frame()
-                    || session.batch.older_than(batch_config.max_delay));
-            if ready {
+            // Hand the batch over to an idle applier once it is full, old, or the stream is idle
+            // between transactions. While Redis works on one batch the next keeps filling, so a
+            // busy stream costs one round trip per batch rather than per transaction. The server
+            // sends a transaction only once it has committed, all in one burst, so waiting for
+            // its Commit costs no latency; a very large one goes in full batches meanwhile.
+            let applier_idle = self.applied_seq == self.sent_seq;
+            let full = session.batch.len() >= batch_config.max_actions;
+            let between = session.open.is_none() && !stream.has_buffered_frame();
+            if applier_idle
+                && !session.batch.is_empty()
+                && (full || between || session.batch.older_than(batch_config.max_delay))
+            {
                 let batch = self.seal(&mut session.batch);
                 // The applier has taken every batch sent so far, so the channel has room.
                 self.tx.try_send(batch).expect("the applier holds an empty channel while the reader runs");
             }
             let full = session.batch.len() >= batch_config.max_actions;
+            // A batch held back only by an open transaction still goes once it is old.
+            let batch_due = match session.batch.opened() {
+                Some(opened) if applier_idle && session.open.is_some() => {
+                    Some(tokio::time::Instant::from_std(opened + batch_config.max_delay))
+                }
+                _ => None,
+            };
             let status_due = self.status_due.map(tokio::time::Instant::from_std);
             let wake = tokio::select! {
                 biased;
@@ -641,6 +651,7 @@ impl Reader<'_> {
                     Wake::Applied
                 }
                 _ = sleep_until_some(status_due), if status_due.is_some() => Wake::StatusDue,
+                _ = sleep_until_some(batch_due), if batch_due.is_some() => Wake::BatchDue,
                 _ = status.tick() => Wake::StatusTick,
                 frame = stream.next(), if !full => Wake::Frame(frame?),
                 rules = next_rules(&mut self.reload) => Wake::Reload(rules),
@@ -648,6 +659,8 @@ impl Reader<'_> {
             match wake {
                 Wake::Shutdown => return Ok(SessionEnd::Shutdown),
                 Wake::Applied => self.absorb_applied(),
+                // The next round hands the batch over.
+                Wake::BatchDue => {}
                 Wake::StatusDue => self.send_status(stream, false).await?,
                 Wake::StatusTick => {
                     let silent = session.last_received.elapsed();

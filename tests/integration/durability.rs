@@ -203,6 +203,10 @@ async fn transactions_arriving_while_redis_is_busy_share_the_next_batch() {
     let redis = tokio::task::spawn_blocking(ThrowawayRedis::start).await.unwrap().expect("own redis");
     let db = fresh_db(&s.pg, ITEMS_SCHEMA).await;
     let files = write_config(&db, &redis.url(), &item_rules(&db.name), "");
+    // Only a transaction's Commit, not the batch's age, may end its batch here.
+    let mut config = std::fs::read_to_string(&files.path).unwrap();
+    config.push_str("[batch]\nmax_delay = \"10s\"\n");
+    std::fs::write(&files.path, config).unwrap();
     let keys = item_keys(&db.name, 1..=40);
     let mut conn = redis_conn(&redis.url()).await;
     cache(&mut conn, &keys).await;
@@ -226,6 +230,12 @@ async fn transactions_arriving_while_redis_is_busy_share_the_next_batch() {
     let written = pause.elapsed();
     assert!(written < Duration::from_millis(2500), "the writes took {written:?}, too long to fall inside the pause");
     all_gone(&redis.url(), &keys, Duration::from_secs(30)).await;
+    // Once Redis is idle again, one transaction of 300 rows goes whole in one batch: the
+    // server sends it in one burst after its commit, and walbust waits for that Commit.
+    let big = item_keys(&db.name, [1300]);
+    cache(&mut conn, &big).await;
+    db.client.batch_execute("INSERT INTO items (id) SELECT g FROM generate_series(1001, 1300) g").await.unwrap();
+    all_gone(&redis.url(), &big, Duration::from_secs(30)).await;
     run.stop().await.expect("clean stop");
 
     let mut batches = Vec::new();
@@ -237,7 +247,8 @@ async fn transactions_arriving_while_redis_is_busy_share_the_next_batch() {
         }
     }
     // The first batch went to Redis as the pause began; everything after it waited in one.
-    assert_eq!(batches.len(), 2, "batches with actions as (actions, commits): {batches:?}");
-    assert_eq!(batches.iter().map(|b| b.0).sum::<usize>(), 39, "{batches:?}");
-    assert!(batches[1].1 >= 38, "the second batch holds the commits that waited: {batches:?}");
+    assert_eq!(batches.len(), 3, "batches with actions as (actions, commits): {batches:?}");
+    assert_eq!(batches[0], (1, 1), "the first transaction, whole: {batches:?}");
+    assert_eq!(batches[1], (38, 38), "the transactions that waited: {batches:?}");
+    assert_eq!(batches[2], (300, 1), "the large transaction, whole: {batches:?}");
 }
