@@ -1028,13 +1028,14 @@ async fn cost_drain(cli: &Cli, env: &Env, bin: &Path, load: &mut Vec<Load>) -> a
         let mut child = env.spawn_walbust(bin, "bench_cost_drain", false, None)?;
         let pid = child.id().context("walbust has no pid")?;
         let took = wait_confirmed(env, "bench_cost_drain", target, Duration::from_secs(600)).await?;
-        let cpu = cpu_seconds(pid)? - startup;
+        let (user, sys) = cpu_user_sys(pid)?;
+        let cpu = user + sys - startup;
         hwm = hwm.max(vm_mib(pid, "VmHWM")?);
         stop_child(&mut child).await;
         env.drop_slot("bench_cost_drain").await?;
         let us = cpu * 1e6 / n as f64;
         eprintln!(
-            "  cost drain run {}: {cpu:.2}s CPU (start-up {startup:.2}s subtracted) for {n} changes in {:.2}s = {us:.2} us/change",
+            "  cost drain run {}: {cpu:.2}s CPU ({user:.2}s user, {sys:.2}s sys; start-up {startup:.2}s subtracted) for {n} changes in {:.2}s = {us:.2} us/change",
             run + 1,
             took.as_secs_f64()
         );
