@@ -104,16 +104,8 @@ impl Hasher for MixHasher {
         }
     }
 
-    fn write_u8(&mut self, n: u8) {
-        self.mix(u64::from(n));
-    }
-
     fn write_u32(&mut self, n: u32) {
         self.mix(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.mix(n);
     }
 
     fn write_usize(&mut self, n: usize) {

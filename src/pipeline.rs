@@ -611,6 +611,7 @@ impl Reader<'_> {
         let status_interval = self.config.source.status_interval;
         let mut status = tokio::time::interval(status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let full = |batch: &Batch| batch.len() >= batch_config.max_actions;
         loop {
             if session.open.is_none()
                 && let Some(rules) = self.pending_rules.take()
@@ -623,17 +624,15 @@ impl Reader<'_> {
             // sends a transaction only once it has committed, all in one burst, so waiting for
             // its Commit costs no latency; a very large one goes in full batches meanwhile.
             let applier_idle = self.applied_seq == self.sent_seq;
-            let full = session.batch.len() >= batch_config.max_actions;
             let between = session.open.is_none() && !stream.has_buffered_frame();
             if applier_idle
                 && !session.batch.is_empty()
-                && (full || between || session.batch.older_than(batch_config.max_delay))
+                && (full(&session.batch) || between || session.batch.older_than(batch_config.max_delay))
             {
                 let batch = self.seal(&mut session.batch);
                 // The applier has taken every batch sent so far, so the channel has room.
                 self.tx.try_send(batch).expect("the applier holds an empty channel while the reader runs");
             }
-            let full = session.batch.len() >= batch_config.max_actions;
             // A batch held back only by an open transaction still goes once it is old.
             let batch_due = match session.batch.opened() {
                 Some(opened) if applier_idle && session.open.is_some() => {
@@ -653,7 +652,7 @@ impl Reader<'_> {
                 _ = sleep_until_some(status_due), if status_due.is_some() => Wake::StatusDue,
                 _ = sleep_until_some(batch_due), if batch_due.is_some() => Wake::BatchDue,
                 _ = status.tick() => Wake::StatusTick,
-                frame = stream.next(), if !full => Wake::Frame(frame?),
+                frame = stream.next(), if !full(&session.batch) => Wake::Frame(frame?),
                 rules = next_rules(&mut self.reload) => Wake::Reload(rules),
             };
             match wake {
@@ -680,7 +679,7 @@ impl Reader<'_> {
                     // the select: no I/O is involved, and a backlog drains without rebuilding
                     // every branch per frame. The budget keeps timers and shutdown prompt.
                     for _ in 0..BUFFERED_FRAMES_PER_ROUND {
-                        if session.batch.len() >= batch_config.max_actions || !stream.has_buffered_frame() {
+                        if full(&session.batch) || !stream.has_buffered_frame() {
                             break;
                         }
                         // A buffered frame is ready without waiting on the socket.

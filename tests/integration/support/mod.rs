@@ -182,10 +182,7 @@ pub struct Running {
 impl Running {
     /// Loads `config` and its rules and starts the pipeline with a Redis sink; waits until it streams.
     pub async fn start(config: &Path) -> Running {
-        match Running::try_start(config).await {
-            Ok(r) => r,
-            Err(e) => panic!("pipeline stopped at start: {}", pipeline::error_chain(&e)),
-        }
+        Running::start_observed(config).await.0
     }
 
     /// Like [`Running::start`], and returns the pipeline's events from the moment it streams.
