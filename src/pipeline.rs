@@ -622,12 +622,14 @@ impl Reader<'_> {
             // between transactions. While Redis works on one batch the next keeps filling, so a
             // busy stream costs one round trip per batch rather than per transaction. The server
             // sends a transaction only once it has committed, all in one burst, so waiting for
-            // its Commit costs no latency; a very large one goes in full batches meanwhile.
+            // its Commit costs no latency; a very large one goes in full batches meanwhile. A
+            // batch that holds a commit goes even when the next transaction has begun to arrive,
+            // so a steady stream never keeps a committed transaction waiting on the next one.
             let applier_idle = self.applied_seq == self.sent_seq;
-            let between = session.open.is_none() && !stream.has_buffered_frame();
+            let settled = !stream.has_buffered_frame() && (session.open.is_none() || !session.batch.commits.is_empty());
             if applier_idle
                 && !session.batch.is_empty()
-                && (full(&session.batch) || between || session.batch.older_than(batch_config.max_delay))
+                && (full(&session.batch) || settled || session.batch.older_than(batch_config.max_delay))
             {
                 let batch = self.seal(&mut session.batch);
                 // The applier has taken every batch sent so far, so the channel has room.
@@ -1011,6 +1013,33 @@ mod tests {
         r.on_message(&mut s, Lsn(210), commit(950)).unwrap();
         assert_eq!(s.batch.ack, Some(Lsn(950)), "the commit's end is acknowledged once its batch applies");
         assert_eq!(r.progress.flushed(), Lsn(100), "not before");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_committed_transaction_does_not_wait_for_the_next_one_to_commit() {
+        use crate::source::conn::backend_message;
+        use crate::source::stream::{in_memory, xlog};
+        use tokio::io::AsyncWriteExt;
+        let mut config = config();
+        // Only the hand-over rule can send this batch: its age never comes due here.
+        config.batch.max_delay = Duration::from_secs(3600);
+        let (mut r, mut rx, _applied) = reader(&config);
+        let (mut stream, mut server) = in_memory();
+        let mut session = Session::new();
+        // Transaction 7 commits; transaction 8 has begun to arrive but not yet committed.
+        for (lsn, data) in [(200, begin(7)), (300, commit(600)), (700, begin(8))] {
+            server.write_all(&backend_message(b'd', &xlog(lsn, lsn, 0, &data))).await.unwrap();
+        }
+        let shutdown = std::future::pending::<()>();
+        tokio::pin!(shutdown);
+        let sealed = tokio::select! {
+            end = r.stream(&mut stream, &mut session, shutdown.as_mut()) => panic!("stream ended: {:?}", end.map(|_| ())),
+            sealed = tokio::time::timeout(Duration::from_secs(5), rx.recv()) => sealed,
+        };
+        let sealed = sealed.expect("transaction 7's batch was not handed over within 5 s").expect("channel open");
+        assert_eq!(sealed.ack, Some(Lsn(600)));
+        assert_eq!(sealed.commits.iter().map(|c| c.xid).collect::<Vec<_>>(), [7]);
+        assert_eq!(session.open.map(|(xid, _)| xid), Some(8), "transaction 8 is still open");
     }
 
     #[test]

@@ -246,20 +246,30 @@ pub(crate) fn decode_frame(mut payload: Bytes) -> Result<ReplicationFrame, Strin
     }
 }
 
+/// The payload of an XLogData frame (`w`) carrying `data`, as the server sends it.
+#[cfg(test)]
+pub(crate) fn xlog(start: u64, end: u64, time: i64, data: &[u8]) -> Vec<u8> {
+    let mut p = vec![b'w'];
+    p.extend_from_slice(&start.to_be_bytes());
+    p.extend_from_slice(&end.to_be_bytes());
+    p.extend_from_slice(&time.to_be_bytes());
+    p.extend_from_slice(data);
+    p
+}
+
+/// A stream over an in-memory pipe, and the pipe's server end to play the server on.
+#[cfg(test)]
+pub(crate) fn in_memory() -> (ReplicationStream, tokio::io::DuplexStream) {
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let wire = Wire::new(super::conn::Transport::Mem(client), "test:1".into());
+    (ReplicationStream::new(wire, None), server)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::conn::{Transport, backend_message};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
-
-    fn xlog(start: u64, end: u64, time: i64, data: &[u8]) -> Vec<u8> {
-        let mut p = vec![b'w'];
-        p.extend_from_slice(&start.to_be_bytes());
-        p.extend_from_slice(&end.to_be_bytes());
-        p.extend_from_slice(&time.to_be_bytes());
-        p.extend_from_slice(data);
-        p
-    }
+    use crate::source::conn::backend_message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     fn keepalive(end: u64, time: i64, reply: bool) -> Vec<u8> {
         let mut p = vec![b'k'];
@@ -274,9 +284,7 @@ mod tests {
     }
 
     fn stream() -> (ReplicationStream, DuplexStream) {
-        let (client, server) = duplex(1 << 20);
-        let wire = Wire::new(Transport::Mem(client), "test:1".into());
-        (ReplicationStream::new(wire, None), server)
+        in_memory()
     }
 
     #[test]
