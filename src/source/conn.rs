@@ -127,6 +127,8 @@ pub(crate) struct Wire {
     /// `host:port` or the socket path, for messages.
     pub(crate) endpoint: String,
     pub(crate) params: HashMap<String, String>,
+    /// The last read took less than it had room for: the socket held nothing more then.
+    drained: bool,
 }
 
 impl Wire {
@@ -137,6 +139,7 @@ impl Wire {
             wbuf: BytesMut::new(),
             endpoint,
             params: HashMap::new(),
+            drained: false,
         }
     }
 
@@ -148,6 +151,11 @@ impl Wire {
             Err(_) => true,
             Ok(None) => false,
         }
+    }
+
+    /// True when the last read emptied the socket: the server had sent nothing more by then.
+    pub(crate) fn drained(&self) -> bool {
+        self.drained
     }
 
     /// Takes one complete message off the read buffer, if there is one.
@@ -211,9 +219,10 @@ impl Wire {
             if self.rbuf.capacity() - self.rbuf.len() < READ_RESERVE / 4 {
                 self.rbuf.reserve(READ_RESERVE);
             }
+            let room = self.rbuf.capacity() - self.rbuf.len();
             match self.transport.read_buf(&mut self.rbuf).await {
                 Ok(0) => return Err(self.closed(during)),
-                Ok(_) => {}
+                Ok(n) => self.drained = n < room,
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     return Err(self.closed(during));
                 }

@@ -113,6 +113,12 @@ impl ReplicationStream {
         self.wire.has_complete_message()
     }
 
+    /// True when the last read took everything the socket held, so whatever the server
+    /// sends next has not arrived yet.
+    pub fn caught_up(&self) -> bool {
+        self.wire.drained()
+    }
+
     /// Standby status update `r`: written, flushed, applied LSN, client clock
     /// now, reply-request flag. If cancelled, the update is still queued
     /// whole and goes out with the next write.
