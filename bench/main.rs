@@ -440,6 +440,39 @@ struct Load {
     settled: bool,
 }
 
+/// The machine's CPU time so far, in clock ticks from `/proc/stat`: all of it, and the part
+/// the hypervisor gave to other guests (steal).
+#[derive(Debug, Clone, Copy)]
+struct CpuClock {
+    total: u64,
+    steal: u64,
+}
+
+impl CpuClock {
+    fn now() -> Option<CpuClock> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> =
+            stat.lines().next()?.strip_prefix("cpu ")?.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal (guest time is already in user).
+        Some(CpuClock { total: fields.iter().take(8).sum(), steal: *fields.get(7)? })
+    }
+
+    /// Percent of the machine's CPU time stolen since `self`; NaN when unknown.
+    fn steal_percent_since(self) -> f64 {
+        match CpuClock::now() {
+            Some(now) if now.total > self.total => {
+                100.0 * (now.steal - self.steal) as f64 / (now.total - self.total) as f64
+            }
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// Steal time of each run: `0.0% 3.9% 0.2%`.
+fn steals(values: &[f64]) -> String {
+    values.iter().map(|v| format!("{v:.1}%")).collect::<Vec<_>>().join(" ")
+}
+
 /// Load averages at the start of each run: `0.41 0.52 0.60`, with `!` after one that never settled.
 fn loads(loads: &[Load]) -> String {
     loads.iter().map(|l| format!("{:.2}{}", l.value, if l.settled { "" } else { "!" })).collect::<Vec<_>>().join(" ")
@@ -668,9 +701,9 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
         "## latency: single-row commits, commit returned to the writer -> key deleted in Redis (keyspace notification)\n"
     );
     println!(
-        "| commits/s | achieved/s | p50 | p99 | max | target p99 | p99 from INSERT sent (upper bound) | missing | load avg at runs |"
+        "| commits/s | achieved/s | p50 | p99 | max | target p99 | p99 from INSERT sent (upper bound) | missing | load avg at runs | steal during runs |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     env.db.batch_execute("DROP PUBLICATION IF EXISTS bench; CREATE PUBLICATION bench FOR TABLE bench_items").await?;
     env.db.batch_execute("TRUNCATE bench_items").await?;
     env.drop_slot("bench_latency").await?;
@@ -684,13 +717,14 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
     for &rate in &cli.rates {
         let (mut p50, mut p99, mut max, mut achieved, mut missing, mut load) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0usize, Vec::new());
-        let mut p99_sent = Vec::new();
+        let (mut p99_sent, mut steal) = (Vec::new(), Vec::new());
         for run in 0..cli.runs {
             let count = i64::from(rate) * cli.latency_secs as i64;
             let first = next_id;
             next_id += count;
             env.seed((first..first + count).map(|id| format!("item:{id}"))).await?;
             load.push(settle(cli).await);
+            let clock = CpuClock::now();
             let r = match latency_run(env, rate, first, count).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -698,8 +732,9 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                     break;
                 }
             };
+            steal.push(clock.map_or(f64::NAN, CpuClock::steal_percent_since));
             eprintln!(
-                "  latency {rate}/s run {}: achieved {:.0}/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, p99 from sent {:.3} ms, {} missing, {} early",
+                "  latency {rate}/s run {}: achieved {:.0}/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, p99 from sent {:.3} ms, {} missing, {} early, steal {:.1}%",
                 run + 1,
                 r.achieved,
                 r.p50,
@@ -707,7 +742,8 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                 r.max,
                 r.p99_from_sent,
                 r.missing,
-                r.early
+                r.early,
+                steal[steal.len() - 1]
             );
             p50.push(r.p50);
             p99.push(r.p99);
@@ -722,14 +758,15 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
         let target = if rate <= 500 { 1.0 } else { 2.0 };
         let ms = |v: f64| format!("{v:.2} ms");
         println!(
-            "| {rate} | {} | {} | {} | {} | <= {target} ms: {} | {} | {missing} | {} |",
+            "| {rate} | {} | {} | {} | {} | <= {target} ms: {} | {} | {missing} | {} | {} |",
             spread(&achieved, thousands),
             spread(&p50, ms),
             spread(&p99, ms),
             spread(&max, ms),
             verdict(median(&p99) <= target && missing == 0),
             spread(&p99_sent, ms),
-            loads(&load)
+            loads(&load),
+            steals(&steal)
         );
     }
     stop_child(&mut child).await;
@@ -1066,7 +1103,8 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
     env.db.batch_execute("CHECKPOINT").await?;
     let script = env.dir.join("write-only.sql");
     std::fs::write(&script, PGBENCH_SCRIPT)?;
-    let (mut load, mut cpu_per_change) = (Vec::new(), Vec::new());
+    let (mut load, mut cpu_per_change, mut recv_cpu_per_change, mut steal) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut tps: HashMap<Consumer, Vec<f64>> = HashMap::new();
     let mut hwm = 0.0_f64;
     for run in 0..cli.runs {
@@ -1094,10 +1132,11 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                 env.wait_active(slot, c).await?;
             }
             load.push(settle(cli).await);
-            let cpu_before = match (&child, consumer) {
-                (Some(c), Consumer::Walbust) => cpu_seconds(c.id().context("no pid")?)?,
-                _ => 0.0,
+            let cpu_before = match &child {
+                Some(c) => cpu_seconds(c.id().context("no pid")?)?,
+                None => 0.0,
             };
+            let clock = CpuClock::now();
             let out = tokio::process::Command::new(&pgbench)
                 .args(conn_args)
                 .args(["-n", "-M", "prepared", "-j", "2", "-c", &cli.pgbench_clients.to_string()])
@@ -1107,6 +1146,7 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                 .output()
                 .await?;
             ensure!(out.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+            steal.push(clock.map_or(f64::NAN, CpuClock::steal_percent_since));
             let text = String::from_utf8_lossy(&out.stdout);
             let rate: f64 = text
                 .lines()
@@ -1119,7 +1159,7 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                         .and_then(|r| r.split('/').next()?.trim().parse().ok())
                 })
                 .unwrap_or(f64::NAN);
-            let mut note = String::new();
+            let mut note = format!(", steal {:.1}%", steal[steal.len() - 1]);
             if let (Some(c), Consumer::Walbust) = (child.as_mut(), consumer) {
                 let target = env.current_lsn().await?;
                 let caught_up = wait_confirmed(env, slot, target, Duration::from_secs(300)).await?;
@@ -1128,7 +1168,16 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                 hwm = hwm.max(vm_mib(pid, "VmHWM")?);
                 // Three row changes per pgbench transaction are published (history is not).
                 cpu_per_change.push(cpu * 1e6 / (txns * 3.0));
-                note = format!("; walbust caught up {:.0} ms after pgbench ended", caught_up.as_secs_f64() * 1e3);
+                note += &format!("; walbust caught up {:.0} ms after pgbench ended", caught_up.as_secs_f64() * 1e3);
+            }
+            if let (Some(c), Consumer::Recvlogical) = (child.as_ref(), consumer) {
+                // pg_recvlogical confirms only every 10 s, so wait for the server to have sent it
+                // everything, then give it a moment to read that before taking its CPU time.
+                let target = env.current_lsn().await?;
+                wait_sent(env, slot, target, Duration::from_secs(60)).await?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let cpu = cpu_seconds(c.id().context("no pid")?)? - cpu_before;
+                recv_cpu_per_change.push(cpu * 1e6 / (txns * 3.0));
             }
             if let Some(mut c) = child {
                 stop_child(&mut c).await;
@@ -1162,9 +1211,15 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
     );
     let own = 1.0 - median(&of(Consumer::Walbust)) / median(&of(Consumer::Recvlogical));
     println!("| of which walbust's own share (walbust vs pg_recvlogical) | {:.1}% | | |", own * 100.0);
-    println!("| walbust CPU per change under pgbench | {} | | |", spread(&cpu_per_change, |v| format!("{v:.2} us")));
+    let us = |v: f64| format!("{v:.2} us");
+    println!("| walbust CPU per change under pgbench | {} | | |", spread(&cpu_per_change, us));
+    println!(
+        "| pg_recvlogical CPU per change under pgbench, for comparison | {} | | |",
+        spread(&recv_cpu_per_change, us)
+    );
     println!("| walbust peak RSS under pgbench | {hwm:.1} MiB | <= 32 MiB | {} |", verdict(hwm <= 32.0));
     println!("| load avg at runs (no slot, recvlogical, walbust, ...) | {} | | |", loads(&load));
+    println!("| host steal time during runs (same order) | {} | | |", steals(&steal));
     println!(
         "\nCPU is utime+stime from /proc/PID/stat of the walbust process, read before and after; RSS is VmRSS and \
          VmHWM from /proc/PID/status. All consumers share the 2 cores with Postgres and pgbench. \"No slot\" has no \
@@ -1172,6 +1227,23 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
          that only discards; \"walbust\" replaces that consumer with walbust applying to Redis.\n"
     );
     Ok(())
+}
+
+/// Waits (bounded) until the walsender serving `slot` has sent WAL up to `target`.
+async fn wait_sent(env: &Env, slot: &str, target: Lsn, limit: Duration) -> anyhow::Result<()> {
+    let sql = "SELECT r.sent_lsn::text FROM pg_stat_replication r \
+               JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1";
+    let deadline = Instant::now() + limit;
+    loop {
+        let rows = env.db.query(sql, &[&slot]).await?;
+        if let Some(sent) = rows.first().and_then(|r| r.get::<_, Option<&str>>(0))
+            && parse_lsn(sent)? >= target
+        {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "slot {slot}'s walsender had not sent {target} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// What consumes the slot while pgbench runs.
