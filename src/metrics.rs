@@ -50,7 +50,8 @@ pub const SLOT_SAFE_WAL_SIZE: &str = "walbust_slot_safe_wal_size_bytes";
 pub const LAST_HEARTBEAT: &str = "walbust_last_heartbeat_timestamp_seconds";
 
 /// Bucket bounds of [`ACK_LAG`], in seconds.
-pub const ACK_LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+pub const ACK_LAG_BUCKETS: &[f64] =
+    &[0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 /// Bucket bounds of [`REDIS_APPLY`], in seconds.
 pub const REDIS_APPLY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -657,7 +658,9 @@ mod tests {
         let text = m.render();
         let lines = samples(&text, "walbust_ack_lag_seconds_bucket");
         assert_eq!(lines.len(), ACK_LAG_BUCKETS.len() + 1);
-        assert_eq!(lines[0], r#"walbust_ack_lag_seconds_bucket{le="0.005"} 4"#);
+        assert_eq!(lines[0], r#"walbust_ack_lag_seconds_bucket{le="0.001"} 3"#);
+        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="0.002"} 3"#), "{lines:?}");
+        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="0.005"} 4"#), "{lines:?}");
         assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="0.25"} 5"#), "{lines:?}");
         assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="10"} 6"#), "{lines:?}");
         assert_eq!(lines.last().copied(), Some(r#"walbust_ack_lag_seconds_bucket{le="+Inf"} 7"#));
