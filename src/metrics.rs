@@ -24,6 +24,9 @@ pub const FLUSHED_LSN: &str = "walbust_flushed_lsn_bytes";
 pub const LAG: &str = "walbust_lag_bytes";
 /// Histogram: seconds from a transaction's commit on the server to walbust acknowledging it.
 pub const ACK_LAG: &str = "walbust_ack_lag_seconds";
+/// Histogram: seconds from a transaction's commit on the server to its Commit message
+/// reaching walbust: the server's and the network's part of [`ACK_LAG`].
+pub const RECEIVE_LAG: &str = "walbust_receive_lag_seconds";
 /// Counter, labels `table` and `op`: row changes routed (a TRUNCATE counts once per table).
 pub const CHANGES: &str = "walbust_changes_total";
 /// Counter: commits seen on the stream.
@@ -49,7 +52,7 @@ pub const SLOT_SAFE_WAL_SIZE: &str = "walbust_slot_safe_wal_size_bytes";
 /// Gauge: Unix time of the last message (data or keepalive) received on the replication stream.
 pub const LAST_HEARTBEAT: &str = "walbust_last_heartbeat_timestamp_seconds";
 
-/// Bucket bounds of [`ACK_LAG`], in seconds.
+/// Bucket bounds of [`ACK_LAG`] and [`RECEIVE_LAG`], in seconds.
 pub const ACK_LAG_BUCKETS: &[f64] =
     &[0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 /// Bucket bounds of [`REDIS_APPLY`], in seconds.
@@ -253,6 +256,7 @@ pub struct Metrics {
     flushed_lsn: AtomicU64,
     server_wal_end: AtomicU64,
     ack_lag: Histogram,
+    receive_lag: Histogram,
     changes: Family<2>,
     commits: Counter,
     actions: Family<2>,
@@ -273,6 +277,7 @@ impl Default for Metrics {
             flushed_lsn: AtomicU64::new(0),
             server_wal_end: AtomicU64::new(0),
             ack_lag: Histogram::new(ACK_LAG_BUCKETS),
+            receive_lag: Histogram::new(ACK_LAG_BUCKETS),
             changes: Family::new(["table", "op"]),
             commits: Counter::default(),
             actions: Family::new(["rule", "kind"]),
@@ -330,6 +335,11 @@ impl Metrics {
     /// Records the time from a commit on the server to its acknowledgement.
     pub fn observe_ack_lag(&self, lag: Duration) {
         self.ack_lag.observe_duration(lag);
+    }
+
+    /// Records the time from a commit on the server to its Commit message arriving.
+    pub fn observe_receive_lag(&self, lag: Duration) {
+        self.receive_lag.observe_duration(lag);
     }
 
     /// Counts one routed change of `table` (`schema.table`) by `op` (`insert`, ...).
@@ -428,6 +438,13 @@ impl Metrics {
         }
         header(&mut out, ACK_LAG, "histogram", "Seconds from a commit on the server to walbust acknowledging it.");
         self.ack_lag.render(&mut out, ACK_LAG);
+        header(
+            &mut out,
+            RECEIVE_LAG,
+            "histogram",
+            "Seconds from a commit on the server to its Commit message reaching walbust.",
+        );
+        self.receive_lag.render(&mut out, RECEIVE_LAG);
         header(&mut out, CHANGES, "counter", "Row changes routed, by table and op (a TRUNCATE counts once per table).");
         render_family(&mut out, CHANGES, &self.changes);
         header(&mut out, COMMITS, "counter", "Commits seen on the replication stream.");
@@ -550,6 +567,7 @@ mod tests {
             FLUSHED_LSN,
             LAG,
             ACK_LAG,
+            RECEIVE_LAG,
             CHANGES,
             COMMITS,
             ACTIONS,

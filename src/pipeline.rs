@@ -760,11 +760,10 @@ impl Reader<'_> {
                 let Some((xid, _)) = session.open.take() else { return Err(unexpected("Commit without Begin")) };
                 Stats::add(&self.stats.commits, 1);
                 self.metrics.commit();
-                session.batch.commit(CommitRecord {
-                    xid,
-                    end_lsn: c.end_lsn,
-                    commit_time: pgoutput::pg_time_to_system(c.commit_time),
-                });
+                let commit_time = pgoutput::pg_time_to_system(c.commit_time);
+                // A server clock ahead of this one counts as no lag, as for the acknowledgement.
+                self.metrics.observe_receive_lag(SystemTime::now().duration_since(commit_time).unwrap_or_default());
+                session.batch.commit(CommitRecord { xid, end_lsn: c.end_lsn, commit_time });
             }
             LogicalMessage::Relation(r) => {
                 let relation = session.relations.insert(r);

@@ -55,6 +55,8 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
         let m = get(port, "/metrics").map(|(_, b)| b).unwrap_or_default();
         sample(&m, "walbust_changes_total{") >= 20.0
             && sample(&m, "walbust_actions_total{") >= 20.0
+            && sample(&m, "walbust_receive_lag_seconds_count") >= 20.0
+            && sample(&m, "walbust_ack_lag_seconds_count") >= 20.0
             && sample(&m, "walbust_received_lsn") > received
             && sample(&m, "walbust_flushed_lsn") > flushed
     };
@@ -66,6 +68,10 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
     .await;
     let after = get(port, "/metrics").expect("metrics").1;
     assert!(after.contains("table=\"public.items\""), "{after}");
+    // Every commit's arrival is timed once.
+    let commits = sample(&after, "walbust_commits_total");
+    assert_eq!(sample(&after, "walbust_receive_lag_seconds_count"), commits, "{after}");
+    assert!(commits >= 20.0, "{after}");
     assert!(after.contains("rule=\"items\""), "{after}");
 
     // Redis goes away: health says so within seconds, then recovers.
