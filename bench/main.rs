@@ -701,14 +701,15 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
         "## latency: single-row commits, commit returned to the writer -> key deleted in Redis (keyspace notification)\n"
     );
     println!(
-        "| commits/s | achieved/s | p50 | p99 | max | target p99 | p99 from INSERT sent (upper bound) | missing | load avg at runs | steal during runs |"
+        "| commits/s | achieved/s | p50 | p99 | max | target p99 | p99 from INSERT sent (upper bound) | missing | commits past the target: arrived / acknowledged | load avg at runs | steal during runs |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     env.db.batch_execute("DROP PUBLICATION IF EXISTS bench; CREATE PUBLICATION bench FOR TABLE bench_items").await?;
     env.db.batch_execute("TRUNCATE bench_items").await?;
     env.drop_slot("bench_latency").await?;
     env.flushdb().await?;
-    let mut child = env.spawn_walbust(bin, "bench_latency", true, None)?;
+    let metrics_port = free_port()?;
+    let mut child = env.spawn_walbust(bin, "bench_latency", true, Some(metrics_port))?;
     env.wait_active("bench_latency", &mut child).await?;
     let mut conn = env.cache.clone();
     redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("KEA").exec_async(&mut conn).await?;
@@ -717,7 +718,9 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
     for &rate in &cli.rates {
         let (mut p50, mut p99, mut max, mut achieved, mut missing, mut load) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0usize, Vec::new());
-        let (mut p99_sent, mut steal) = (Vec::new(), Vec::new());
+        let (mut p99_sent, mut steal, mut late) = (Vec::new(), Vec::new(), Vec::new());
+        let target = if rate <= 500 { 1.0 } else { 2.0 };
+        let bound = format!("{}", target / 1e3);
         for run in 0..cli.runs {
             let count = i64::from(rate) * cli.latency_secs as i64;
             let first = next_id;
@@ -725,6 +728,7 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
             env.seed((first..first + count).map(|id| format!("item:{id}"))).await?;
             load.push(settle(cli).await);
             let clock = CpuClock::now();
+            let before = scrape(metrics_port).await.unwrap_or_default();
             let r = match latency_run(env, rate, first, count).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -733,8 +737,20 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                 }
             };
             steal.push(clock.map_or(f64::NAN, CpuClock::steal_percent_since));
+            // walbust's own histograms: how many commits arrived later than the target after
+            // committing (the server sent them late) and how many were acknowledged later.
+            let after = scrape(metrics_port).await.unwrap_or_default();
+            let past = |histogram: &str| {
+                let count = |page: &str| later_than(page, histogram, &bound);
+                match (count(&before), count(&after)) {
+                    (Some(b), Some(a)) => format!("{:.0}", a - b),
+                    _ => "?".to_string(),
+                }
+            };
+            let (arrived, acknowledged) = (past("walbust_receive_lag_seconds"), past("walbust_ack_lag_seconds"));
+            late.push(format!("{arrived} / {acknowledged}"));
             eprintln!(
-                "  latency {rate}/s run {}: achieved {:.0}/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, p99 from sent {:.3} ms, {} missing, {} early, steal {:.1}%",
+                "  latency {rate}/s run {}: achieved {:.0}/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, p99 from sent {:.3} ms, {} missing, {} early, past {target} ms: {arrived} arrived, {acknowledged} acknowledged, steal {:.1}%",
                 run + 1,
                 r.achieved,
                 r.p50,
@@ -755,16 +771,16 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
         if outcome.is_err() {
             break;
         }
-        let target = if rate <= 500 { 1.0 } else { 2.0 };
         let ms = |v: f64| format!("{v:.2} ms");
         println!(
-            "| {rate} | {} | {} | {} | {} | <= {target} ms: {} | {} | {missing} | {} | {} |",
+            "| {rate} | {} | {} | {} | {} | <= {target} ms: {} | {} | {missing} | {} | {} | {} |",
             spread(&achieved, thousands),
             spread(&p50, ms),
             spread(&p99, ms),
             spread(&max, ms),
             verdict(median(&p99) <= target && missing == 0),
             spread(&p99_sent, ms),
+            late.join(", "),
             loads(&load),
             steals(&steal)
         );
@@ -1363,8 +1379,8 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The sum of `walbust_changes_total` on the metrics endpoint, if it answers.
-async fn scrape_changes(port: u16) -> Option<u64> {
+/// walbust's metrics page, if it answers within 5 s.
+async fn scrape(port: u16) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
@@ -1373,7 +1389,20 @@ async fn scrape_changes(port: u16) -> Option<u64> {
         s.read_to_string(&mut body).await.ok()?;
         Some(body)
     };
-    let body = tokio::time::timeout(Duration::from_secs(5), fetch).await.ok()??;
+    tokio::time::timeout(Duration::from_secs(5), fetch).await.ok()?
+}
+
+/// Commits of a `walbust_*_lag_seconds` histogram later than the bucket bound `le`:
+/// its count minus that bucket, from a metrics page.
+fn later_than(page: &str, histogram: &str, le: &str) -> Option<f64> {
+    let value =
+        |name: &str| page.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    Some(value(&format!("{histogram}_count "))? - value(&format!("{histogram}_bucket{{le=\"{le}\"}}"))?)
+}
+
+/// The sum of `walbust_changes_total` on the metrics endpoint, if it answers.
+async fn scrape_changes(port: u16) -> Option<u64> {
+    let body = scrape(port).await?;
     let total: f64 = body
         .lines()
         .filter(|l| l.starts_with("walbust_changes_total"))
