@@ -736,7 +736,8 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                     break;
                 }
             };
-            steal.push(clock.map_or(f64::NAN, CpuClock::steal_percent_since));
+            let stolen = clock.map_or(f64::NAN, CpuClock::steal_percent_since);
+            steal.push(stolen);
             // walbust's own histograms: how many commits arrived later than the target after
             // committing (the server sent them late) and how many were acknowledged later.
             let after = scrape(metrics_port).await.unwrap_or_default();
@@ -750,7 +751,7 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
             let (arrived, acknowledged) = (past("walbust_receive_lag_seconds"), past("walbust_ack_lag_seconds"));
             late.push(format!("{arrived} / {acknowledged}"));
             eprintln!(
-                "  latency {rate}/s run {}: achieved {:.0}/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, p99 from sent {:.3} ms, {} missing, {} early, past {target} ms: {arrived} arrived, {acknowledged} acknowledged, steal {:.1}%",
+                "  latency {rate}/s run {}: achieved {:.0}/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, p99 from sent {:.3} ms, {} missing, {} early, past {target} ms: {arrived} arrived, {acknowledged} acknowledged, steal {stolen:.1}%",
                 run + 1,
                 r.achieved,
                 r.p50,
@@ -758,8 +759,7 @@ async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                 r.max,
                 r.p99_from_sent,
                 r.missing,
-                r.early,
-                steal[steal.len() - 1]
+                r.early
             );
             p50.push(r.p50);
             p99.push(r.p99);
@@ -1162,7 +1162,8 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                 .output()
                 .await?;
             ensure!(out.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
-            steal.push(clock.map_or(f64::NAN, CpuClock::steal_percent_since));
+            let stolen = clock.map_or(f64::NAN, CpuClock::steal_percent_since);
+            steal.push(stolen);
             let text = String::from_utf8_lossy(&out.stdout);
             let rate: f64 = text
                 .lines()
@@ -1175,15 +1176,16 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                         .and_then(|r| r.split('/').next()?.trim().parse().ok())
                 })
                 .unwrap_or(f64::NAN);
-            let mut note = format!(", steal {:.1}%", steal[steal.len() - 1]);
+            // Three row changes per pgbench transaction are published (history is not).
+            let changes = txns * 3.0;
+            let mut note = format!(", steal {stolen:.1}%");
             if let (Some(c), Consumer::Walbust) = (child.as_mut(), consumer) {
                 let target = env.current_lsn().await?;
                 let caught_up = wait_confirmed(env, slot, target, Duration::from_secs(300)).await?;
                 let pid = c.id().context("no pid")?;
                 let cpu = cpu_seconds(pid)? - cpu_before;
                 hwm = hwm.max(vm_mib(pid, "VmHWM")?);
-                // Three row changes per pgbench transaction are published (history is not).
-                cpu_per_change.push(cpu * 1e6 / (txns * 3.0));
+                cpu_per_change.push(cpu * 1e6 / changes);
                 note += &format!("; walbust caught up {:.0} ms after pgbench ended", caught_up.as_secs_f64() * 1e3);
             }
             if let (Some(c), Consumer::Recvlogical) = (child.as_ref(), consumer) {
@@ -1193,7 +1195,7 @@ async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                 wait_sent(env, slot, target, Duration::from_secs(60)).await?;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let cpu = cpu_seconds(c.id().context("no pid")?)? - cpu_before;
-                recv_cpu_per_change.push(cpu * 1e6 / (txns * 3.0));
+                recv_cpu_per_change.push(cpu * 1e6 / changes);
             }
             if let Some(mut c) = child {
                 stop_child(&mut c).await;

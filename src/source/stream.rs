@@ -275,7 +275,7 @@ pub(crate) fn in_memory() -> (ReplicationStream, tokio::io::DuplexStream) {
 mod tests {
     use super::*;
     use crate::source::conn::backend_message;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn keepalive(end: u64, time: i64, reply: bool) -> Vec<u8> {
         let mut p = vec![b'k'];
@@ -287,10 +287,6 @@ mod tests {
 
     fn copy_data(payload: &[u8]) -> Bytes {
         backend_message(b'd', payload)
-    }
-
-    fn stream() -> (ReplicationStream, DuplexStream) {
-        in_memory()
     }
 
     #[test]
@@ -361,7 +357,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_split_across_reads_and_cancellation() {
-        let (mut s, mut server) = stream();
+        let (mut s, mut server) = in_memory();
         let mut bytes = copy_data(&xlog(10, 20, 30, b"hello")).to_vec();
         bytes.extend_from_slice(&copy_data(&keepalive(20, 31, false)));
         assert!(!s.has_buffered_frame());
@@ -389,7 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn notices_and_parameters_are_skipped() {
-        let (mut s, mut server) = stream();
+        let (mut s, mut server) = in_memory();
         let mut bytes = backend_message(b'N', b"SNOTICE\0Mhi\0\0").to_vec();
         bytes.extend_from_slice(&backend_message(b'S', b"application_name\0x\0"));
         bytes.extend_from_slice(&copy_data(&keepalive(5, 6, true)));
@@ -400,7 +396,7 @@ mod tests {
 
     #[tokio::test]
     async fn error_response_mid_stream() {
-        let (mut s, mut server) = stream();
+        let (mut s, mut server) = in_memory();
         server
             .write_all(&backend_message(
                 b'E',
@@ -415,17 +411,17 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_frame_and_unexpected_message() {
-        let (mut s, mut server) = stream();
+        let (mut s, mut server) = in_memory();
         server.write_all(&copy_data(b"w\0\0")).await.unwrap();
         let err = s.next().await.unwrap_err();
         assert!(matches!(&err, SourceError::Protocol { what, .. } if what.contains("cut short")), "{err:?}");
 
-        let (mut s, mut server) = stream();
+        let (mut s, mut server) = in_memory();
         server.write_all(&backend_message(b'Z', b"I")).await.unwrap();
         let err = s.next().await.unwrap_err();
         assert!(matches!(err, SourceError::Protocol { .. }), "{err:?}");
 
-        let (mut s, mut server) = stream();
+        let (mut s, mut server) = in_memory();
         server.write_all(b"d\x7f\xff\xff\xff").await.unwrap();
         let err = s.next().await.unwrap_err();
         assert!(err.to_string().contains("more than the protocol allows"), "{err}");
@@ -433,7 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_connection() {
-        let (mut s, server) = stream();
+        let (mut s, server) = in_memory();
         drop(server);
         let err = s.next().await.unwrap_err();
         assert!(matches!(err, SourceError::Closed { .. }), "{err:?}");
@@ -442,7 +438,7 @@ mod tests {
 
     #[tokio::test]
     async fn copy_done_ends_the_stream_and_finish_drains() {
-        let (mut s, mut server) = stream();
+        let (mut s, mut server) = in_memory();
         let mut bytes = copy_data(&keepalive(1, 1, false)).to_vec();
         bytes.extend_from_slice(&backend_message(b'c', b""));
         server.write_all(&bytes).await.unwrap();
@@ -467,7 +463,7 @@ mod tests {
 
     #[tokio::test]
     async fn send_status_writes_copy_data() {
-        let (mut s, mut server) = stream();
+        let (mut s, mut server) = in_memory();
         s.send_status(Lsn(0x10), Lsn(0x20), Lsn(0x30), true).await.unwrap();
         let mut got = [0u8; 39];
         server.read_exact(&mut got).await.unwrap();
@@ -484,7 +480,7 @@ mod tests {
 
     #[tokio::test]
     async fn finish_times_out_on_a_silent_server() {
-        let (s, _server) = stream();
+        let (s, _server) = in_memory();
         let err = s.finish_within(Duration::from_millis(50)).await.unwrap_err();
         assert!(matches!(err, SourceError::Timeout { .. }), "{err:?}");
     }
