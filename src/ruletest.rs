@@ -25,7 +25,7 @@
 
 use crate::action::Action;
 use crate::batch::Batch;
-use crate::diagnostic::{self, Diagnostic, Diagnostics, did_you_mean, line_col};
+use crate::diagnostic::{self, Diagnostic, Diagnostics, LineIndex, did_you_mean};
 use crate::pgoutput::{Column, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
 use crate::recording::expected::RecordingCase;
 use crate::rules::{Change, Op, Router, RuleSet, TableName, Widening, manual};
@@ -333,7 +333,8 @@ fn parse_file(path: &Path, text: &str, rule_sets: &mut RuleCache, problems: &mut
             return None;
         }
     };
-    let mut v = Validator { path, text, problems, failed: false };
+    let lines = LineIndex::new(text);
+    let mut v = Validator { path, lines: &lines, problems, failed: false };
     if raw.test.is_empty() {
         v.error(
             0..0,
@@ -346,7 +347,7 @@ fn parse_file(path: &Path, text: &str, rule_sets: &mut RuleCache, problems: &mut
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     let mut cases = Vec::new();
     for test in &raw.test {
-        let line = line_col(text, test.span().start).0;
+        let line = v.line(test.span().start);
         let name = test.get_ref().name.get_ref().trim().to_string();
         if name.is_empty() {
             v.error(test.get_ref().name.span(), "test name is empty".into(), "give every test a short unique name");
@@ -377,7 +378,7 @@ struct Declared {
 
 struct Validator<'a> {
     path: &'a Path,
-    text: &'a str,
+    lines: &'a LineIndex<'a>,
     problems: &'a mut Vec<Diagnostic>,
     failed: bool,
 }
@@ -385,11 +386,11 @@ struct Validator<'a> {
 impl Validator<'_> {
     fn error(&mut self, span: Range<usize>, message: String, hint: impl Into<String>) {
         self.failed = true;
-        self.problems.push(Diagnostic::error(self.path, self.text, Some(span), message).with_hint(hint));
+        self.problems.push(Diagnostic::error_in(self.path, self.lines, Some(span), message).with_hint(hint));
     }
 
     fn line(&self, at: usize) -> usize {
-        line_col(self.text, at).0
+        self.lines.line_col(at).0
     }
 
     fn table_name(&mut self, raw: &Spanned<String>) -> Option<TableName> {

@@ -10,7 +10,7 @@ use walbust::diagnostic::Diagnostics;
 use walbust::health::Health;
 use walbust::metrics::Metrics;
 use walbust::pipeline::{self, Options, Stats, error_chain};
-use walbust::rules::RuleSet;
+use walbust::rules::{Loaded, RuleSet};
 use walbust::sink::RedisSink;
 
 /// Runs until SIGINT or SIGTERM; returns the exit code.
@@ -128,44 +128,60 @@ async fn reload_on_sighup(config_path: PathBuf, rules: watch::Sender<Arc<RuleSet
     };
     while hup.recv().await.is_some() {
         info!(config = %config_path.display(), "SIGHUP: reloading rules");
-        let config = match Config::load(&config_path) {
-            Ok(c) => c,
-            Err(ConfigError::Invalid(problems)) => {
-                for p in problems.errors() {
-                    error!("{p}");
-                }
-                error!("reload rejected: the config file has errors; the rules in use stay");
-                continue;
-            }
+        // Reading and compiling a large rule set takes a while; on the runtime's one thread
+        // it would stall invalidation and /metrics meanwhile.
+        let path = config_path.clone();
+        let (config, loaded) = match tokio::task::spawn_blocking(move || load_for_reload(&path)).await {
+            Ok(Some(found)) => found,
+            Ok(None) => continue,
             Err(e) => {
-                error!("reload rejected: {}; the rules in use stay", error_chain(&e));
+                error!(error = %e, "reload rejected: loading the rules failed; the rules in use stay");
                 continue;
             }
         };
-        match RuleSet::load(&config.rules) {
-            Ok(loaded) => {
-                for w in loaded.warnings.warnings() {
-                    warn!("{w}");
-                }
-                if let Err(problems) = validate_against_database(&config, &loaded.rules).await {
-                    for p in problems.errors() {
-                        error!("{p}");
-                    }
-                    error!("reload rejected: the rules name columns the tables lack; the rules in use stay");
-                    continue;
-                }
-                info!(rules = loaded.rules.rules().len(), files = loaded.files.len(), "new rules accepted");
-                let _ = rules.send(Arc::new(loaded.rules));
+        for w in loaded.warnings.warnings() {
+            warn!("{w}");
+        }
+        if let Err(problems) = validate_against_database(&config, &loaded.rules).await {
+            for p in problems.errors() {
+                error!("{p}");
             }
-            Err(problems) => {
-                for p in problems.errors() {
-                    error!("{p}");
-                }
-                error!(
-                    errors = problems.errors().count(),
-                    "reload rejected: the rule files have errors; the rules in use stay"
-                );
+            error!("reload rejected: the rules name columns the tables lack; the rules in use stay");
+            continue;
+        }
+        info!(rules = loaded.rules.rules().len(), files = loaded.files.len(), "new rules accepted");
+        let _ = rules.send(Arc::new(loaded.rules));
+    }
+}
+
+/// Reads the config and its rule files for a reload; `None` (with the problems logged)
+/// when either has errors.
+fn load_for_reload(config_path: &Path) -> Option<(Config, Loaded)> {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(ConfigError::Invalid(problems)) => {
+            for p in problems.errors() {
+                error!("{p}");
             }
+            error!("reload rejected: the config file has errors; the rules in use stay");
+            return None;
+        }
+        Err(e) => {
+            error!("reload rejected: {}; the rules in use stay", error_chain(&e));
+            return None;
+        }
+    };
+    match RuleSet::load(&config.rules) {
+        Ok(loaded) => Some((config, loaded)),
+        Err(problems) => {
+            for p in problems.errors() {
+                error!("{p}");
+            }
+            error!(
+                errors = problems.errors().count(),
+                "reload rejected: the rule files have errors; the rules in use stay"
+            );
+            None
         }
     }
 }

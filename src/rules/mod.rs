@@ -337,3 +337,35 @@ fn parse_op(s: &str) -> Result<Op, String> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One rule with `n` keys, one key per line, each naming a column.
+    fn rule_with_keys(n: usize, one_line: bool) -> String {
+        let sep = if one_line { ", " } else { ",\n  " };
+        let keys: Vec<String> = (0..n).map(|i| format!("\"k:{{id}}:{i}\"")).collect();
+        format!("[[rule]]\nname = \"big\"\ntable = \"t\"\nkeys = [\n  {}\n]\n", keys.join(sep))
+    }
+
+    #[test]
+    fn a_rule_with_100k_keys_loads_in_linear_time() {
+        for one_line in [false, true] {
+            let text = rule_with_keys(100_000, one_line);
+            let started = std::time::Instant::now();
+            let loaded = RuleSet::from_sources(&[(PathBuf::from("big.toml"), text.clone())]).unwrap();
+            // Placing each key's column rescanned the file before: 30 s and more for this case.
+            let took = started.elapsed();
+            assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+            let rule = &loaded.rules.rules()[0];
+            assert_eq!(rule.keys.len(), 100_000);
+            let last = rule.columns.last().unwrap();
+            // The last `id` placeholder, found by a plain scan.
+            let line = text.lines().filter(|l| l.contains("{id}")).count() + 4;
+            let last_line = text.lines().nth(line - 1).unwrap();
+            let expected = (line, last_line.rfind("{id}").unwrap() + 2);
+            assert_eq!((last.line, last.col), expected, "one line: {one_line}");
+        }
+    }
+}

@@ -4,7 +4,7 @@ use super::template::{Image, Template};
 use super::{ColumnRef, Op};
 use super::{Condition, OpSet, Publish, Refresh, Rule, TableName, Test, parse_op};
 use crate::config::parse_duration;
-use crate::diagnostic::{self, Diagnostic, line_col};
+use crate::diagnostic::{self, Diagnostic, LineIndex};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -77,12 +77,13 @@ pub(super) fn parse_file(path: &Path, text: &str, problems: &mut Vec<Diagnostic>
                 .with_hint("add a [[rule]] table with name, table and keys"),
         );
     }
+    let lines = LineIndex::new(text);
     raw.rule
         .into_iter()
         .filter_map(|r| {
             let mut v = Validator {
                 path,
-                text,
+                lines: &lines,
                 problems: &mut *problems,
                 failed: false,
                 name: String::new(),
@@ -95,7 +96,7 @@ pub(super) fn parse_file(path: &Path, text: &str, problems: &mut Vec<Diagnostic>
 
 struct Validator<'a> {
     path: &'a Path,
-    text: &'a str,
+    lines: &'a LineIndex<'a>,
     problems: &'a mut Vec<Diagnostic>,
     failed: bool,
     name: String,
@@ -105,15 +106,15 @@ struct Validator<'a> {
 impl Validator<'_> {
     fn error(&mut self, span: Range<usize>, message: String, hint: impl Into<String>) {
         self.failed = true;
-        self.problems.push(Diagnostic::error(self.path, self.text, Some(span), message).with_hint(hint));
+        self.problems.push(Diagnostic::error_in(self.path, self.lines, Some(span), message).with_hint(hint));
     }
 
     fn warning(&mut self, span: Range<usize>, message: String, hint: impl Into<String>) {
-        self.problems.push(Diagnostic::warning(self.path, self.text, Some(span), message).with_hint(hint));
+        self.problems.push(Diagnostic::warning_in(self.path, self.lines, Some(span), message).with_hint(hint));
     }
 
     fn column(&mut self, name: &str, image: Image, at: usize) {
-        let (line, col) = line_col(self.text, at);
+        let (line, col) = self.lines.line_col(at);
         self.columns.push(ColumnRef { name: name.to_string(), image, line, col });
     }
 
@@ -163,7 +164,7 @@ impl Validator<'_> {
         if self.failed {
             return None;
         }
-        let (line, _) = line_col(self.text, rule_span.start);
+        let (line, _) = self.lines.line_col(rule_span.start);
         Some(Rule {
             name: name.into(),
             table: table?,

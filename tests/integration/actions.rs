@@ -235,6 +235,23 @@ async fn a_reloaded_rule_set_applies_from_the_next_transaction() {
     run.stop().await.expect("clean stop");
 }
 
+/// `walbust run` on `config`, logging at info to walbust.log beside it.
+fn run_logged(config: &std::path::Path) -> (support::Walbust, std::path::PathBuf) {
+    let log = config.with_file_name("walbust.log");
+    let child = support::Walbust::spawn(
+        &["--log-level", "info", "run", "--config"],
+        config,
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    (child, log)
+}
+
+/// A condition for [`wait_until`]: the log holds `needle`.
+fn log_has(log: &std::path::Path, needle: &'static str) -> impl FnMut() -> std::future::Ready<bool> {
+    let log = log.to_path_buf();
+    move || std::future::ready(std::fs::read_to_string(&log).unwrap_or_default().contains(needle))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_them_in() {
     let s = support::shared();
@@ -244,15 +261,10 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
         |prefix: &str| format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:{prefix}:{{id}}\"]\n");
     let files = write_config(&db, &s.redis.url(), &rules("old"), "");
     let rule_file = files.path.with_file_name("rules").join("test.toml");
-    let log = files.path.with_file_name("walbust.log");
     let mut redis = redis_conn(&s.redis.url()).await;
     let all: Vec<String> = ["old:1", "old:2", "new:1", "new:2"].iter().map(|k| format!("{n}:{k}")).collect();
     cache(&mut redis, &all).await;
-    let walbust = support::Walbust::spawn(
-        &["--log-level", "info", "run", "--config"],
-        &files.path,
-        std::fs::File::create(&log).unwrap().into(),
-    );
+    let (walbust, log) = run_logged(&files.path);
     let slot_active = || async {
         let row =
             db.client.query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&n]).await.unwrap();
@@ -260,13 +272,7 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
     };
     wait_until(Duration::from_secs(30), "walbust to hold its slot", slot_active).await;
     let hup = |child: &support::Walbust| child.signal(libc::SIGHUP);
-    let log_has = |needle: &'static str| {
-        let log = log.clone();
-        move || {
-            let log = log.clone();
-            async move { std::fs::read_to_string(&log).unwrap_or_default().contains(needle) }
-        }
-    };
+    let log_has = |needle: &'static str| log_has(&log, needle);
 
     std::fs::write(&rule_file, rules("new").replace("{id}", "{id").replace("name = ", "nmae = ")).unwrap();
     hup(&walbust);
@@ -297,6 +303,48 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(left, expected, "old:1 busted by the old rules, new:2 by the new ones");
+    assert_eq!(walbust.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_goes_on_while_sighup_reloads_a_large_rule_set() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let files = write_config(
+        &db,
+        &s.redis.url(),
+        &format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:item:{{id}}\"]\n"),
+        "",
+    );
+    let (walbust, log) = run_logged(&files.path);
+    let log_has = |needle: &'static str| log_has(&log, needle);
+    wait_until(Duration::from_secs(30), "walbust to stream", log_has("streaming")).await;
+    // 600,000 keys in 40 files (11 MB): seconds of work to read and compile, which must not
+    // hold up the stream.
+    let rules_dir = files.path.with_file_name("rules");
+    for f in 0..40 {
+        let mut text = format!("[[rule]]\nname = \"big {f}\"\ntable = \"items\"\nkeys = [\n");
+        for i in 0..15_000 {
+            text.push_str(&format!("  \"{n}:big:{{id}}:{i}\",\n"));
+        }
+        text.push_str("]\n");
+        std::fs::write(rules_dir.join(format!("big{f}.toml")), text).unwrap();
+    }
+    let mut redis = redis_conn(&s.redis.url()).await;
+    let key = vec![format!("{n}:item:1")];
+    cache(&mut redis, &key).await;
+    walbust.signal(libc::SIGHUP);
+    wait_until(Duration::from_secs(30), "the reload to start", log_has("SIGHUP: reloading rules")).await;
+    db.client.batch_execute("INSERT INTO items (id) VALUES (1)").await.unwrap();
+    wait_until(Duration::from_secs(30), "the running rules to bust item:1 during the reload", || {
+        let (url, key) = (s.redis.url(), key.clone());
+        async move { existing(&mut redis_conn(&url).await, &key).await.is_empty() }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("new rules accepted"), "the reload was over before the invalidation:\n{text}");
+    wait_until(Duration::from_secs(300), "the large rule set to be accepted", log_has("new rules accepted")).await;
     assert_eq!(walbust.terminate(), Some(0));
 }
 
