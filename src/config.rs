@@ -4,7 +4,7 @@
 //! fields, then a validated [`Config`]. Every problem found is collected and reported
 //! together, each at its `file:line:col`.
 
-use crate::diagnostic::{self, Diagnostic, Diagnostics};
+use crate::diagnostic::{self, Diagnostic, Diagnostics, LineIndex};
 use crate::source::ConnInfo;
 use serde::Deserialize;
 use std::ops::Range;
@@ -198,7 +198,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| ConfigError::Invalid(Diagnostics(vec![diagnostic::from_toml(path, text, &e)])))?;
-        let mut v = Validator { path, text, env, problems: Vec::new() };
+        let mut v = Validator { path, lines: LineIndex::new(text), env, problems: Vec::new() };
         let config = v.config(raw);
         match config {
             Some(c) if v.problems.is_empty() => Ok(c),
@@ -209,14 +209,14 @@ impl Config {
 
 struct Validator<'a> {
     path: &'a Path,
-    text: &'a str,
+    lines: LineIndex<'a>,
     env: &'a dyn Fn(&str) -> Option<String>,
     problems: Vec<Diagnostic>,
 }
 
 impl Validator<'_> {
     fn error(&mut self, span: Range<usize>, message: String, hint: Option<&str>) {
-        let mut d = Diagnostic::error(self.path, self.text, Some(span), message);
+        let mut d = Diagnostic::error_in(self.path, &self.lines, Some(span), message);
         if let Some(h) = hint {
             d = d.with_hint(h);
         }
@@ -235,7 +235,7 @@ impl Validator<'_> {
         }
         if raw.rules.is_empty() {
             self.problems.push(
-                Diagnostic::error(self.path, self.text, Some(0..0), "no rule files: `rules` is missing or empty")
+                Diagnostic::error_in(self.path, &self.lines, Some(0..0), "no rule files: `rules` is missing or empty")
                     .with_hint("add rules = [\"rules/*.toml\"] at the top of the file"),
             );
         }
@@ -306,11 +306,10 @@ impl Validator<'_> {
         };
         let slot = name(&raw.slot, "slot", self);
         let publication = name(&raw.publication, "publication", self);
-        let status_interval = self.duration(raw.status_interval.as_ref(), Duration::from_secs(10));
-        let read_timeout = self.duration(raw.read_timeout.as_ref(), Duration::from_secs(60));
-        if status_interval.is_zero() {
-            self.error(span.clone(), "status_interval must be greater than zero".into(), None);
-        }
+        let status_interval =
+            self.duration("status_interval", raw.status_interval.as_ref(), Duration::from_secs(10), STATUS_INTERVAL);
+        let read_timeout =
+            self.duration("read_timeout", raw.read_timeout.as_ref(), Duration::from_secs(60), READ_TIMEOUT);
         if read_timeout <= status_interval {
             self.error(
                 raw.read_timeout.as_ref().map_or(span.clone(), |r| r.span()),
@@ -339,13 +338,13 @@ impl Validator<'_> {
         if on_slot_lost == OnSlotLost::Recreate && flush.as_ref().is_none_or(Vec::is_empty) {
             let at = raw.on_slot_lost.as_ref().map_or(span.clone(), |s| s.span());
             self.problems.push(
-                Diagnostic::warning(self.path, self.text, Some(at), "on_slot_lost = \"recreate\" without `flush` actions")
+                Diagnostic::warning_in(self.path, &self.lines, Some(at), "on_slot_lost = \"recreate\" without `flush` actions")
                     .with_hint("invalidations lost with the slot are not replayed; add flush = { patterns = [\"...\"] } for the caches the rules serve"),
             );
         }
         let heartbeat_interval = match raw.heartbeat_interval.as_ref() {
             Some(s) if s.get_ref() == "off" => None,
-            other => Some(self.duration(other, Duration::from_secs(30))).filter(|d| !d.is_zero()),
+            other => Some(self.duration("heartbeat_interval", other, Duration::from_secs(30), HEARTBEAT_INTERVAL)),
         };
         Some(SourceConfig {
             conninfo,
@@ -408,13 +407,24 @@ impl Validator<'_> {
                 default.max_actions
             }
         };
-        BatchConfig { max_actions, max_delay: self.duration(raw.max_delay.as_ref(), default.max_delay) }
+        let max_delay = self.duration("max_delay", raw.max_delay.as_ref(), default.max_delay, MAX_DELAY);
+        BatchConfig { max_actions, max_delay }
     }
 
-    fn duration(&mut self, raw: Option<&Spanned<String>>, default: Duration) -> Duration {
+    /// The duration `raw` gives for the setting `key`, or `default`; a value outside `bounds`
+    /// is an error, so that no setting overflows a deadline or spins in a loop.
+    fn duration(&mut self, key: &str, raw: Option<&Spanned<String>>, default: Duration, bounds: Bounds) -> Duration {
         let Some(raw) = raw else { return default };
         match parse_duration(raw.get_ref()) {
-            Some(d) => d,
+            Some(d) if bounds.contains(&d) => d,
+            Some(_) => {
+                self.error(
+                    raw.span(),
+                    format!("{key} = \"{}\" is out of range", raw.get_ref()),
+                    Some(&format!("use {} to {}", show_duration(*bounds.start()), show_duration(*bounds.end()))),
+                );
+                default
+            }
             None => {
                 self.error(
                     raw.span(),
@@ -453,6 +463,30 @@ impl Validator<'_> {
         }
         out.push_str(rest);
         Some(out)
+    }
+}
+
+/// The range a duration setting accepts, both ends included.
+pub type Bounds = std::ops::RangeInclusive<Duration>;
+
+/// `[source] status_interval`: often enough to be cheap, seldom enough that the server's
+/// `wal_sender_timeout` (60 s by default) never fires.
+pub const STATUS_INTERVAL: Bounds = Duration::from_millis(100)..=Duration::from_secs(600);
+/// `[source] read_timeout`: a silent server is noticed within an hour at most, and a
+/// timeout shorter than a second would drop healthy connections in a loop.
+pub const READ_TIMEOUT: Bounds = Duration::from_secs(1)..=Duration::from_secs(3600);
+/// `[source] heartbeat_interval` (unless `"off"`).
+pub const HEARTBEAT_INTERVAL: Bounds = Duration::from_millis(100)..=Duration::from_secs(3600);
+/// `[batch] max_delay`: a batch older than a minute is a stale cache for a minute.
+pub const MAX_DELAY: Bounds = Duration::ZERO..=Duration::from_secs(60);
+
+/// `d` as a config file writes it: `250ms`, `10s`, `5m`, `1h`.
+fn show_duration(d: Duration) -> String {
+    match (d.as_millis(), d.as_secs()) {
+        (ms, _) if ms % 1000 != 0 => format!("{ms}ms"),
+        (_, s) if s != 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        (_, s) if s != 0 && s % 60 == 0 => format!("{}m", s / 60),
+        (_, s) => format!("{s}s"),
     }
 }
 
@@ -529,6 +563,33 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
         assert!(p.contains("invalid slot name `Bad-Slot`"), "{p}");
         assert!(p.contains("environment variable `MISSING` is not set"), "{p}");
         assert_eq!(p.matches("error:").count(), 3, "{p}");
+    }
+
+    #[test]
+    fn an_absurd_max_delay_is_a_config_error_not_a_panic_in_run() {
+        let text = format!("{GOOD}[batch]\nmax_delay = \"18446744073709551615s\"\n");
+        let p = problems(&text);
+        assert!(p.contains("config.toml:9:13: max_delay = \"18446744073709551615s\" is out of range"), "{p}");
+        assert!(p.contains("hint: use 0s to 1m"), "{p}");
+    }
+
+    #[test]
+    fn every_duration_setting_has_bounds() {
+        let cases = [
+            ("status_interval = \"2s\"", "status_interval = \"0s\"", "use 100ms to 10m"),
+            ("status_interval = \"2s\"", "status_interval = \"18446744073709551615s\"", "use 100ms to 10m"),
+            ("status_interval = \"2s\"", "status_interval = \"50ms\"\nread_timeout = \"1ms\"", "use 1s to 1h"),
+            ("status_interval = \"2s\"", "read_timeout = \"9999h\"", "use 1s to 1h"),
+            ("status_interval = \"2s\"", "heartbeat_interval = \"0s\"", "use 100ms to 1h"),
+            ("status_interval = \"2s\"", "heartbeat_interval = \"18446744073709551615s\"", "use 100ms to 1h"),
+        ];
+        for (from, to, hint) in cases {
+            let p = problems(&GOOD.replace(from, to));
+            assert!(p.contains("is out of range") && p.contains(hint), "{to}: {p}");
+        }
+        let c = parse(&format!("{GOOD}[batch]\nmax_delay = \"1m\"\n")).unwrap();
+        assert_eq!(c.batch.max_delay, Duration::from_secs(60));
+        assert!(parse(&GOOD.replace("status_interval = \"2s\"", "heartbeat_interval = \"off\"")).is_ok());
     }
 
     #[test]

@@ -643,8 +643,9 @@ impl Reader<'_> {
             }
             // A batch held back only by an open transaction still goes once it is old.
             let batch_due = match session.batch.opened() {
+                // Checked: a delay past the clock's range means the age alone never sends it.
                 Some(opened) if applier_idle && session.open.is_some() => {
-                    Some(tokio::time::Instant::from_std(opened + batch_config.max_delay))
+                    opened.checked_add(batch_config.max_delay).map(tokio::time::Instant::from_std)
                 }
                 _ => None,
             };

@@ -435,7 +435,8 @@ impl Session {
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let deadline = self.limits.duration.map(|d| tokio::time::Instant::now() + d);
+        // Checked: a --duration past the clock's range is no deadline at all.
+        let deadline = self.limits.duration.and_then(|d| tokio::time::Instant::now().checked_add(d));
         let mut stop: Option<StopReason> = None;
         let mut grace: Option<tokio::time::Instant> = None;
         let mut signalled = false;
