@@ -336,6 +336,88 @@ async fn write_response(stream: &mut TcpStream, r: &Response) -> std::io::Result
     stream.shutdown().await
 }
 
+/// Why [`probe`] got no answer from `/healthz`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The listen address is not `host:port`.
+    #[error("invalid metrics listen address `{0}`; write host:port in `[metrics] listen`")]
+    Address(String),
+    /// Connecting, sending or reading failed.
+    #[error("no answer from /healthz on {addr}; is walbust running with this config?")]
+    Io {
+        /// The address connected to.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No complete answer within the timeout.
+    #[error("no answer from /healthz on {addr} within {timeout:?}")]
+    Timeout {
+        /// The address connected to.
+        addr: String,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// The answer is not an HTTP response.
+    #[error("/healthz on {addr} answered something that is not an HTTP/1.x response")]
+    Malformed {
+        /// The address connected to.
+        addr: String,
+    },
+}
+
+/// What `/healthz` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeAnswer {
+    /// The HTTP status code: 200 when healthy, 503 with reasons otherwise.
+    pub status: u16,
+    /// The body: `ok`, or the reasons.
+    pub body: String,
+}
+
+/// The address a local probe connects to for `listen`: the loopback address of the same
+/// family when walbust listens on every interface (`0.0.0.0`, `[::]`).
+pub fn probe_address(listen: &str) -> Result<std::net::SocketAddr, ProbeError> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let addr: SocketAddr = listen.parse().map_err(|_| ProbeError::Address(listen.to_string()))?;
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    Ok(SocketAddr::new(ip, addr.port()))
+}
+
+/// `GET /healthz` from the server listening on `listen`, for container health checks and
+/// scripts on images without an HTTP client. The whole exchange is bounded by `timeout`.
+pub async fn probe(listen: &str, timeout: Duration) -> Result<ProbeAnswer, ProbeError> {
+    let addr = probe_address(listen)?;
+    let name = addr.to_string();
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let request = format!("GET /healthz HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        // The server closes after one response; a health body is small.
+        (&mut stream).take(64 * 1024).read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => return Err(ProbeError::Timeout { addr: name, timeout }),
+        Ok(Err(source)) => return Err(ProbeError::Io { addr: name, source }),
+        Ok(Ok(a)) => String::from_utf8_lossy(&a).into_owned(),
+    };
+    let malformed = || ProbeError::Malformed { addr: name.clone() };
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok(ProbeAnswer { status, body: body.to_string() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,5 +641,24 @@ mod tests {
         let why = h.check().unwrap_err();
         assert!(why.len() < MAX_REASON + 50, "{}", why.len());
         assert!(why.ends_with("..."));
+    }
+
+    #[tokio::test]
+    async fn probe_reads_healthz_status_and_reasons_on_a_wildcard_listen_address() {
+        let health = Health::new();
+        let server = Server::start(Metrics::new(), health.clone(), Limits::default()).await;
+        let listen = format!("0.0.0.0:{}", server.addr.port());
+        let down = probe(&listen, DEADLINE).await.expect("an answer");
+        assert_eq!(down.status, 503, "{down:?}");
+        assert!(down.body.ends_with(": starting\n"), "{down:?}");
+        health.streaming();
+        let up = probe(&listen, DEADLINE).await.expect("an answer");
+        assert_eq!(up, ProbeAnswer { status: 200, body: "ok\n".into() });
+        server.stop().await;
+
+        let closed = probe(&listen, DEADLINE).await.expect_err("nothing listens any more");
+        assert!(closed.to_string().starts_with("no answer from /healthz on 127.0.0.1:"), "{closed}");
+        assert_eq!(probe_address("[::]:9").expect("valid").to_string(), "[::1]:9");
+        assert!(matches!(probe("off", DEADLINE).await, Err(ProbeError::Address(_))));
     }
 }

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Command::Check { config, online, deny_warnings } => {
             runtime.block_on(cli::check::check(&config, online, deny_warnings))
         }
+        Command::Health { config } => runtime.block_on(cli::health::health(&config)),
         Command::Demo => runtime.block_on(cli::demo::demo()),
         Command::Status { config, json } => runtime.block_on(cli::status::status(&config, json)),
         Command::Setup { config, app_roles, admin_url, apply } => {

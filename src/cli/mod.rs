@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod demo;
+pub mod health;
 pub mod invalidate;
 pub mod record;
 pub mod replay;
@@ -64,6 +65,12 @@ pub enum Command {
         /// Treat warnings as failures.
         #[arg(long)]
         deny_warnings: bool,
+    },
+    /// Ask a running walbust's /healthz (on `[metrics] listen`); exit 0 when healthy, 1 when not or unreachable.
+    Health {
+        /// The config file (for `[metrics] listen`).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
     },
     /// Start a throwaway Postgres and Redis, run the pipeline over scripted writes, and show what it invalidates.
     Demo,

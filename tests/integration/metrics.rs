@@ -45,6 +45,14 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
     let walbust = Walbust::spawn(&["--log-level", "warn", "run", "--config"], &files.path, Stdio::inherit());
     let healthy = move || async move { get(port, "/healthz").is_some_and(|(code, _)| code == 200) };
     wait_until(Duration::from_secs(30), "/healthz to report healthy", healthy).await;
+    // The container health check: `walbust health` finds /healthz through the same config.
+    let probe = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
+        .args(["health", "--config"])
+        .arg(&files.path)
+        .output()
+        .expect("walbust health runs");
+    assert_eq!(probe.status.code(), Some(0), "{probe:?}");
+    assert_eq!(String::from_utf8_lossy(&probe.stdout), "ok\n");
 
     let before = get(port, "/metrics").expect("metrics").1;
     for i in 1..=20 {
