@@ -363,7 +363,7 @@ pub fn column_diagnostics(catalog: &Catalog, rules: &RuleSet) -> Diagnostics {
 }
 
 fn read_file(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok()
+    crate::user_file::read_to_string(path, crate::user_file::Kind::Rules).ok()
 }
 
 /// An identifier as SQL: bare when it is a plain lowercase name, quoted otherwise.

@@ -6,6 +6,7 @@
 
 use crate::diagnostic::{self, Diagnostic, Diagnostics, LineIndex};
 use crate::source::ConnInfo;
+use crate::user_file::{self, Kind, ReadError};
 use serde::Deserialize;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -174,14 +175,8 @@ struct RawBatch {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The path given.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] ReadError),
     /// The file has problems, listed with their places.
     #[error("{0}")]
     Invalid(Diagnostics),
@@ -190,7 +185,7 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates `path`, taking `${VAR}` values and `PG*` defaults from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = user_file::read_to_string(path, Kind::Config)?;
         Config::parse(path, &text, &|name| std::env::var(name).ok())
     }
 
@@ -277,11 +272,11 @@ impl Validator<'_> {
             }
         };
         if let Some(file) = &raw.password_file {
-            match std::fs::read_to_string(self.relative(file.get_ref())) {
+            match user_file::read_to_string(&self.relative(file.get_ref()), Kind::Password) {
                 Ok(pw) => conninfo.password = Some(pw.trim_end_matches(['\r', '\n']).to_string()),
                 Err(e) => self.error(
                     file.span(),
-                    format!("cannot read password_file `{}`: {e}", file.get_ref()),
+                    format!("cannot use password_file `{}`: {}", file.get_ref(), e.with_reason()),
                     Some("give a readable file holding only the password"),
                 ),
             }
@@ -372,12 +367,12 @@ impl Validator<'_> {
         }
         let ca_pem = match &raw.ca_file {
             None => None,
-            Some(file) => match std::fs::read(self.relative(file.get_ref())) {
+            Some(file) => match user_file::read(&self.relative(file.get_ref()), Kind::Pem) {
                 Ok(pem) => Some(pem),
                 Err(e) => {
                     self.error(
                         file.span(),
-                        format!("cannot read ca_file `{}`: {e}", file.get_ref()),
+                        format!("cannot use ca_file `{}`: {}", file.get_ref(), e.with_reason()),
                         Some("give the PEM file of the CA that signed the Redis server certificate"),
                     );
                     None
@@ -590,6 +585,34 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
         let c = parse(&format!("{GOOD}[batch]\nmax_delay = \"1m\"\n")).unwrap();
         assert_eq!(c.batch.max_delay, Duration::from_secs(60));
         assert!(parse(&GOOD.replace("status_interval = \"2s\"", "heartbeat_interval = \"off\"")).is_ok());
+    }
+
+    #[test]
+    fn password_file_dev_zero_and_ca_file_dev_urandom_are_refused_instead_of_read_until_oom() {
+        let text = GOOD
+            .replace("status_interval = \"2s\"", "password_file = \"/dev/zero\"")
+            .replace("cache:6379/0\"", "cache:6379/0\"\nca_file = \"/dev/urandom\"");
+        let p = problems(&text);
+        assert!(
+            p.contains("config.toml:5:17: cannot use password_file `/dev/zero`: password file /dev/zero is a device"),
+            "{p}"
+        );
+        assert!(
+            p.contains("config.toml:8:11: cannot use ca_file `/dev/urandom`: PEM file /dev/urandom is a device"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_hostile_config_file_is_a_read_error_with_the_reason() {
+        let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(e, ConfigError::Read(ReadError::NotRegular { .. })), "{e}");
+        let e = Config::load(Path::new("/missing/config.toml")).unwrap_err();
+        let ConfigError::Read(e) = e else { panic!("{e}") };
+        assert_eq!(
+            e.with_reason(),
+            "cannot read config file /missing/config.toml: No such file or directory (os error 2)"
+        );
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! rule tests offline through the same router and batch. [`recording`] captures the change
 //! stream to a file from a temporary slot of its own (`walbust record`) and replays it through
 //! the same router and batch (`walbust replay`). [`throwaway`] starts disposable
-//! Postgres and Redis servers for `walbust demo`, the tests and the benchmarks.
+//! Postgres and Redis servers for `walbust demo`, the tests and the benchmarks. Every file a
+//! user names is read through [`user_file`], regular files only and with a size cap per kind.
 
 pub mod action;
 pub mod batch;
@@ -40,3 +41,4 @@ pub mod sink;
 pub mod source;
 pub mod status;
 pub mod throwaway;
+pub mod user_file;

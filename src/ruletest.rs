@@ -261,15 +261,14 @@ pub fn load(files: &[PathBuf]) -> Result<Loaded, Diagnostics> {
     let mut rule_sets = RuleCache::default();
     let mut suites = Vec::new();
     for file in files {
-        match std::fs::read_to_string(file) {
+        match crate::user_file::read_to_string(file, crate::user_file::Kind::RuleTest) {
             Ok(text) => {
                 if let Some(suite) = parse_file(file, &text, &mut rule_sets, &mut problems) {
                     suites.push(suite);
                 }
             }
             Err(e) => problems.push(
-                Diagnostic::error(file, "", None, format!("cannot read test file: {e}"))
-                    .with_hint("check the path and its permissions"),
+                Diagnostic::error(file, "", None, e.with_reason()).with_hint("check the path and its permissions"),
             ),
         }
     }

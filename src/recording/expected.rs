@@ -5,6 +5,7 @@
 use super::format::RecordingError;
 use super::replay;
 use crate::rules::RuleSet;
+use crate::user_file::{self, Kind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -34,15 +35,14 @@ pub struct LoadError {
 impl RecordingCase {
     /// Reads both files (`dir` is the test file's directory) and checks the whole recording.
     pub fn load(dir: &Path, recording: &str, expect_file: &str) -> Result<Self, LoadError> {
-        let read = |name: &str, what: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(|e| LoadError {
-                message: format!("cannot read the {what} `{}`: {e}", path.display()),
+        let read = |name: &str, kind: Kind| {
+            user_file::read(&dir.join(name), kind).map_err(|e| LoadError {
+                message: e.with_reason(),
                 hint: "paths are relative to the test file's directory".into(),
             })
         };
-        let contents = read(recording, "recording")?;
-        let expected = read(expect_file, "expected output")?;
+        let contents = read(recording, Kind::Recording)?;
+        let expected = read(expect_file, Kind::Expected)?;
         let expected = String::from_utf8(expected).map_err(|_| LoadError {
             message: format!("the expected output `{expect_file}` is not UTF-8 text"),
             hint: format!("write it with: walbust replay --rules RULES {recording} > {expect_file}"),
@@ -190,7 +190,7 @@ mod tests {
         let with_tx = "recording = \"r.jsonl\"\nexpect_file = \"r.expected\"\n[[test.tx]]\nchanges = [{ message = { keys = [\"a\"] } }]\nexpect = []\n";
         assert!(errors(with_tx).contains("also lists transactions or tables"));
         assert!(
-            errors("recording = \"nope.jsonl\"\nexpect_file = \"r.expected\"\n").contains("cannot read the recording")
+            errors("recording = \"nope.jsonl\"\nexpect_file = \"r.expected\"\n").contains("cannot read recording ")
         );
     }
 

@@ -259,9 +259,9 @@ impl RuleSet {
         }
         let mut sources = Vec::new();
         for file in &files {
-            match std::fs::read_to_string(file) {
+            match crate::user_file::read_to_string(file, crate::user_file::Kind::Rules) {
                 Ok(text) => sources.push((file.clone(), text)),
-                Err(e) => problems.push(Diagnostic::error(file, "", None, format!("cannot read rule file: {e}"))),
+                Err(e) => problems.push(Diagnostic::error(file, "", None, e.with_reason())),
             }
         }
         let mut loaded = RuleSet::from_sources(&sources).map_err(|mut d| {
@@ -347,6 +347,16 @@ mod tests {
         let sep = if one_line { ", " } else { ",\n  " };
         let keys: Vec<String> = (0..n).map(|i| format!("\"k:{{id}}:{i}\"")).collect();
         format!("[[rule]]\nname = \"big\"\ntable = \"t\"\nkeys = [\n  {}\n]\n", keys.join(sep))
+    }
+
+    #[test]
+    fn a_garbage_rule_file_over_the_cap_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("garbage.toml");
+        std::fs::write(&file, vec![b'['; (16 << 20) + 1]).unwrap();
+        let problems = RuleSet::load(&[dir.path().join("*.toml").display().to_string()]).unwrap_err();
+        assert_eq!(problems.0.len(), 1, "{problems}");
+        assert!(problems.to_string().contains("is larger than 16 MiB (the cap for a rule file)"), "{problems}");
     }
 
     #[test]

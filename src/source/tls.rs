@@ -12,8 +12,8 @@
 //! tokio-rustls) and [`connect_sql`](super::connect_sql) (through
 //! `tokio_postgres_rustls::MakeRustlsConnect`).
 
-use std::fs;
-use std::io::{self, BufReader};
+use std::io::BufReader;
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
@@ -25,6 +25,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 
 use super::SourceError;
 use super::conninfo::{ConnInfo, SslMode};
+use crate::user_file::{self, Kind};
 
 const ROOTCERT_HINT: &str = "set sslrootcert to the CA that signed the server certificate, or sslmode=require";
 
@@ -130,10 +131,7 @@ fn load_roots(info: &ConnInfo, mode: SslMode) -> Result<RootCertStore, SourceErr
 
 fn load_certs(path: &str, key: &str) -> Result<Vec<CertificateDer<'static>>, SourceError> {
     let hint = if key == "sslrootcert" { format!("; {ROOTCERT_HINT}") } else { String::new() };
-    let bytes = fs::read(path).map_err(|e| {
-        let what = if e.kind() == io::ErrorKind::NotFound { "does not exist" } else { "cannot be read" };
-        config_error(&format!("{key} file `{path}` {what}{hint}"), Some(e.into()))
-    })?;
+    let bytes = read_pem(path, key, &hint)?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(bytes.as_slice()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| config_error(&format!("{key} file `{path}` is not valid PEM{hint}"), Some(e.into())))?;
@@ -143,9 +141,16 @@ fn load_certs(path: &str, key: &str) -> Result<Vec<CertificateDer<'static>>, Sou
     Ok(certs)
 }
 
+/// Reads a certificate or key file, a regular file of at most [`Kind::Pem`]'s cap.
+fn read_pem(path: &str, key: &str, hint: &str) -> Result<Vec<u8>, SourceError> {
+    user_file::read(Path::new(path), Kind::Pem).map_err(|e| {
+        let what = if e.is_not_found() { "does not exist" } else { "cannot be used" };
+        config_error(&format!("{key} file `{path}` {what}{hint}"), Some(e.into()))
+    })
+}
+
 fn load_key(path: &str) -> Result<PrivateKeyDer<'static>, SourceError> {
-    let bytes =
-        fs::read(path).map_err(|e| config_error(&format!("sslkey file `{path}` cannot be read"), Some(e.into())))?;
+    let bytes = read_pem(path, "sslkey", "")?;
     rustls_pemfile::private_key(&mut BufReader::new(bytes.as_slice()))
         .map_err(|e| config_error(&format!("sslkey file `{path}` is not valid PEM"), Some(e.into())))?
         .ok_or_else(|| config_error(&format!("sslkey file `{path}` holds no PEM private key"), None))
@@ -320,6 +325,7 @@ fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn info(s: &str) -> ConnInfo {
         ConnInfo::parse(s, |_| None).unwrap()
@@ -387,6 +393,19 @@ mod tests {
         fs::write(&empty, "").unwrap();
         let err = client_config(&info(&format!("sslmode=verify-ca sslrootcert={}", empty.display()))).unwrap_err();
         assert!(err.to_string().contains("holds no PEM certificates"), "{err}");
+    }
+
+    #[test]
+    fn sslrootcert_dev_zero_is_refused_instead_of_read_until_out_of_memory() {
+        let err = client_config(&info("sslmode=verify-ca sslrootcert=/dev/zero")).unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(chain.starts_with("sslrootcert file `/dev/zero` cannot be used; set sslrootcert"), "{chain}");
+        assert!(
+            chain.ends_with("PEM file /dev/zero is a device, not a regular file; give the path of a regular file"),
+            "{chain}"
+        );
+        let err = client_config(&info("sslmode=require sslcert=/dev/urandom sslkey=/dev/zero")).unwrap_err();
+        assert!(err.to_string().starts_with("sslcert file `/dev/urandom` cannot be used"), "{err}");
     }
 
     #[test]
