@@ -24,7 +24,7 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool) -> u8 
             return EXIT_USAGE;
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            super::print_config_error(&e);
             return EXIT_USAGE;
         }
     };

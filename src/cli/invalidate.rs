@@ -3,7 +3,6 @@
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use std::path::Path;
 use walbust::action::Action;
-use walbust::config::Config;
 use walbust::pipeline::error_chain;
 use walbust::sink::{RedisSink, Sink};
 
@@ -23,12 +22,9 @@ pub async fn invalidate(config_path: &Path, keys: Vec<String>, patterns: Vec<Str
         eprintln!("error: empty argument in `{empty}`; an empty key or pattern does nothing or everything");
         return EXIT_USAGE;
     }
-    let config = match Config::load(config_path) {
+    let config = match super::load_config(config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
     let mut sink = match RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()) {
         Ok(s) => s,

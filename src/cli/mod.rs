@@ -12,7 +12,8 @@ pub mod status;
 pub mod test;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use walbust::config::{Config, ConfigError};
 
 /// Exit code for success.
 pub const EXIT_OK: u8 = 0;
@@ -161,6 +162,23 @@ pub enum Command {
         #[arg(long = "tag", value_name = "SET")]
         tags: Vec<String>,
     },
+}
+
+/// Loads the config file; on failure prints why (every problem in the file, or the read
+/// error with the operating system's reason) and returns the exit code.
+pub fn load_config(path: &Path) -> Result<Config, u8> {
+    Config::load(path).map_err(|e| {
+        print_config_error(&e);
+        EXIT_USAGE
+    })
+}
+
+/// Prints a config error: each problem with its place, or `error: ` and the whole chain.
+pub fn print_config_error(e: &ConfigError) {
+    match e {
+        ConfigError::Invalid(problems) => eprintln!("{problems}"),
+        other => eprintln!("error: {}", walbust::pipeline::error_chain(other)),
+    }
 }
 
 /// Sets up `tracing` from the flags.

@@ -2,7 +2,7 @@
 
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use std::path::Path;
-use walbust::config::{Config, parse_duration};
+use walbust::config::parse_duration;
 use walbust::lsn::Lsn;
 use walbust::pipeline::error_chain;
 use walbust::recording::recorder::{Event, Limits, RecordOptions, Totals};
@@ -37,12 +37,9 @@ pub async fn record(
         eprintln!("error: --max-transactions 0 would record nothing\n  hint: give at least 1, or leave it out");
         return EXIT_USAGE;
     }
-    let config = match Config::load(config_path) {
+    let config = match super::load_config(config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
     let options = RecordOptions {
         output: output.to_path_buf(),

@@ -15,12 +15,9 @@ use walbust::sink::RedisSink;
 
 /// Runs until SIGINT or SIGTERM; returns the exit code.
 pub async fn run(config_path: &Path) -> u8 {
-    let config = match Config::load(config_path) {
+    let config = match super::load_config(config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
     let loaded = match RuleSet::load(&config.rules) {
         Ok(l) => l,

@@ -1,18 +1,13 @@
 //! `walbust status`: the replication slot as the server sees it; the logic is `walbust::status`.
 
-use super::EXIT_USAGE;
 use std::path::Path;
-use walbust::config::Config;
 use walbust::status::slot_status;
 
 /// Prints the slot's state (aligned lines, or one JSON object with `--json`); returns the exit code.
 pub async fn status(config_path: &Path, json: bool) -> u8 {
-    let config = match Config::load(config_path) {
+    let config = match super::load_config(config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
     match slot_status(&config).await {
         Ok(s) => {

@@ -3,6 +3,7 @@
 mod actions;
 mod bad_rules;
 mod check_online;
+mod config_files;
 mod connection;
 mod durability;
 mod metrics;

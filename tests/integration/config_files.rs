@@ -1,0 +1,69 @@
+//! The command line against config files that are missing, hostile or odd: every failure
+//! is quick, exits 2 and prints `error:` with the reason. No servers are needed.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs walbust with `args`, killing it if it has not finished within 60 s.
+fn walbust(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_walbust"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning walbust");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("waiting for walbust").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("walbust {args:?} still running after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("walbust output")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_missing_config_under_run_prints_error_with_the_os_reason() {
+    for command in ["run", "check", "status", "record", "invalidate"] {
+        let mut args = vec![command, "--config", "/missing/config.toml"];
+        match command {
+            "record" => args.extend(["--output", "/dev/null"]),
+            "invalidate" => args.extend(["--key", "k"]),
+            _ => {}
+        }
+        let out = walbust(&args);
+        assert_eq!(out.status.code(), Some(2), "{command}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out).trim_end(),
+            "error: cannot read config file /missing/config.toml: No such file or directory (os error 2)",
+            "{command}"
+        );
+    }
+}
+
+#[test]
+fn a_fifo_or_device_as_config_fails_at_once_instead_of_hanging_or_reading_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a path in our own temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (path, what) in [(fifo.as_path(), "a FIFO"), (Path::new("/dev/zero"), "a device")] {
+        let out = walbust(&["run", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert_eq!(
+            stderr(&out).trim_end(),
+            format!(
+                "error: config file {} is {what}, not a regular file; give the path of a regular file",
+                path.display()
+            )
+        );
+    }
+}
