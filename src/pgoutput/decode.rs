@@ -148,7 +148,7 @@ impl Decoder {
             b'Y' => LogicalMessage::Type(TypeMessage {
                 xid: self.stream_xid(&mut r)?,
                 oid: r.u32("type oid")?,
-                namespace: r.string("type namespace")?,
+                namespace: schema_name(r.string("type namespace")?),
                 name: r.string("type name")?,
             }),
             b'I' => {
@@ -268,7 +268,7 @@ impl Decoder {
     fn relation(&self, r: &mut Reader) -> Result<Relation, DecodeError> {
         let xid = self.stream_xid(r)?;
         let oid = r.u32("relation oid")?;
-        let namespace = r.string("relation namespace")?;
+        let namespace = schema_name(r.string("relation namespace")?);
         let name = r.string("relation name")?;
         let offset = r.pos;
         let identity = r.u8("replica identity")?;
@@ -441,4 +441,9 @@ impl Reader {
             count => Err(DecodeError::TrailingBytes { tag: self.tag, offset: self.pos, count }),
         }
     }
+}
+
+/// pgoutput sends `pg_catalog` as the empty string; every later stage sees the real name.
+fn schema_name(sent: String) -> String {
+    if sent.is_empty() { "pg_catalog".to_owned() } else { sent }
 }

@@ -173,7 +173,7 @@ pub struct Relation {
     pub xid: Option<u32>,
     /// Oid of the table; changes refer to the table by this number.
     pub oid: u32,
-    /// Schema name; the server sends an empty string for `pg_catalog`.
+    /// Schema name (the decoder turns the empty string the server sends for `pg_catalog` into `pg_catalog`).
     pub namespace: String,
     /// Table name.
     pub name: String,
@@ -184,10 +184,9 @@ pub struct Relation {
 }
 
 impl Relation {
-    /// The unquoted `schema.table` name, with `pg_catalog` for an empty schema.
+    /// The unquoted `schema.table` name.
     pub fn qualified_name(&self) -> String {
-        let namespace = if self.namespace.is_empty() { "pg_catalog" } else { &self.namespace };
-        format!("{namespace}.{}", self.name)
+        format!("{}.{}", self.namespace, self.name)
     }
 
     /// Position of the column called `name`, which is also its position in tuples.
@@ -203,7 +202,7 @@ pub struct TypeMessage {
     pub xid: Option<u32>,
     /// Oid of the type.
     pub oid: u32,
-    /// Schema name; the server sends an empty string for `pg_catalog`.
+    /// Schema name (the decoder turns the empty string the server sends for `pg_catalog` into `pg_catalog`).
     pub namespace: String,
     /// Type name.
     pub name: String,

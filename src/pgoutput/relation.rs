@@ -105,9 +105,8 @@ mod tests {
     }
 
     #[test]
-    fn qualified_name_maps_empty_namespace_to_pg_catalog() {
+    fn qualified_name_is_schema_dot_table() {
         assert_eq!(relation(1, "app", &[]).qualified_name(), "app.t");
-        assert_eq!(relation(1, "", &[]).qualified_name(), "pg_catalog.t");
     }
 
     #[test]

@@ -866,3 +866,25 @@ fn mutated_captured_messages_never_panic() {
     // Both outcomes must be exercised for the run to mean anything.
     assert!(ok > 1000 && err > 1000, "ok {ok}, err {err}");
 }
+
+#[test]
+fn a_relation_in_pg_catalog_sent_as_an_empty_schema_decodes_as_pg_catalog() {
+    // pgoutput writes the empty string for a relation or type in pg_catalog.
+    let relation = concat(&[
+        b"R",
+        &42u32.to_be_bytes(),
+        b"\0",
+        b"u\0",
+        b"d",
+        &1u16.to_be_bytes(),
+        b"\x01id\0",
+        &23u32.to_be_bytes(),
+        &(-1i32).to_be_bytes(),
+    ]);
+    let LogicalMessage::Relation(r) = Decoder::new(1).decode(relation).unwrap() else { panic!("not a relation") };
+    assert_eq!(r.namespace, "pg_catalog");
+    assert_eq!(r.qualified_name(), "pg_catalog.u");
+    let ty = concat(&[b"Y", &77u32.to_be_bytes(), b"\0", b"mood\0"]);
+    let LogicalMessage::Type(t) = Decoder::new(1).decode(ty).unwrap() else { panic!("not a type") };
+    assert_eq!(t.namespace, "pg_catalog");
+}
