@@ -2,6 +2,16 @@
 
 use std::fmt;
 
+/// The longest key or pattern walbust sends. A rendered key longer than this (a huge row
+/// value in a template) is widened to a pattern instead: Redis refuses a command whose
+/// argument exceeds `proto-max-bulk-len` and drops the connection, and a key this long
+/// cannot be a cache key anyone reads.
+pub const MAX_KEY_BYTES: usize = 64 * 1024;
+
+/// The longest write-through value walbust sends; a longer row is unlinked instead, so the
+/// next read fills the cache. 1 MiB is the smallest `proto-max-bulk-len` Redis allows.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+
 /// One idempotent thing to do in Redis. Applying an action twice has the effect of once,
 /// which is what makes at-least-once delivery safe (a version bump twice is two bumps,
 /// which readers of versioned keys cannot tell from one).
@@ -50,6 +60,20 @@ impl Action {
             Action::ScanIncr(_) => "scan_incr",
             Action::Publish { .. } => "publish",
             Action::Set { .. } => "set",
+        }
+    }
+
+    /// The bytes of its keys, patterns and values: what it costs to hold and to send.
+    pub fn size(&self) -> usize {
+        match self {
+            Action::Unlink(k)
+            | Action::ScanUnlink(k)
+            | Action::BustTag(k)
+            | Action::ScanBustTag(k)
+            | Action::Incr(k)
+            | Action::ScanIncr(k) => k.len(),
+            Action::Publish { channel, message } => channel.len() + message.len(),
+            Action::Set { key, value, .. } => key.len() + value.len(),
         }
     }
 

@@ -35,10 +35,24 @@ pub struct ChangeRecord {
     pub actions: Vec<Action>,
 }
 
+/// Where an action came from: for the log line and dead letter of an action Redis refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The rule that produced it, or `(manual message)`.
+    pub rule: std::sync::Arc<str>,
+    /// The position of the change or message that produced it.
+    pub lsn: Lsn,
+}
+
 /// Deduplicated actions plus the position and commits they cover.
 #[derive(Debug, Default)]
 pub struct Batch {
     actions: IndexSet<Action>,
+    /// The origin of each action, by position in `actions`.
+    origins: Vec<Option<Origin>>,
+    /// The bytes of keys, patterns and values held, so that rows with huge values cannot
+    /// make a batch of a few thousand actions take unbounded memory.
+    bytes: usize,
     /// Keys with a pending write-through `SET`, whose order against `UNLINK` matters.
     writes: HashSet<String>,
     /// The end LSN this batch acknowledges once applied, if it completes any commit.
@@ -60,18 +74,45 @@ impl Batch {
     /// and an `UNLINK` of the same key depend on their order, so the later one replaces
     /// the earlier and goes to the end.
     pub fn push(&mut self, action: Action) {
+        self.push_from(action, None);
+    }
+
+    /// [`Batch::push`], remembering where the action came from.
+    pub fn push_from(&mut self, action: Action, origin: Option<Origin>) {
         self.opened.get_or_insert_with(Instant::now);
         match &action {
             Action::Set { key, .. } | Action::Unlink(key) if self.writes.contains(key) => {
                 let key = key.clone();
-                self.actions.retain(|a| !matches!(a, Action::Set { key: k, .. } | Action::Unlink(k) if *k == key));
+                let (mut i, mut removed, origins) = (0, 0, &mut self.origins);
+                let mut kept = Vec::with_capacity(origins.len());
+                self.actions.retain(|a| {
+                    let keep = !matches!(a, Action::Set { key: k, .. } | Action::Unlink(k) if *k == key);
+                    if keep {
+                        kept.push(origins[i].take());
+                    } else {
+                        removed += a.size();
+                    }
+                    i += 1;
+                    keep
+                });
+                *origins = kept;
+                self.bytes -= removed;
             }
             _ => {}
         }
         if let Action::Set { key, .. } = &action {
             self.writes.insert(key.clone());
         }
-        self.actions.insert(action);
+        let size = action.size();
+        if self.actions.insert(action) {
+            self.origins.push(origin);
+            self.bytes += size;
+        }
+    }
+
+    /// The bytes of keys, patterns and values this batch holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Records that every action up to `lsn` is now in this batch or an earlier one.
@@ -93,8 +134,14 @@ impl Batch {
 
     /// The distinct actions as a vector, for the sink.
     pub fn take_actions(&mut self) -> Vec<Action> {
+        self.take_actions_with_origins().0
+    }
+
+    /// The distinct actions and, by position, where each came from.
+    pub fn take_actions_with_origins(&mut self) -> (Vec<Action>, Vec<Option<Origin>>) {
         self.writes.clear();
-        std::mem::take(&mut self.actions).into_iter().collect()
+        self.bytes = 0;
+        (std::mem::take(&mut self.actions).into_iter().collect(), std::mem::take(&mut self.origins))
     }
 
     /// Number of distinct actions.
@@ -150,6 +197,23 @@ mod tests {
         b.push(Action::Unlink("k".into()));
         let got: Vec<String> = b.actions().map(|a| a.to_string()).collect();
         assert_eq!(got, ["UNLINK other", "UNLINK k"], "and deleted when the row was deleted last");
+    }
+
+    #[test]
+    fn origins_follow_their_actions_through_reordering() {
+        let origin = |rule: &str, lsn| Some(Origin { rule: rule.into(), lsn: Lsn(lsn) });
+        let set = |v: &str| Action::Set { key: "k".into(), value: v.into(), ttl: None };
+        let mut b = Batch::new();
+        b.push_from(set("1"), origin("a", 1));
+        b.push_from(Action::Unlink("other".into()), origin("b", 2));
+        b.push_from(Action::Unlink("other".into()), origin("c", 3));
+        b.push_from(Action::Unlink("k".into()), origin("d", 4));
+        assert_eq!(b.bytes(), "other".len() + "k".len());
+        let (actions, origins) = b.take_actions_with_origins();
+        let got: Vec<(String, String)> =
+            actions.iter().zip(origins).map(|(a, o)| (a.to_string(), o.unwrap().rule.to_string())).collect();
+        assert_eq!(got, [("UNLINK other".into(), "b".into()), ("UNLINK k".into(), "d".into())]);
+        assert_eq!(b.bytes(), 0);
     }
 
     #[test]

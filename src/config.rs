@@ -48,6 +48,8 @@ pub struct SourceConfig {
     pub read_timeout: Duration,
     /// The logical decoding message prefix that carries manual invalidations.
     pub message_prefix: String,
+    /// Which manual invalidations are applied.
+    pub manual: crate::rules::manual::ManualPolicy,
     /// What to do when the slot is lost.
     pub on_slot_lost: OnSlotLost,
     /// Actions run after a lost slot is recreated, since invalidations in between are gone.
@@ -80,6 +82,8 @@ pub struct RedisConfig {
     pub url: String,
     /// PEM CA bundle trusted for `rediss://`, read from `ca_file`; public roots when absent.
     pub ca_pem: Option<Vec<u8>>,
+    /// JSON Lines file that actions Redis refused for good are appended to, if any.
+    pub dead_letter_file: Option<PathBuf>,
 }
 
 /// `[batch]`: how actions are grouped before they are sent.
@@ -147,6 +151,10 @@ struct RawSource {
     #[serde(default)]
     message_prefix: Option<Spanned<String>>,
     #[serde(default)]
+    manual_prefixes: Vec<String>,
+    #[serde(default)]
+    manual_match_all: bool,
+    #[serde(default)]
     on_slot_lost: Option<Spanned<String>>,
     #[serde(default)]
     flush: Option<RawFlush>,
@@ -160,6 +168,8 @@ struct RawRedis {
     url: Spanned<String>,
     #[serde(default)]
     ca_file: Option<Spanned<String>>,
+    #[serde(default)]
+    dead_letter_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -352,6 +362,10 @@ impl Validator<'_> {
             status_interval,
             read_timeout,
             message_prefix: raw.message_prefix.map_or_else(|| "walbust".to_string(), Spanned::into_inner),
+            manual: crate::rules::manual::ManualPolicy {
+                prefixes: raw.manual_prefixes,
+                match_all: raw.manual_match_all,
+            },
         })
     }
 
@@ -379,7 +393,8 @@ impl Validator<'_> {
                 }
             },
         };
-        Some(RedisConfig { url, ca_pem })
+        let dead_letter_file = raw.dead_letter_file.map(|f| self.relative(&f));
+        Some(RedisConfig { url, ca_pem, dead_letter_file })
     }
 
     /// A path from the file, relative to the config file's directory.

@@ -35,6 +35,12 @@ pub const COMMITS: &str = "walbust_commits_total";
 pub const ACTIONS: &str = "walbust_actions_total";
 /// Counter, labels `rule` and `reason`: actions widened to a pattern because a value was missing.
 pub const WIDENED: &str = "walbust_widened_actions_total";
+/// Counter, labels `rule` and `kind`: actions Redis refused for good (an error reply that
+/// retrying cannot fix), set aside as dead letters so the stream goes on.
+pub const DEAD_LETTERS: &str = "walbust_dead_letters_total";
+/// Counter, label `reason`: actions of manual invalidation messages refused (outside
+/// `manual_prefixes`, a match-everything pattern, too long) or whole messages skipped (malformed).
+pub const MANUAL_REFUSED: &str = "walbust_manual_refused_total";
 /// Counter: batches Redis acknowledged.
 pub const BATCHES: &str = "walbust_batches_total";
 /// Counter: failed batch applies to Redis (each is retried).
@@ -261,6 +267,8 @@ pub struct Metrics {
     commits: Counter,
     actions: Family<2>,
     widened: Family<2>,
+    dead_letters: Family<2>,
+    manual_refused: Family<1>,
     batches: Counter,
     redis_errors: Counter,
     redis_apply: Histogram,
@@ -282,6 +290,8 @@ impl Default for Metrics {
             commits: Counter::default(),
             actions: Family::new(["rule", "kind"]),
             widened: Family::new(["rule", "reason"]),
+            dead_letters: Family::new(["rule", "kind"]),
+            manual_refused: Family::new(["reason"]),
             batches: Counter::default(),
             redis_errors: Counter::default(),
             redis_apply: Histogram::new(REDIS_APPLY_BUCKETS),
@@ -377,6 +387,16 @@ impl Metrics {
         self.widened.counter([rule, reason])
     }
 
+    /// Counts one action of `rule` and `kind` that Redis refused for good.
+    pub fn dead_letter(&self, rule: &str, kind: &str) {
+        self.dead_letters.counter([rule, kind]).inc();
+    }
+
+    /// Counts one refused part of a manual invalidation message.
+    pub fn manual_refused(&self, reason: &str) {
+        self.manual_refused.counter([reason]).inc();
+    }
+
     /// Counts one batch Redis acknowledged.
     pub fn batch_applied(&self) {
         self.batches.inc();
@@ -458,6 +478,15 @@ impl Metrics {
             "Actions widened to a pattern because a value was missing, by rule and reason.",
         );
         render_family(&mut out, WIDENED, &self.widened);
+        header(
+            &mut out,
+            DEAD_LETTERS,
+            "counter",
+            "Actions Redis refused for good (an error reply retrying cannot fix), by rule and kind; the stream went on.",
+        );
+        render_family(&mut out, DEAD_LETTERS, &self.dead_letters);
+        header(&mut out, MANUAL_REFUSED, "counter", "Refused parts of manual invalidation messages, by reason.");
+        render_family(&mut out, MANUAL_REFUSED, &self.manual_refused);
         header(&mut out, BATCHES, "counter", "Batches Redis acknowledged.");
         let _ = writeln!(out, "{BATCHES} {}", self.batches.get());
         header(&mut out, REDIS_ERRORS, "counter", "Failed batch applies to Redis; each is retried.");

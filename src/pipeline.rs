@@ -14,7 +14,7 @@
 //! sees a position that has not been applied.
 
 use crate::action::Action;
-use crate::batch::{Batch, ChangeRecord, CommitRecord};
+use crate::batch::{Batch, ChangeRecord, CommitRecord, Origin};
 use crate::config::Config;
 use crate::config::OnSlotLost;
 use crate::health::Health;
@@ -23,10 +23,11 @@ use crate::metrics::{CounterCache, Metrics};
 use crate::pgoutput::{self, DecodeError, Decoder, LogicalMessage, RelationCache};
 use crate::progress::Progress;
 use crate::rules::{Change, Op, Routed, Router, RuleSet, manual};
-use crate::sink::Sink;
+use crate::sink::{DeadLetter, Sink};
 use crate::source::slot::{self, SetupError, SlotPolicy};
 use crate::source::{ReplicationConn, ReplicationFrame, ReplicationStream, SourceError};
 use futures_util::FutureExt;
+use futures_util::future::FusedFuture;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,6 +38,13 @@ use tracing::{debug, error, info, warn};
 
 /// Shortest pause between two status updates sent because the flushed position moved.
 const STATUS_COALESCE: Duration = Duration::from_millis(50);
+
+/// Bytes of keys, patterns and values after which a batch is sent whatever its action
+/// count, so rows with huge values keep memory bounded.
+const MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// The rule name that actions of manual invalidation messages are logged and counted under.
+const MANUAL_RULE: &str = "(manual message)";
 
 /// How long shutdown waits for Redis to take the last batch before giving up on it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -180,6 +188,8 @@ pub enum Event {
 struct Sealed {
     seq: u64,
     actions: Vec<Action>,
+    /// Where each action came from, by position (none for flush actions).
+    origins: Vec<Option<Origin>>,
     ack: Option<Lsn>,
     commits: Vec<CommitRecord>,
     changes: Vec<ChangeRecord>,
@@ -227,7 +237,13 @@ pub async fn run<S: Sink>(
         sink,
         rx,
         applied_tx,
-        Observers { events: observer.clone(), stats: stats.clone(), metrics: metrics.clone(), health: health.clone() },
+        Observers {
+            events: observer.clone(),
+            dead_letter_file: config.redis.dead_letter_file.clone(),
+            stats: stats.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+        },
         abandon.clone(),
     ));
     let mut reader = Reader {
@@ -249,9 +265,15 @@ pub async fn run<S: Sink>(
         health,
         counters: CounterCache::default(),
         change_counters: CounterCache::default(),
+        heartbeat_nonce: heartbeat_nonce(),
     };
-    let heartbeat =
-        config.source.heartbeat_interval.map(|every| tokio::spawn(heartbeat(config.source.conninfo.clone(), every)));
+    let nonce = reader.heartbeat_nonce;
+    let heartbeat = config
+        .source
+        .heartbeat_interval
+        .map(|every| tokio::spawn(heartbeat(config.source.conninfo.clone(), every, nonce)));
+    // Fused: after a stop is requested, a failure while finishing must not poll it again.
+    let shutdown = shutdown.fuse();
     tokio::pin!(shutdown);
     let result = reader.run(shutdown.as_mut()).await;
     if let Some(h) = heartbeat {
@@ -264,15 +286,41 @@ pub async fn run<S: Sink>(
         Ok(_) => result,
         Err(_) => {
             abandon.notify_one();
-            result.and(Err(PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE)))
+            if result.is_ok() {
+                let unapplied = PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE);
+                warn!(error = %unapplied, "stopped with a batch unapplied");
+            }
+            result
         }
     }
+}
+
+/// A number this process picks at random and writes into each of its heartbeats: any role
+/// may emit a message with the heartbeat prefix, but only this process's own heartbeats
+/// carry it, so a forged one cannot move the heartbeat gauge.
+fn heartbeat_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the operating system's randomness.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
+}
+
+/// The body of a heartbeat: the nonce and the time it was written, in Postgres microseconds.
+fn heartbeat_body(nonce: u64, written: i64) -> String {
+    format!("{nonce:016x} {written}")
+}
+
+/// The write time of a heartbeat body carrying `nonce`; `None` for anything else.
+fn heartbeat_time(nonce: u64, body: &[u8]) -> Option<i64> {
+    let (sent_nonce, written) = std::str::from_utf8(body).ok()?.split_once(' ')?;
+    (u64::from_str_radix(sent_nonce, 16).ok()? == nonce).then(|| written.parse().ok()).flatten()
 }
 
 /// Writes a non-transactional logical message every `every`, carrying the time it was
 /// written: the slot advances even when the database is idle, and its arrival measures the
 /// whole path's latency.
-async fn heartbeat(conninfo: crate::source::ConnInfo, every: Duration) {
+async fn heartbeat(conninfo: crate::source::ConnInfo, every: Duration, nonce: u64) {
     let mut warned = false;
     loop {
         let client = match crate::source::connect_sql(&conninfo).await {
@@ -289,7 +337,7 @@ async fn heartbeat(conninfo: crate::source::ConnInfo, every: Duration) {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let now = crate::source::now_pg_micros().to_string();
+            let now = heartbeat_body(nonce, crate::source::now_pg_micros());
             let sql = "SELECT pg_logical_emit_message(false, $1, $2)";
             if let Err(e) = client.execute(sql, &[&HEARTBEAT_PREFIX, &now]).await {
                 warn!(error = %error_chain(&e), "writing a heartbeat failed; reconnecting");
@@ -304,6 +352,7 @@ async fn heartbeat(conninfo: crate::source::ConnInfo, every: Duration) {
 /// Where the applier reports what it did.
 struct Observers {
     events: Option<mpsc::UnboundedSender<Event>>,
+    dead_letter_file: Option<std::path::PathBuf>,
     stats: Arc<Stats>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -316,7 +365,7 @@ async fn apply_loop<S: Sink>(
     observers: Observers,
     abandon: Arc<tokio::sync::Notify>,
 ) {
-    let Observers { events, stats, metrics, health } = observers;
+    let Observers { events, dead_letter_file, stats, metrics, health } = observers;
     while let Some(batch) = rx.recv().await {
         let mut backoff = Duration::from_millis(50);
         let since = Instant::now();
@@ -343,6 +392,9 @@ async fn apply_loop<S: Sink>(
                 }
             }
         }
+        for dead in sink.take_dead_letters() {
+            set_aside(&batch, &dead, &metrics, dead_letter_file.as_deref());
+        }
         Stats::add(&stats.batches, 1);
         metrics.batch_applied();
         let now = SystemTime::now();
@@ -363,6 +415,35 @@ async fn apply_loop<S: Sink>(
                 at: now,
             });
         }
+    }
+}
+
+/// Logs, counts and (when configured) writes down an action Redis refused for good. The
+/// batch counts as applied: retrying the same command would fail the same way and stop
+/// every invalidation behind it.
+fn set_aside(batch: &Sealed, dead: &DeadLetter, metrics: &Metrics, file: Option<&std::path::Path>) {
+    let Some(action) = batch.actions.get(dead.action) else { return };
+    let origin = batch.origins.get(dead.action).cloned().flatten();
+    let rule = origin.as_ref().map_or("(flush)", |o| &*o.rule);
+    let lsn = origin.as_ref().map(|o| o.lsn.to_string()).unwrap_or_default();
+    metrics.dead_letter(rule, action.kind());
+    error!(rule = %rule, lsn = %lsn, kind = action.kind(), error = %dead.error,
+        "redis refused an action for good; it is set aside as a dead letter and the stream goes on");
+    let Some(path) = file else { return };
+    let line = serde_json::json!({
+        "unix_time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+        "rule": rule,
+        "lsn": lsn,
+        "action": action.to_string(),
+        "error": dead.error,
+    });
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+    if let Err(e) = written {
+        error!(file = %path.display(), error = %e, "cannot append to dead_letter_file");
     }
 }
 
@@ -431,6 +512,8 @@ struct Reader<'a> {
     counters: CounterCache<(usize, usize)>,
     /// Change counters by (relation OID, op).
     change_counters: CounterCache<(u32, Op)>,
+    /// Identifies this process's own heartbeats.
+    heartbeat_nonce: u64,
 }
 
 /// What the reader knows about its slot across reconnects.
@@ -468,11 +551,20 @@ impl Session {
 }
 
 impl Reader<'_> {
-    async fn run(&mut self, mut shutdown: Pin<&mut impl Future<Output = ()>>) -> Result<(), PipelineError> {
+    async fn run(&mut self, mut shutdown: Pin<&mut impl FusedFuture<Output = ()>>) -> Result<(), PipelineError> {
         let mut backoff = Duration::from_millis(100);
         let mut busy = 0;
         loop {
             let attempt = self.session(shutdown.as_mut()).await;
+            if shutdown.is_terminated() {
+                // A stop was requested: whatever went wrong while finishing, nothing is lost,
+                // since only what Redis applied was ever acknowledged.
+                if let Err(e) = attempt {
+                    warn!(slot = %self.config.source.slot, flushed = %self.progress.flushed(), error = %error_chain(&e),
+                        "stopped without acknowledging the last applied commits; they will be replayed on the next start");
+                }
+                return Ok(());
+            }
             let err = match attempt {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Ok(SessionEnd::ServerClosed) => {
@@ -569,6 +661,7 @@ impl Reader<'_> {
             Ok(SessionEnd::Shutdown) => {
                 self.finish(&mut stream, &mut session).await?;
                 stream.finish().await?;
+                info!(slot = %self.config.source.slot, flushed = %self.progress.flushed(), "stopped; everything applied is acknowledged");
                 Ok(SessionEnd::Shutdown)
             }
             other => other,
@@ -581,7 +674,14 @@ impl Reader<'_> {
         let actions = self.config.source.flush.clone();
         warn!(slot = %self.config.source.slot, actions = actions.len(), "running the flush actions for the recreated slot");
         self.sent_seq += 1;
-        let batch = Sealed { seq: self.sent_seq, actions, ack: None, commits: Vec::new(), changes: Vec::new() };
+        let batch = Sealed {
+            seq: self.sent_seq,
+            actions,
+            origins: Vec::new(),
+            ack: None,
+            commits: Vec::new(),
+            changes: Vec::new(),
+        };
         // The applier holds the receiver for as long as the reader runs.
         let _ = self.tx.send(batch).await;
     }
@@ -602,9 +702,7 @@ impl Reader<'_> {
             }
             self.absorb_applied();
         }
-        self.send_status(stream, false).await?;
-        info!(slot = %self.config.source.slot, flushed = %self.progress.flushed(), "stopped; everything applied is acknowledged");
-        Ok(())
+        self.send_status(stream, false).await
     }
 
     async fn stream(
@@ -617,7 +715,7 @@ impl Reader<'_> {
         let status_interval = self.config.source.status_interval;
         let mut status = tokio::time::interval(status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let full = |batch: &Batch| batch.len() >= batch_config.max_actions;
+        let full = |batch: &Batch| batch.len() >= batch_config.max_actions || batch.bytes() >= MAX_BATCH_BYTES;
         loop {
             if session.open.is_none()
                 && let Some(rules) = self.pending_rules.take()
@@ -767,6 +865,9 @@ impl Reader<'_> {
                 session.batch.commit(CommitRecord { xid, end_lsn: c.end_lsn, commit_time });
             }
             LogicalMessage::Relation(r) => {
+                // A Relation message after RENAME or SET SCHEMA brings a new name for a known
+                // OID: counters resolved under the old name must be looked up again.
+                self.change_counters.clear();
                 let relation = session.relations.insert(r);
                 for m in self.router.bind(&relation) {
                     error!(rule = %m.rule, table = %m.table, column = %m.column, lsn = %lsn,
@@ -787,7 +888,10 @@ impl Reader<'_> {
                 self.manual(session, lsn, &m.content);
             }
             LogicalMessage::Message(m) if m.prefix == HEARTBEAT_PREFIX => {
-                let sent = std::str::from_utf8(&m.content).ok().and_then(|t| t.parse::<i64>().ok());
+                let sent = heartbeat_time(self.heartbeat_nonce, &m.content);
+                if sent.is_none() {
+                    debug!(lsn = %lsn, "ignoring a heartbeat message this process did not write");
+                }
                 if let Some(sent) = sent {
                     let lag = SystemTime::now().duration_since(pgoutput::pg_time_to_system(sent)).unwrap_or_default();
                     self.stats.heartbeat_lag_us.store(lag.as_micros() as u64, Ordering::Relaxed);
@@ -855,7 +959,7 @@ impl Reader<'_> {
                 self.metrics.widened(&r.rule, why.as_str());
                 debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
             }
-            batch.push(r.action);
+            batch.push_from(r.action, Some(Origin { rule: r.rule, lsn }));
         }
         Ok(())
     }
@@ -863,14 +967,25 @@ impl Reader<'_> {
     /// A manual invalidation: applied in order with the transaction's row changes; a
     /// malformed body is logged with its LSN and skipped.
     fn manual(&mut self, session: &mut Session, lsn: Lsn, body: &[u8]) {
-        let actions = match manual::actions(body) {
+        let mut actions = match manual::actions(body) {
             Ok(a) => a,
             Err(e) => {
                 Stats::add(&self.stats.malformed_messages, 1);
+                self.metrics.manual_refused("malformed");
                 warn!(lsn = %lsn, error = %error_chain(&e), "skipping a manual invalidation message");
                 return;
             }
         };
+        let (metrics, policy) = (&self.metrics, &self.config.source.manual);
+        actions.retain(|a| match policy.check(a) {
+            Ok(()) => true,
+            Err(refusal) => {
+                metrics.manual_refused(refusal.as_str());
+                warn!(lsn = %lsn, kind = a.kind(), reason = refusal.as_str(),
+                    "refusing part of a manual invalidation message; see manual_prefixes and manual_match_all in the config");
+                false
+            }
+        });
         Stats::add(&self.stats.manual_messages, 1);
         Stats::add(&self.stats.actions, actions.len() as u64);
         if self.observer.is_some() {
@@ -882,8 +997,9 @@ impl Reader<'_> {
                 actions: actions.clone(),
             });
         }
+        let rule: Arc<str> = Arc::from(MANUAL_RULE);
         for a in actions {
-            session.batch.push(a);
+            session.batch.push_from(a, Some(Origin { rule: rule.clone(), lsn }));
         }
     }
 
@@ -905,7 +1021,8 @@ impl Reader<'_> {
     fn seal(&mut self, batch: &mut Batch) -> Sealed {
         let mut b = batch.take();
         self.sent_seq += 1;
-        Sealed { seq: self.sent_seq, actions: b.take_actions(), ack: b.ack, commits: b.commits, changes: b.changes }
+        let (actions, origins) = b.take_actions_with_origins();
+        Sealed { seq: self.sent_seq, actions, origins, ack: b.ack, commits: b.commits, changes: b.changes }
     }
 
     fn absorb_applied(&mut self) {
@@ -964,6 +1081,7 @@ mod tests {
             health: Health::new(),
             counters: CounterCache::default(),
             change_counters: CounterCache::default(),
+            heartbeat_nonce: 7,
         };
         (reader, rx, applied_tx)
     }
@@ -1051,6 +1169,85 @@ mod tests {
         assert_eq!(sealed.ack, Some(Lsn(600)));
         assert_eq!(sealed.commits.iter().map(|c| c.xid).collect::<Vec<_>>(), [7]);
         assert_eq!(session.open.map(|(xid, _)| xid), Some(8), "transaction 8 is still open");
+    }
+
+    fn relation(oid: u32, name: &str) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'R');
+        b.put_u32(oid);
+        b.put_slice(b"public\0");
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+        b.put_u8(b'd');
+        b.put_u16(1);
+        b.put_u8(1);
+        b.put_slice(b"id\0");
+        b.put_u32(23);
+        b.put_i32(-1);
+        b.freeze()
+    }
+
+    fn insert(oid: u32) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'I');
+        b.put_u32(oid);
+        b.put_u8(b'N');
+        b.put_u16(1);
+        b.put_u8(b't');
+        b.put_u32(1);
+        b.put_u8(b'1');
+        b.freeze()
+    }
+
+    #[test]
+    fn a_forged_heartbeat_does_not_move_the_heartbeat_gauge() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        let message = |body: &str| {
+            let mut b = BytesMut::new();
+            b.put_u8(b'M');
+            b.put_u8(0);
+            b.put_u64(100);
+            b.put_slice(HEARTBEAT_PREFIX.as_bytes());
+            b.put_u8(0);
+            b.put_u32(body.len() as u32);
+            b.put_slice(body.as_bytes());
+            b.freeze()
+        };
+        // Any role may emit with the heartbeat prefix: a time in 2100, bare or with another nonce.
+        let year_2100 = "3155760000000000";
+        r.on_message(&mut s, Lsn(200), message(year_2100)).unwrap();
+        r.on_message(&mut s, Lsn(210), message(&heartbeat_body(8, 3_155_760_000_000_000))).unwrap();
+        assert_eq!(Stats::get(&r.stats.heartbeats), 0, "forged heartbeats are ignored");
+        r.on_message(&mut s, Lsn(220), message(&heartbeat_body(7, crate::source::now_pg_micros()))).unwrap();
+        assert_eq!(Stats::get(&r.stats.heartbeats), 1, "the process's own heartbeat counts");
+    }
+
+    #[test]
+    fn changes_total_follows_a_table_renamed_mid_stream() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        for (lsn, data) in [(200, relation(5, "before")), (210, begin(7)), (220, insert(5)), (230, commit(300))] {
+            r.on_message(&mut s, Lsn(lsn), data).unwrap();
+        }
+        // ALTER TABLE before RENAME TO after: the server re-sends the relation under its new name.
+        for (lsn, data) in [(400, relation(5, "after")), (410, begin(8)), (420, insert(5)), (430, commit(500))] {
+            r.on_message(&mut s, Lsn(lsn), data).unwrap();
+        }
+        let text = r.metrics.render();
+        let count = |table: &str| {
+            text.lines()
+                .find(|l| l.starts_with("walbust_changes_total{") && l.contains(&format!("table=\"{table}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        };
+        assert_eq!(count("public.before").as_deref(), Some("1"), "{text}");
+        assert_eq!(
+            count("public.after").as_deref(),
+            Some("1"),
+            "the change after the rename counts under the new name\n{text}"
+        );
     }
 
     #[test]

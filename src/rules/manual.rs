@@ -5,7 +5,7 @@
 //! SELECT pg_logical_emit_message(true, 'walbust', '{"keys":["admin:defaults"]}');
 //! ```
 
-use crate::action::Action;
+use crate::action::{Action, MAX_KEY_BYTES};
 use serde::Deserialize;
 
 /// The JSON body of a manual invalidation message.
@@ -46,9 +46,108 @@ pub fn actions(body: &[u8]) -> Result<Vec<Action>, ManualError> {
     Ok(keys.chain(patterns).chain(tags).collect())
 }
 
+/// Which manual invalidations are applied. Any role that may execute
+/// `pg_logical_emit_message` can write a message, so by default a pattern must start with
+/// a literal prefix (never `*` alone), and `manual_prefixes` narrows every key, pattern and
+/// tag to the caches manual messages are meant for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManualPolicy {
+    /// Prefixes every key, tag and pattern must start with; empty for any.
+    pub prefixes: Vec<String>,
+    /// Also apply patterns with no literal prefix, such as `*` or `[a-z]*`.
+    pub match_all: bool,
+}
+
+/// Why one action of a manual message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Outside every prefix of `manual_prefixes`.
+    NotAllowed,
+    /// A pattern with no literal prefix, without `manual_match_all = true`.
+    MatchAll,
+    /// Longer than a key may be ([`MAX_KEY_BYTES`]).
+    TooLong,
+}
+
+impl Refusal {
+    /// The label value of `walbust_manual_refused_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NotAllowed => "not_allowed",
+            Refusal::MatchAll => "match_all",
+            Refusal::TooLong => "too_long",
+        }
+    }
+}
+
+impl ManualPolicy {
+    /// Whether `action`, from a manual message, may be applied.
+    pub fn check(&self, action: &Action) -> Result<(), Refusal> {
+        let (text, pattern) = match action {
+            Action::ScanUnlink(p) => (p.as_str(), true),
+            other => (other.key().unwrap_or_default(), false),
+        };
+        if text.len() > MAX_KEY_BYTES {
+            return Err(Refusal::TooLong);
+        }
+        let literal = if pattern { literal_prefix(text) } else { text.to_owned() };
+        if pattern && literal.is_empty() && !self.match_all {
+            return Err(Refusal::MatchAll);
+        }
+        if !self.prefixes.is_empty() && !self.prefixes.iter().any(|p| literal.starts_with(p.as_str())) {
+            return Err(Refusal::NotAllowed);
+        }
+        Ok(())
+    }
+}
+
+/// The characters a glob matches literally before its first wildcard, with escapes resolved.
+fn literal_prefix(glob: &str) -> String {
+    let mut out = String::new();
+    let mut chars = glob.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' | '?' | '[' => break,
+            '\\' => match chars.next() {
+                Some(escaped) => out.push(escaped),
+                None => break,
+            },
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_match_everything_pattern_is_refused_unless_allowed() {
+        let default = ManualPolicy::default();
+        for p in ["*", "?*", "[a-z]*", "\\"] {
+            let got = default.check(&Action::ScanUnlink(p.into()));
+            assert_eq!(got, Err(Refusal::MatchAll), "{p}");
+        }
+        assert_eq!(default.check(&Action::ScanUnlink("plans_*".into())), Ok(()));
+        assert_eq!(default.check(&Action::ScanUnlink("\\**".into())), Ok(()), "an escaped star is a literal");
+        assert_eq!(default.check(&Action::BustTag("x".into())), Ok(()));
+        let open = ManualPolicy { match_all: true, ..ManualPolicy::default() };
+        assert_eq!(open.check(&Action::ScanUnlink("*".into())), Ok(()));
+    }
+
+    #[test]
+    fn prefixes_narrow_keys_patterns_and_tags() {
+        let policy = ManualPolicy { prefixes: vec!["admin:".into(), "idx:".into()], match_all: false };
+        assert_eq!(policy.check(&Action::Unlink("admin:defaults".into())), Ok(()));
+        assert_eq!(policy.check(&Action::ScanUnlink("admin:plans:*".into())), Ok(()));
+        assert_eq!(policy.check(&Action::BustTag("idx:1".into())), Ok(()));
+        assert_eq!(policy.check(&Action::Unlink("session:42".into())), Err(Refusal::NotAllowed));
+        assert_eq!(policy.check(&Action::ScanUnlink("adm*".into())), Err(Refusal::NotAllowed));
+        assert_eq!(policy.check(&Action::BustTag("queue".into())), Err(Refusal::NotAllowed));
+        let long = "admin:".to_owned() + &"x".repeat(MAX_KEY_BYTES);
+        assert_eq!(policy.check(&Action::Unlink(long)), Err(Refusal::TooLong));
+    }
 
     #[test]
     fn keys_patterns_and_tags_become_actions() {

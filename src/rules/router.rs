@@ -9,7 +9,7 @@
 
 use super::template::{Filter, Image, Part, Template, Value as Placeholder};
 use super::{Op, Rule, RuleSet, TableName, Test};
-use crate::action::{Action, glob_escape_into};
+use crate::action::{Action, MAX_KEY_BYTES, MAX_VALUE_BYTES, glob_escape_into};
 use crate::pgoutput::{OldTuple, Relation, Tuple, Value};
 use std::collections::HashMap;
 use std::fmt;
@@ -33,6 +33,9 @@ pub enum Widening {
     UnknownColumn,
     /// The value is not valid UTF-8 text.
     NotText,
+    /// The key would be longer than [`MAX_KEY_BYTES`] (a huge value in the template), or a
+    /// write-through value longer than [`MAX_VALUE_BYTES`].
+    TooLong,
 }
 
 impl Widening {
@@ -46,6 +49,7 @@ impl Widening {
             Widening::NullValue => "null_value",
             Widening::UnknownColumn => "unknown_column",
             Widening::NotText => "not_text",
+            Widening::TooLong => "too_long",
         }
     }
 }
@@ -428,6 +432,26 @@ fn filtered<'v>(v: &'v str, filters: &[Filter], owned: &'v mut String) -> &'v st
 /// Renders `t` for one side. Keys come out exact when every value is known; otherwise
 /// (and always for `pattern` templates) as a glob with row values escaped.
 fn render(buf: &mut String, t: &BoundTemplate, change: &Change<'_>, side: Side, pattern: bool) -> Rendered {
+    let rendered = render_values(buf, t, change, side, pattern);
+    if buf.len() <= MAX_KEY_BYTES {
+        return rendered;
+    }
+    // Too long to send: every value becomes `*`, which still covers the key.
+    buf.clear();
+    for slot in &t.slots {
+        match slot {
+            Slot::Literal(s) if pattern => buf.push_str(s),
+            Slot::Literal(s) => glob_escape_into(buf, s),
+            Slot::Value(..) if buf.ends_with('*') => {}
+            Slot::Value(..) => buf.push('*'),
+        }
+    }
+    buf.shrink_to(MAX_KEY_BYTES);
+    Rendered::Pattern(buf.clone(), Widening::TooLong)
+}
+
+/// [`render`] before the length cap.
+fn render_values(buf: &mut String, t: &BoundTemplate, change: &Change<'_>, side: Side, pattern: bool) -> Rendered {
     let mut owned = String::new();
     buf.clear();
     let mut widened = None;
@@ -437,6 +461,10 @@ fn render(buf: &mut String, t: &BoundTemplate, change: &Change<'_>, side: Side, 
             match slot {
                 Slot::Literal(s) => buf.push_str(s),
                 Slot::Value(b, filters) => match value_of(*b, change, side) {
+                    Lookup::Known(v) if buf.len() + v.len() > MAX_KEY_BYTES => {
+                        widened = Some(Widening::TooLong);
+                        break;
+                    }
                     Lookup::Known(v) => buf.push_str(filtered(v, filters, &mut owned)),
                     Lookup::Null => {
                         widened = Some(Widening::NullValue);
@@ -459,6 +487,10 @@ fn render(buf: &mut String, t: &BoundTemplate, change: &Change<'_>, side: Side, 
             Slot::Literal(s) if pattern => buf.push_str(s),
             Slot::Literal(s) => glob_escape_into(buf, s),
             Slot::Value(b, filters) => match value_of(*b, change, side) {
+                Lookup::Known(v) if v.len() > MAX_KEY_BYTES => {
+                    widened.get_or_insert(Widening::TooLong);
+                    buf.push('*');
+                }
                 Lookup::Known(v) => glob_escape_into(buf, filtered(v, filters, &mut owned)),
                 Lookup::Null => {
                     widened.get_or_insert(Widening::NullValue);
@@ -499,6 +531,9 @@ fn refresh(buf: &mut String, f: &BoundRefresh, change: &Change<'_>, rule: &Arc<s
             }
             match new_key {
                 Rendered::Exact(key) => match row_json(f, change) {
+                    Some(value) if value.len() > MAX_VALUE_BYTES => {
+                        out.push(routed(Action::Unlink(key), Some(Widening::TooLong)))
+                    }
                     Some(value) => out.push(routed(Action::Set { key, value, ttl: f.ttl }, None)),
                     None => out.push(routed(Action::Unlink(key), Some(Widening::UnchangedToast))),
                 },
@@ -780,6 +815,27 @@ patterns = ["profile_{bio}_*"]
 
     fn row(id: &str, org: &str, bio: &str) -> Tuple {
         tuple(&[Some(id), Some(org), Some(bio)])
+    }
+
+    #[test]
+    fn a_key_rendered_from_a_huge_value_is_widened_instead_of_sent() {
+        let rules = "[[rule]]\nname = \"r\"\ntable = \"members\"\nkeys = [\"bio:{bio}:{id}\"]\npatterns = [\"p:{bio}:*\"]\n\
+                     refresh = [{ key = \"row:{id}\", columns = [\"id\", \"bio\"] }]\n";
+        let huge = "x".repeat(MAX_KEY_BYTES + 1);
+        let got = route_with(rules, Op::Insert, None, Some(row("1", "o", &huge)));
+        assert_eq!(got[..2], ["SCAN-UNLINK bio:*:1", "SCAN-UNLINK p:*:*"]);
+        assert!(
+            got[2].starts_with("SET row:1 "),
+            "a value under its own cap is still written through: {}",
+            &got[2][..40]
+        );
+        let too_big = "y".repeat(MAX_VALUE_BYTES);
+        let got = route_with(rules, Op::Insert, None, Some(row("1", "o", &too_big)));
+        assert_eq!(got[2], "UNLINK row:1", "a write-through value over the cap is unlinked instead");
+        // Below the cap the key is exact.
+        let long = "z".repeat(1000);
+        let got = route_with(rules, Op::Insert, None, Some(row("1", "o", &long)));
+        assert_eq!(got[0], format!("UNLINK bio:{long}:1"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod memory;
 mod redis;
 
 pub use self::memory::MemorySink;
-pub use self::redis::{RedisSink, RedisSinkError, redact_url};
+pub use self::redis::{RedisSink, RedisSinkError, redact_url, refused_for_good};
 
 use crate::action::Action;
 use std::future::Future;
@@ -18,6 +18,22 @@ pub trait Sink: Send + 'static {
     /// The error a failed apply reports; the pipeline logs it and retries.
     type Error: std::error::Error + Send + Sync + 'static;
 
-    /// Applies every action of a batch, returning only once all are acknowledged.
+    /// Applies every action of a batch, returning only once all are acknowledged or
+    /// refused for good (see [`Sink::take_dead_letters`]).
     fn apply(&mut self, actions: &[Action]) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The actions of the last successful apply that the target refused for good: an error
+    /// reply that retrying cannot fix. The batch counts as applied without them.
+    fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
+        Vec::new()
+    }
+}
+
+/// An action the target refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its position in the batch given to [`Sink::apply`].
+    pub action: usize,
+    /// What the target replied.
+    pub error: String,
 }

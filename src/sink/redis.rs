@@ -1,6 +1,6 @@
 //! The Redis sink: pipelined `UNLINK`s and `SCAN`-based pattern deletes through redis-rs.
 
-use super::Sink;
+use super::{DeadLetter, Sink};
 use crate::action::Action;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::Duration;
@@ -17,6 +17,8 @@ const SCAN_COUNT: usize = 1000;
 pub struct RedisSink {
     conn: ConnectionManager,
     description: String,
+    /// The actions of the batch in hand that Redis refused for good.
+    dead: Vec<DeadLetter>,
 }
 
 /// Why a batch could not be applied to Redis.
@@ -64,7 +66,7 @@ impl RedisSink {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|source| RedisSinkError::Url { url: description.clone(), source })?;
-        Ok(RedisSink { conn, description })
+        Ok(RedisSink { conn, description, dead: Vec::new() })
     }
 
     /// The target, safe to log: `redis://host:port/db` without a password.
@@ -76,26 +78,37 @@ impl RedisSink {
         move |source| RedisSinkError::Command { target: self.description.clone(), doing, source }
     }
 
+    /// Sorts the error reply of one command: one that retrying cannot fix sets the action
+    /// aside as a dead letter; any other fails the batch, which is then retried.
+    fn refused(&mut self, action: usize, doing: &'static str, e: redis::RedisError) -> Result<(), RedisSinkError> {
+        if refused_for_good(&e) {
+            self.dead.push(DeadLetter { action, error: e.to_string() });
+            Ok(())
+        } else {
+            Err(self.failed(doing)(e))
+        }
+    }
+
     /// Runs the queued simple commands as one pipeline, then the follow-ups their failures need.
-    async fn flush(&mut self, queued: &mut Vec<&Action>) -> Result<(), RedisSinkError> {
+    async fn flush(&mut self, queued: &mut Vec<(usize, &Action)>) -> Result<(), RedisSinkError> {
         if queued.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         // Consecutive UNLINKs travel as one multi-key command; `owners` maps each command to its actions.
-        let mut owners: Vec<&[&Action]> = Vec::new();
+        let mut owners: Vec<&[(usize, &Action)]> = Vec::new();
         let mut i = 0;
         while i < queued.len() {
-            let run = queued[i..].iter().take(UNLINK_CHUNK).take_while(|a| matches!(a, Action::Unlink(_))).count();
+            let run = queued[i..].iter().take(UNLINK_CHUNK).take_while(|(_, a)| matches!(a, Action::Unlink(_))).count();
             if run > 0 {
-                let keys: Vec<&str> = queued[i..i + run].iter().filter_map(|a| a.key()).collect();
+                let keys: Vec<&str> = queued[i..i + run].iter().filter_map(|(_, a)| a.key()).collect();
                 pipe.cmd("UNLINK").arg(keys);
                 owners.push(&queued[i..i + run]);
                 i += run;
                 continue;
             }
-            match queued[i] {
+            match queued[i].1 {
                 Action::Incr(k) => pipe.cmd("INCR").arg(k),
                 Action::Publish { channel, message } => pipe.cmd("PUBLISH").arg(channel).arg(message),
                 Action::Set { key, value, ttl: Some(t) } => pipe.cmd("SET").arg(key).arg(value).arg("EX").arg(*t),
@@ -107,45 +120,50 @@ impl RedisSink {
         }
         let results: Vec<redis::RedisResult<redis::Value>> =
             pipe.query_async(&mut self.conn).await.map_err(self.failed("sending a pipeline"))?;
-        let mut fallback: Vec<&str> = Vec::new();
+        let mut fallback: Vec<(usize, &[u8])> = Vec::new();
         for (result, actions) in results.into_iter().zip(owners) {
             let Err(e) = result else { continue };
             match actions {
                 // A write-through that cannot be written must not leave the old value readable.
-                [Action::Set { key, .. }] => {
+                [(index, Action::Set { key, .. })] => {
                     tracing::warn!(error = %e, "write-through SET failed; unlinking the key instead");
-                    fallback.push(key);
+                    fallback.push((*index, key.as_bytes()));
                 }
-                [Action::Incr(key)] => {
+                [(index, Action::Incr(key))] => {
                     tracing::error!(error = %e, "version bump failed (the key does not hold an integer); unlinking it");
-                    fallback.push(key);
+                    fallback.push((*index, key.as_bytes()));
                 }
                 _ => {
-                    return Err(RedisSinkError::Command {
-                        target: self.description.clone(),
-                        doing: "running a pipeline",
-                        source: e,
-                    });
+                    for (index, _) in actions {
+                        self.refused(*index, "running a pipeline", e.clone())?;
+                    }
                 }
             }
         }
         queued.clear();
-        if !fallback.is_empty() {
-            redis::cmd("UNLINK")
-                .arg(&fallback)
-                .exec_async(&mut self.conn)
-                .await
-                .map_err(self.failed("unlinking keys whose write failed"))?;
-        }
-        Ok(())
+        self.unlink_instead(&fallback).await
     }
 
-    /// The keys matching `pattern` (of `kind`, when given), one SCAN page at a time.
+    /// UNLINKs the keys whose write or bump failed.
+    async fn unlink_instead(&mut self, keys: &[(usize, &[u8])]) -> Result<(), RedisSinkError> {
+        let Some(&(first, _)) = keys.first() else { return Ok(()) };
+        let names: Vec<&[u8]> = keys.iter().map(|(_, k)| *k).collect();
+        match redis::cmd("UNLINK").arg(&names).exec_async(&mut self.conn).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code().is_some() => self.refused(first, "unlinking keys whose write failed", e),
+            Err(e) => Err(self.failed("unlinking keys whose write failed")(e)),
+        }
+    }
+
+    /// Applies `step` to the keys matching `pattern` (of `kind`, when given), one SCAN page
+    /// at a time. Keys are read as bytes: Redis keys are binary-safe, and a key that is not
+    /// UTF-8 must be deleted like any other, not stop the batch.
     async fn scan(
         &mut self,
+        action: usize,
         pattern: &str,
         kind: Option<&str>,
-        mut each: impl AsyncPage,
+        step: PageStep,
     ) -> Result<(), RedisSinkError> {
         let mut cursor: u64 = 0;
         loop {
@@ -154,9 +172,9 @@ impl RedisSink {
             if let Some(kind) = kind {
                 cmd.arg("TYPE").arg(kind);
             }
-            let (next, keys): (u64, Vec<String>) =
+            let (next, keys): (u64, Vec<Vec<u8>>) =
                 cmd.query_async(&mut self.conn).await.map_err(self.failed("scanning for a pattern"))?;
-            each.page(self, keys).await?;
+            self.page(action, step, &keys).await?;
             if next == 0 {
                 return Ok(());
             }
@@ -164,11 +182,83 @@ impl RedisSink {
         }
     }
 
-    async fn bust_tag(&mut self, key: &str) -> Result<(), RedisSinkError> {
-        let script = redis::Script::new(BUST_TAG);
-        script.key(key).invoke_async::<i64>(&mut self.conn).await.map_err(self.failed("busting a tag set"))?;
-        Ok(())
+    /// The per-page step of a pattern action.
+    async fn page(&mut self, action: usize, step: PageStep, keys: &[Vec<u8>]) -> Result<(), RedisSinkError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        if let PageStep::BustTag = step {
+            for key in keys {
+                self.bust_tag(action, key).await?;
+            }
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        match step {
+            PageStep::Unlink => {
+                for chunk in keys.chunks(UNLINK_CHUNK) {
+                    pipe.cmd("UNLINK").arg(chunk);
+                }
+            }
+            _ => {
+                for key in keys {
+                    pipe.cmd("INCR").arg(key);
+                }
+            }
+        }
+        let results: Vec<redis::RedisResult<redis::Value>> =
+            pipe.query_async(&mut self.conn).await.map_err(self.failed("sending a pipeline"))?;
+        let mut fallback: Vec<(usize, &[u8])> = Vec::new();
+        for (i, result) in results.into_iter().enumerate() {
+            let Err(e) = result else { continue };
+            match step {
+                PageStep::Incr => {
+                    tracing::error!(error = %e, "version bump failed (the key does not hold an integer); unlinking it");
+                    fallback.push((action, &keys[i]));
+                }
+                _ => self.refused(action, "deleting the keys of a pattern", e)?,
+            }
+        }
+        self.unlink_instead(&fallback).await
     }
+
+    async fn bust_tag(&mut self, action: usize, key: &[u8]) -> Result<(), RedisSinkError> {
+        let script = redis::Script::new(BUST_TAG);
+        match script.key(key).invoke_async::<i64>(&mut self.conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => self.refused(action, "busting a tag set", e),
+        }
+    }
+}
+
+/// True for an error reply that retrying the same command cannot fix: the command is
+/// malformed for this server (a key or value over its size limits, a wrong type, an
+/// unknown command or a failing script). A connection error, a timeout, and the replies
+/// that say "not now" (loading, busy, read-only replica, cluster redirections and
+/// outages, out of memory, persistence failing, authentication and ACL refusals, which
+/// an operator fixes) are not: the batch waits for them.
+pub fn refused_for_good(e: &redis::RedisError) -> bool {
+    const NOT_NOW: &[&str] = &[
+        "LOADING",
+        "BUSY",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "MASTERDOWN",
+        "READONLY",
+        "MOVED",
+        "ASK",
+        "MISCONF",
+        "OOM",
+        "NOAUTH",
+        "WRONGPASS",
+        "NOPERM",
+        "NOREPLICAS",
+    ];
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return false;
+    }
+    e.code().is_some_and(|code| !NOT_NOW.contains(&code))
 }
 
 /// Deletes every member of the set at KEYS[1], then the set, in one atomic step, so a
@@ -187,42 +277,12 @@ redis.call('UNLINK', KEYS[1])
 return #members
 ";
 
-/// What to do with each page of SCAN results.
-trait AsyncPage {
-    fn page(
-        &mut self,
-        sink: &mut RedisSink,
-        keys: Vec<String>,
-    ) -> impl std::future::Future<Output = Result<(), RedisSinkError>> + Send;
-}
-
 /// The per-page step of a pattern action.
 #[derive(Clone, Copy)]
 enum PageStep {
     Unlink,
     BustTag,
     Incr,
-}
-
-impl AsyncPage for PageStep {
-    async fn page(&mut self, sink: &mut RedisSink, keys: Vec<String>) -> Result<(), RedisSinkError> {
-        match self {
-            PageStep::BustTag => {
-                for key in &keys {
-                    sink.bust_tag(key).await?;
-                }
-                Ok(())
-            }
-            PageStep::Unlink | PageStep::Incr => {
-                let actions: Vec<Action> = keys
-                    .into_iter()
-                    .map(|k| if matches!(self, PageStep::Unlink) { Action::Unlink(k) } else { Action::Incr(k) })
-                    .collect();
-                let mut queued: Vec<&Action> = actions.iter().collect();
-                sink.flush(&mut queued).await
-            }
-        }
-    }
 }
 
 impl Sink for RedisSink {
@@ -232,31 +292,36 @@ impl Sink for RedisSink {
     /// actions and tag busts run between them, so a write-through SET and an UNLINK of the
     /// same key keep their order.
     async fn apply(&mut self, actions: &[Action]) -> Result<(), RedisSinkError> {
-        let mut queued: Vec<&Action> = Vec::new();
-        for action in actions {
+        self.dead.clear();
+        let mut queued: Vec<(usize, &Action)> = Vec::new();
+        for (index, action) in actions.iter().enumerate() {
             match action {
                 Action::Unlink(_) | Action::Incr(_) | Action::Publish { .. } | Action::Set { .. } => {
-                    queued.push(action)
+                    queued.push((index, action))
                 }
                 Action::ScanUnlink(p) => {
                     self.flush(&mut queued).await?;
-                    self.scan(p, None, PageStep::Unlink).await?;
+                    self.scan(index, p, None, PageStep::Unlink).await?;
                 }
                 Action::BustTag(k) => {
                     self.flush(&mut queued).await?;
-                    self.bust_tag(k).await?;
+                    self.bust_tag(index, k.as_bytes()).await?;
                 }
                 Action::ScanBustTag(p) => {
                     self.flush(&mut queued).await?;
-                    self.scan(p, Some("set"), PageStep::BustTag).await?;
+                    self.scan(index, p, Some("set"), PageStep::BustTag).await?;
                 }
                 Action::ScanIncr(p) => {
                     self.flush(&mut queued).await?;
-                    self.scan(p, None, PageStep::Incr).await?;
+                    self.scan(index, p, None, PageStep::Incr).await?;
                 }
             }
         }
         self.flush(&mut queued).await
+    }
+
+    fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
+        std::mem::take(&mut self.dead)
     }
 }
 

@@ -257,3 +257,86 @@ async fn transactions_arriving_while_redis_is_busy_share_the_next_batch() {
     assert!(waited.1 > first.1, "most transactions waited for the busy batch: {batches:?}");
     assert_eq!(batches[2], (300, 1), "the large transaction, whole: {batches:?}");
 }
+
+/// Lines of a child's stderr, as they come.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line containing `needle`, or panics after `timeout`.
+fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return,
+            Ok(_) => {}
+            Err(_) => panic!("no log line containing {needle:?} within {timeout:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_redis_is_down_and_the_walsender_goes_away_exits_0_without_panicking() {
+    let s = support::shared();
+    let mut redis = tokio::task::spawn_blocking(ThrowawayRedis::start).await.unwrap().expect("own redis");
+    let db = fresh_db(&s.pg, ITEMS_SCHEMA).await;
+    let files = write_config(&db, &redis.url(), &item_rules(&db.name), "");
+    let keys = item_keys(&db.name, [1]);
+    cache(&mut redis_conn(&redis.url()).await, &keys).await;
+    let mut walbust = Walbust::spawn(&["--log-level", "info", "run", "--config"], &files.path, Stdio::piped());
+    let lines = stderr_lines(&mut walbust.0);
+    wait_for_slot(&db.client, &db.name).await;
+
+    // Redis goes down, a row changes, a stop is requested while the batch waits for Redis.
+    redis = tokio::task::spawn_blocking(move || {
+        redis.stop().expect("stop redis");
+        redis
+    })
+    .await
+    .unwrap();
+    db.client.execute("INSERT INTO items (id) VALUES (1)", &[]).await.expect("insert");
+    wait_for_line(&lines, "applying a batch failed", Duration::from_secs(30));
+    walbust.signal(libc::SIGTERM);
+    wait_for_line(&lines, "SIGTERM", Duration::from_secs(30));
+    // The server side of the replication connection goes away meanwhile.
+    let pid: i32 = db
+        .client
+        .query_one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&db.name])
+        .await
+        .expect("walsender pid")
+        .get(0);
+    db.client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("terminate walsender");
+    let redis = tokio::task::spawn_blocking(move || {
+        redis.start_again().expect("restart redis");
+        redis
+    })
+    .await
+    .unwrap();
+
+    let code = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = walbust.0.try_wait().expect("waiting for walbust") {
+                return status.code();
+            }
+            assert!(std::time::Instant::now() < deadline, "walbust did not stop within 60 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "a requested stop exits 0 (101 is a panic)");
+    all_gone(&redis.url(), &keys, Duration::from_secs(30)).await;
+}

@@ -8,6 +8,7 @@ mod connection;
 mod durability;
 mod metrics;
 mod operations;
+mod poison;
 mod replay;
 mod routing;
 mod ruletest;
