@@ -234,6 +234,12 @@ fn key_before(source: &str, offset: usize) -> Option<&str> {
     Some(&lhs[start..]).filter(|k| !k.is_empty())
 }
 
+/// `n` and the noun that goes with it: `1 rule`, `2 rules`.
+pub fn plural(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// The candidate closest to `word` by edit distance, when it is close enough to be a typo.
 pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
@@ -290,6 +296,13 @@ mod tests {
                 assert_eq!(lines.line_col(at), (line, col), "offset {at}");
             }
         }
+    }
+
+    #[test]
+    fn counts_are_not_printed_as_1_rules() {
+        assert_eq!(plural(1u64, "rule", "rules"), "1 rule");
+        assert_eq!(plural(0u64, "rule", "rules"), "0 rules");
+        assert_eq!(plural(2u64, "message", "messages"), "2 messages");
     }
 
     #[test]

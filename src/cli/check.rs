@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 use walbust::catalog;
 use walbust::config::{Config, ConfigError};
-use walbust::diagnostic::Diagnostics;
+use walbust::diagnostic::{Diagnostics, plural};
 use walbust::pipeline::error_chain;
 use walbust::rules::RuleSet;
 use walbust::source::connect_sql;
@@ -74,7 +74,7 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool) -> u8 
         } else {
             "ok  "
         };
-        println!("{status} {} ({n} rules)", file.display());
+        println!("{status} {} ({})", file.display(), plural(n as u64, "rule", "rules"));
     }
     if !diagnostics.0.is_empty() {
         eprintln!("{diagnostics}");

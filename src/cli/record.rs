@@ -3,6 +3,7 @@
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use std::path::Path;
 use walbust::config::parse_duration;
+use walbust::diagnostic::plural;
 use walbust::lsn::Lsn;
 use walbust::pipeline::error_chain;
 use walbust::recording::recorder::{Event, Limits, RecordOptions, Totals};
@@ -86,8 +87,12 @@ pub async fn record(
 
 fn totals(t: &Totals) -> String {
     format!(
-        "{} transactions, {} row changes, {} messages, {} table definitions changed; through {}",
-        t.transactions, t.changes, t.messages, t.relations, t.flushed
+        "{}, {}, {}, {} changed; through {}",
+        plural(t.transactions, "transaction", "transactions"),
+        plural(t.changes, "row change", "row changes"),
+        plural(t.messages, "message", "messages"),
+        plural(t.relations, "table definition", "table definitions"),
+        t.flushed
     )
 }
 

@@ -5,6 +5,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use walbust::config::BatchConfig;
+use walbust::diagnostic::plural;
 use walbust::pipeline::error_chain;
 use walbust::recording::replay as replayer;
 use walbust::rules::RuleSet;
@@ -57,7 +58,12 @@ pub async fn replay(file: &Path, rules: &[String], against: &[String], redis: Op
     };
     match replayer::apply(&replayed, &mut sink, BatchConfig::default().max_actions).await {
         Ok((actions, batches)) => {
-            eprintln!("applied {actions} actions in {batches} batches to {}", redact_url(url));
+            eprintln!(
+                "applied {} in {} to {}",
+                plural(actions as u64, "action", "actions"),
+                plural(batches as u64, "batch", "batches"),
+                redact_url(url)
+            );
             EXIT_OK
         }
         Err(e) => {

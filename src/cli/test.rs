@@ -2,6 +2,7 @@
 
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use std::path::{Path, PathBuf};
+use walbust::diagnostic::plural;
 use walbust::ruletest::{self, SuiteResult};
 
 /// Runs the tests in `files` (directories are searched for `*.test.toml`) whose names match
@@ -39,7 +40,7 @@ pub fn test(files: &[PathBuf], run: Option<&str>, junit: Option<&Path>) -> u8 {
     if passed + failed == 0 {
         match run {
             Some(r) => {
-                eprintln!("error: no test name matches --run `{r}` ({total} tests in all)");
+                eprintln!("error: no test name matches --run `{r}` ({} in all)", plural(total as u64, "test", "tests"));
                 eprintln!(
                     "  hint: --run is a regular expression searched for in test names; leave it out to run every test"
                 );

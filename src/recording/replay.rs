@@ -8,6 +8,7 @@
 use super::format::{ChangeOp, ChangeRecord, Header, Image, Line, Reader, RecordingError, RelationRecord};
 use crate::action::Action;
 use crate::batch::Batch;
+use crate::diagnostic::plural;
 use crate::lsn::Lsn;
 use crate::pgoutput::{OldTuple, Relation, Tuple, Value};
 use crate::rules::{Change, Op, Routed, Router, RuleSet, manual};
@@ -642,10 +643,6 @@ fn count_table(map: &mut HashMap<Arc<str>, [u64; 4]>, table: &Arc<str>, op: usiz
 // ---------------------------------------------------------------------------------------
 // Reports.
 
-fn plural(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
 fn ops(counts: &[u64; 4]) -> String {
     Op::ALL
         .iter()
@@ -778,8 +775,8 @@ impl Diff {
         if self.txs.is_empty() {
             let _ = writeln!(
                 out,
-                "no difference: both rule sets produce the same actions in all {} transactions and messages",
-                self.units
+                "no difference: both rule sets produce the same actions in all {}",
+                plural(self.units as u64, "transaction or message", "transactions and messages")
             );
             return out;
         }

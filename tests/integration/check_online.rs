@@ -52,7 +52,7 @@ async fn default_identity_with_a_non_key_column_warns_of_widening_and_gives_the_
     let out = walbust_check(&files.path, &["--online"]).await;
     assert_eq!(out.code, 0, "warnings alone pass:\n{out}");
     let file = rule_file(&files.path);
-    assert!(out.stdout.contains(&format!("warn {file} (1 rules)")), "{out}");
+    assert!(out.stdout.contains(&format!("warn {file} (1 rule)")), "{out}");
     assert!(out.stdout.contains("ok   database postgres@127.0.0.1:"), "{out}");
     assert!(out.stdout.contains(&format!("/{}, publication `{}` (1 table)", db.name, db.name)), "{out}");
     // The warning points at `{org_id}` in the second key: line 5, column 30.

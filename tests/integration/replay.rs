@@ -666,7 +666,7 @@ async fn replay_apply_executes_the_actions_in_redis() {
     let out = walbust(&["replay", "--rules", &rules, "ops.jsonl", "--apply", "--redis", &url], &fixtures());
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("applied ") && stderr.contains(" in 1 batches to redis://"), "{stderr}");
+    assert!(stderr.contains("applied ") && stderr.contains(" in 1 batch to redis://"), "{stderr}");
     assert_eq!(support::existing(&mut redis, &keys).await, ["replay-apply:bystander"]);
     let out = walbust(&["replay", "--rules", &rules, "ops.jsonl", "--apply"], &fixtures());
     assert_eq!(out.status.code(), Some(2), "--apply needs --redis: {}", text(&out.stderr));
