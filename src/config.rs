@@ -201,8 +201,12 @@ impl Config {
 
     /// Validates `text`, the contents of `path`, with `env` standing in for the environment.
     pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Invalid(Diagnostics(vec![diagnostic::from_toml(path, text, &e)])))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let mut d = diagnostic::from_toml(path, text, &e);
+            d.message = redact_secrets(&d.message);
+            d.hint = d.hint.map(|h| redact_secrets(&h));
+            ConfigError::Invalid(Diagnostics(vec![d]))
+        })?;
         let mut v = Validator { path, lines: LineIndex::new(text), env, problems: Vec::new() };
         let config = v.config(raw);
         match config {
@@ -220,10 +224,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// Records an error; URL passwords and `password=` values in the message and hint are
+    /// masked, since messages quote values from the file and its `${VAR}`s.
     fn error(&mut self, span: Range<usize>, message: String, hint: Option<&str>) {
-        let mut d = Diagnostic::error_in(self.path, &self.lines, Some(span), message);
+        let mut d = Diagnostic::error_in(self.path, &self.lines, Some(span), redact_secrets(&message));
         if let Some(h) = hint {
-            d = d.with_hint(h);
+            d = d.with_hint(redact_secrets(h));
         }
         self.problems.push(d);
     }
@@ -361,12 +367,29 @@ impl Validator<'_> {
             create_slot: raw.create_slot.unwrap_or(true),
             status_interval,
             read_timeout,
-            message_prefix: raw.message_prefix.map_or_else(|| "walbust".to_string(), Spanned::into_inner),
+            message_prefix: self.message_prefix(raw.message_prefix),
             manual: crate::rules::manual::ManualPolicy {
                 prefixes: raw.manual_prefixes,
                 match_all: raw.manual_match_all,
             },
         })
+    }
+
+    /// The manual invalidation prefix; never the heartbeats' own, which would turn every
+    /// heartbeat into a malformed manual message (prefixes are matched exactly).
+    fn message_prefix(&mut self, raw: Option<Spanned<String>>) -> String {
+        let Some(raw) = raw else { return "walbust".to_string() };
+        if raw.get_ref().is_empty() || raw.get_ref() == crate::source::HEARTBEAT_PREFIX {
+            self.error(
+                raw.span(),
+                format!("message_prefix = \"{}\" cannot carry manual invalidations", raw.get_ref()),
+                Some(&format!(
+                    "choose another non-empty prefix, such as \"walbust\" (the default); \"{}\" carries walbust's heartbeats",
+                    crate::source::HEARTBEAT_PREFIX
+                )),
+            );
+        }
+        raw.into_inner()
     }
 
     fn redis(&mut self, raw: RawRedis) -> Option<RedisConfig> {
@@ -474,6 +497,64 @@ impl Validator<'_> {
         out.push_str(rest);
         Some(out)
     }
+}
+
+/// `text` with every URL password (`scheme://user:PASSWORD@host`) and every `password=`
+/// value of a `key=value` connection string replaced by `***`.
+pub fn redact_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    // A URL's authority ends at the first character that cannot be in a URL written in a
+    // message; its password sits between the first `:` and the last `@` of it.
+    while let Some(at) = rest.find("://") {
+        let (head, url) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = url.find(|c: char| c.is_whitespace() || matches!(c, '`' | '"' | '\'')).unwrap_or(url.len());
+        let (authority, tail) = url.split_at(end);
+        match authority.rfind('@').and_then(|a| authority[..a].find(':').map(|c| (c, a))) {
+            Some((colon, at)) => {
+                out.push_str(&authority[..=colon]);
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    redact_password_values(&out)
+}
+
+/// `password=VALUE` (any case, quoted or not) with the value replaced by `***`.
+fn redact_password_values(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    let mut search = 0;
+    while let Some(found) = lower[search..].find("password") {
+        let key_end = search + found + "password".len();
+        let after = &text[key_end..];
+        let eq = after.len() - after.trim_start().len();
+        search = key_end;
+        if !after[eq..].starts_with('=') {
+            continue;
+        }
+        let value_start = key_end + eq + 1;
+        let value = &text[value_start..];
+        let skip = value.len() - value.trim_start().len();
+        let value = &value[skip..];
+        let len = if let Some(quoted) = value.strip_prefix('\'') {
+            quoted.find('\'').map_or(value.len(), |q| q + 2)
+        } else {
+            value.find(|c: char| c.is_whitespace() || matches!(c, '`' | '"' | '&')).unwrap_or(value.len())
+        };
+        out.push_str(&text[from..value_start + skip]);
+        out.push_str("***");
+        from = value_start + skip + len;
+        search = from;
+    }
+    out.push_str(&text[from..]);
+    out
 }
 
 /// The range a duration setting accepts, both ends included.
@@ -628,6 +709,44 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
             e.with_reason(),
             "cannot read config file /missing/config.toml: No such file or directory (os error 2)"
         );
+    }
+
+    #[test]
+    fn message_prefix_walbust_heartbeat_is_a_config_error() {
+        let p = problems(&GOOD.replace("status_interval = \"2s\"", "message_prefix = \"walbust-heartbeat\""));
+        assert!(
+            p.contains("config.toml:5:18: message_prefix = \"walbust-heartbeat\" cannot carry manual invalidations"),
+            "{p}"
+        );
+        assert!(p.contains("carries walbust's heartbeats"), "{p}");
+        let p = problems(&GOOD.replace("status_interval = \"2s\"", "message_prefix = \"\""));
+        assert!(p.contains("message_prefix = \"\" cannot carry"), "{p}");
+        let c = parse(&GOOD.replace("status_interval = \"2s\"", "message_prefix = \"walbust-heartbeats\"")).unwrap();
+        assert_eq!(c.source.message_prefix, "walbust-heartbeats");
+    }
+
+    #[test]
+    fn unclosed_interpolation_in_a_url_never_echoes_its_password() {
+        let text =
+            GOOD.replace("postgres://walbust@db:5432/app?sslmode=disable", "postgresql://user:S3cr3t@host/db${X");
+        let p = problems(&text);
+        assert!(p.contains("unclosed `${` in `postgresql://user:***@host/db${X`"), "{p}");
+        assert!(!p.contains("S3cr3t"), "{p}");
+        let text =
+            GOOD.replace("postgres://walbust@db:5432/app?sslmode=disable", "host=db user=u password=S3cr3t dbname=${X");
+        let p = problems(&text);
+        assert!(p.contains("password=***"), "{p}");
+        assert!(!p.contains("S3cr3t"), "{p}");
+    }
+
+    #[test]
+    fn redaction_masks_url_passwords_and_password_values_only() {
+        assert_eq!(redact_secrets("`redis://:pw@cache:6379/0` and more"), "`redis://:***@cache:6379/0` and more");
+        assert_eq!(redact_secrets("postgres://u:p/w@h/db?x=1"), "postgres://u:***@h/db?x=1");
+        assert_eq!(redact_secrets("postgres://u@h:5432/db"), "postgres://u@h:5432/db");
+        assert_eq!(redact_secrets("user=a PASSWORD = 'x y' host=h"), "user=a PASSWORD = *** host=h");
+        assert_eq!(redact_secrets("a?password=s3&sslmode=require"), "a?password=***&sslmode=require");
+        assert_eq!(redact_secrets("password_file `x`; password is unset"), "password_file `x`; password is unset");
     }
 
     #[test]

@@ -49,8 +49,7 @@ const MANUAL_RULE: &str = "(manual message)";
 /// How long shutdown waits for Redis to take the last batch before giving up on it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// The logical decoding message prefix of walbust's heartbeats.
-pub const HEARTBEAT_PREFIX: &str = "walbust-heartbeat";
+pub use crate::source::HEARTBEAT_PREFIX;
 
 /// How many times in a row a busy slot is retried before walbust gives up.
 const SLOT_BUSY_ATTEMPTS: u32 = 10;

@@ -48,6 +48,10 @@ pub use stream::{ReplicationFrame, ReplicationStream, now_pg_micros};
 /// The pgoutput protocol version walbust requests; `run` and `record` decode the same stream.
 pub const PGOUTPUT_VERSION: u32 = 1;
 
+/// The logical decoding message prefix of walbust's heartbeats; `[source] message_prefix`
+/// may not take it.
+pub const HEARTBEAT_PREFIX: &str = "walbust-heartbeat";
+
 /// The START_REPLICATION options of `run` and `record`: pgoutput protocol 1 over the
 /// publication, with logical decoding messages (manual invalidations, heartbeats).
 /// `quoted_publication` is the publication name as an identifier, double-quoted.
