@@ -200,6 +200,16 @@ struct Applied {
     lsn: Lsn,
 }
 
+impl Applied {
+    /// Notes batch `seq` applied, and the position it acknowledges if it has one.
+    fn record(&mut self, seq: u64, ack: Option<Lsn>) {
+        self.seq = seq;
+        if let Some(lsn) = ack {
+            self.lsn = self.lsn.max(lsn);
+        }
+    }
+}
+
 /// What the caller can attach to a running pipeline.
 pub struct Options {
     /// Receives an [`Event`] per applied batch (the demo, tests).
@@ -229,8 +239,7 @@ pub async fn run<S: Sink>(
     options: Options,
 ) -> Result<(), PipelineError> {
     let Options { observer, stats, reload, metrics, health } = options;
-    let (tx, rx) = mpsc::channel::<Sealed>(1);
-    let (applied_tx, applied_rx) = watch::channel(Applied::default());
+    let (mut reader, rx, applied_tx) = Reader::detached(config, rules, Progress::default());
     let abandon = Arc::new(tokio::sync::Notify::new());
     let applier = tokio::spawn(apply_loop(
         sink,
@@ -245,27 +254,11 @@ pub async fn run<S: Sink>(
         },
         abandon.clone(),
     ));
-    let mut reader = Reader {
-        config,
-        router: Router::new(rules),
-        progress: Progress::default(),
-        stats,
-        tx,
-        applied: applied_rx,
-        applied_seq: 0,
-        sent_seq: 0,
-        observer,
-        last_status: Instant::now(),
-        status_due: None,
-        reload,
-        pending_rules: None,
-        slot: SlotState::default(),
-        metrics,
-        health,
-        counters: CounterCache::default(),
-        change_counters: CounterCache::default(),
-        heartbeat_nonce: heartbeat_nonce(),
-    };
+    reader.stats = stats;
+    reader.observer = observer;
+    reader.reload = reload;
+    reader.metrics = metrics;
+    reader.health = health;
     let nonce = reader.heartbeat_nonce;
     let heartbeat = config
         .source
@@ -400,12 +393,7 @@ async fn apply_loop<S: Sink>(
         for c in &batch.commits {
             metrics.observe_ack_lag(now.duration_since(c.commit_time).unwrap_or_default());
         }
-        applied.send_modify(|a| {
-            a.seq = batch.seq;
-            if let Some(lsn) = batch.ack {
-                a.lsn = a.lsn.max(lsn);
-            }
-        });
+        applied.send_modify(|a| a.record(batch.seq, batch.ack));
         if let Some(obs) = &events {
             let _ = obs.send(Event::Applied {
                 changes: batch.changes,
@@ -546,6 +534,41 @@ impl Session {
             routed: Vec::new(),
             last_received: Instant::now(),
         }
+    }
+}
+
+impl<'a> Reader<'a> {
+    /// A reader at `progress` with no applier behind its channel, no observer and no reload:
+    /// whoever holds the receiver and the sender plays the applier.
+    fn detached(
+        config: &'a Config,
+        rules: Arc<RuleSet>,
+        progress: Progress,
+    ) -> (Reader<'a>, mpsc::Receiver<Sealed>, watch::Sender<Applied>) {
+        let (tx, rx) = mpsc::channel(1);
+        let (applied_tx, applied) = watch::channel(Applied::default());
+        let reader = Reader {
+            config,
+            router: Router::new(rules),
+            progress,
+            stats: Arc::default(),
+            tx,
+            applied,
+            applied_seq: 0,
+            sent_seq: 0,
+            observer: None,
+            last_status: Instant::now(),
+            status_due: None,
+            reload: None,
+            pending_rules: None,
+            slot: SlotState::default(),
+            metrics: Metrics::new(),
+            health: Health::new(),
+            counters: CounterCache::default(),
+            change_counters: CounterCache::default(),
+            heartbeat_nonce: heartbeat_nonce(),
+        };
+        (reader, rx, applied_tx)
     }
 }
 
@@ -811,23 +834,30 @@ impl Reader<'_> {
         session: &mut Session,
         frame: Option<ReplicationFrame>,
     ) -> Result<Option<SessionEnd>, PipelineError> {
+        let Some(frame) = frame else { return Ok(Some(SessionEnd::ServerClosed)) };
+        if self.take_frame(session, frame)? {
+            self.send_status(stream, false).await?;
+        }
+        Ok(None)
+    }
+
+    /// The part of [`Reader::on_frame`] that needs no connection; true when the server
+    /// asked for a status update.
+    fn take_frame(&mut self, session: &mut Session, frame: ReplicationFrame) -> Result<bool, PipelineError> {
         match frame {
-            None => return Ok(Some(SessionEnd::ServerClosed)),
-            Some(ReplicationFrame::XLogData { wal_start, wal_end, data, .. }) => {
+            ReplicationFrame::XLogData { wal_start, wal_end, data, .. } => {
                 self.progress.receive(wal_start);
                 self.metrics.set_received(wal_start);
                 self.metrics.set_server_wal_end(wal_end);
                 self.on_message(session, wal_start, data)?;
+                Ok(false)
             }
-            Some(ReplicationFrame::Keepalive { wal_end, reply_requested, .. }) => {
+            ReplicationFrame::Keepalive { wal_end, reply_requested, .. } => {
                 self.metrics.set_server_wal_end(wal_end);
                 self.on_keepalive(session, wal_end);
-                if reply_requested {
-                    self.send_status(stream, false).await?;
-                }
+                Ok(reply_requested)
             }
         }
-        Ok(None)
     }
 
     /// A keepalive's position is safe to report only with no transaction open and
@@ -1047,6 +1077,72 @@ impl Reader<'_> {
     }
 }
 
+/// The reader's frame handling without a connection, an applier task or timers, for the
+/// fuzz targets in `fuzz/` and for tests.
+///
+/// Each CopyData payload goes through the same frame parser, decoder, transaction rules
+/// (no Begin inside an open transaction, no Commit without Begin, no change outside a
+/// transaction), keepalive rule, router and batch as in [`run`]. When batches are handed
+/// over, status updates sent and reconnects made depends on time and the socket, so that
+/// part is not here: [`FrameHarness::apply`] stands in for an applier that takes the batch in
+/// hand and has Redis acknowledge it at once.
+pub struct FrameHarness<'a> {
+    reader: Reader<'a>,
+    session: Session,
+    applied: watch::Sender<Applied>,
+    /// Kept so that the reader's channel stays open; sealed batches are acknowledged, not applied.
+    _sealed: mpsc::Receiver<Sealed>,
+}
+
+impl<'a> FrameHarness<'a> {
+    /// A reader at position 0 routing with `rules`, as at the start of a replication session.
+    pub fn new(config: &'a Config, rules: Arc<RuleSet>) -> Self {
+        let (reader, sealed, applied) = Reader::detached(config, rules, Progress::default());
+        FrameHarness { reader, session: Session::new(), applied, _sealed: sealed }
+    }
+
+    /// Handles one CopyData payload of the replication stream as the reader does. A
+    /// keepalive's reply request is ignored: there is no server to reply to.
+    pub fn frame(&mut self, payload: bytes::Bytes) -> Result<(), PipelineError> {
+        let frame = crate::source::stream::decode_frame(payload).map_err(|what| SourceError::Protocol {
+            what,
+            host: "(no server)".into(),
+            source: None,
+        })?;
+        self.reader.take_frame(&mut self.session, frame)?;
+        Ok(())
+    }
+
+    /// Hands the batch in hand to the applier, which has it acknowledged at once.
+    pub fn apply(&mut self) {
+        if !self.session.batch.is_empty() {
+            let sealed = self.reader.seal(&mut self.session.batch);
+            self.applied.send_modify(|a| a.record(sealed.seq, sealed.ack));
+        }
+        self.reader.absorb_applied();
+    }
+
+    /// The furthest position received.
+    pub fn received(&self) -> Lsn {
+        self.reader.progress.received()
+    }
+
+    /// The position that would be reported to the server as flushed.
+    pub fn flushed(&self) -> Lsn {
+        self.reader.progress.flushed()
+    }
+
+    /// The xid of the open transaction, if a Begin has arrived without its Commit.
+    pub fn open_transaction(&self) -> Option<u32> {
+        self.session.open.map(|(xid, _)| xid)
+    }
+
+    /// Distinct actions in the batch in hand.
+    pub fn pending_actions(&self) -> usize {
+        self.session.batch.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1059,29 +1155,9 @@ mod tests {
     }
 
     fn reader(config: &Config) -> (Reader<'_>, mpsc::Receiver<Sealed>, watch::Sender<Applied>) {
-        let (tx, rx) = mpsc::channel(1);
-        let (applied_tx, applied) = watch::channel(Applied::default());
-        let reader = Reader {
-            config,
-            router: Router::new(Arc::new(RuleSet::default())),
-            progress: Progress::starting_at(Lsn(100)),
-            stats: Arc::new(Stats::default()),
-            tx,
-            applied,
-            applied_seq: 0,
-            sent_seq: 0,
-            observer: None,
-            last_status: Instant::now(),
-            status_due: None,
-            reload: None,
-            pending_rules: None,
-            slot: SlotState::default(),
-            metrics: Metrics::new(),
-            health: Health::new(),
-            counters: CounterCache::default(),
-            change_counters: CounterCache::default(),
-            heartbeat_nonce: 7,
-        };
+        let (mut reader, rx, applied_tx) =
+            Reader::detached(config, Arc::new(RuleSet::default()), Progress::starting_at(Lsn(100)));
+        reader.heartbeat_nonce = 7;
         (reader, rx, applied_tx)
     }
 
@@ -1247,6 +1323,38 @@ mod tests {
             Some("1"),
             "the change after the rename counts under the new name\n{text}"
         );
+    }
+
+    #[test]
+    fn frame_harness_applies_the_transaction_and_keepalive_rules_to_raw_frames() {
+        use crate::source::stream::xlog;
+        let keepalive = |end: u64| {
+            let mut p = vec![b'k'];
+            p.extend_from_slice(&end.to_be_bytes());
+            p.extend_from_slice(&0i64.to_be_bytes());
+            p.push(1);
+            Bytes::from(p)
+        };
+        let config = config();
+        let mut h = FrameHarness::new(&config, Arc::new(RuleSet::default()));
+        let commit_without_begin = h.frame(Bytes::from(xlog(300, 300, 0, &commit(600)))).unwrap_err();
+        assert!(commit_without_begin.to_string().contains("Commit without Begin"), "{commit_without_begin}");
+
+        let mut h = FrameHarness::new(&config, Arc::new(RuleSet::default()));
+        h.frame(Bytes::from(xlog(200, 200, 0, &begin(7)))).unwrap();
+        assert_eq!(h.open_transaction(), Some(7));
+        h.frame(keepalive(900)).unwrap();
+        assert_eq!(h.flushed(), Lsn(0), "a keepalive inside a transaction is not acknowledged");
+        let nested = h.frame(Bytes::from(xlog(250, 250, 0, &begin(8)))).unwrap_err();
+        assert!(nested.to_string().contains("Begin inside an open transaction"), "{nested}");
+        h.frame(Bytes::from(xlog(300, 300, 0, &commit(600)))).unwrap();
+        assert_eq!(h.flushed(), Lsn(0), "nothing is acknowledged before the applier has the batch");
+        h.apply();
+        assert_eq!(h.flushed(), Lsn(600));
+        h.frame(keepalive(1000)).unwrap();
+        assert_eq!(h.flushed(), Lsn(1000), "a keepalive with nothing pending is acknowledged at once");
+        assert_eq!(h.received(), Lsn(1000));
+        assert!(h.frame(Bytes::from_static(b"w\0")).is_err(), "a frame cut short is an error");
     }
 
     #[test]
