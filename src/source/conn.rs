@@ -40,6 +40,9 @@ const MAX_MESSAGE_LEN: usize = (1 << 30) + 1024;
 /// How much buffer space to make available before each read.
 const READ_RESERVE: usize = 64 * 1024;
 
+/// A message larger than this leaves the read buffer replaced by one of the usual size.
+const SHRINK_AFTER: usize = 1 << 20;
+
 /// The CopyBothResponse tag, which `postgres_protocol` does not parse.
 const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
 
@@ -129,6 +132,9 @@ pub(crate) struct Wire {
     pub(crate) params: HashMap<String, String>,
     /// The last read took less than it had room for: the socket held nothing more then.
     drained: bool,
+    /// A message larger than [`SHRINK_AFTER`] went through the read buffer, which has grown
+    /// to hold it: the next read starts a buffer of the usual size.
+    grown: bool,
 }
 
 impl Wire {
@@ -140,6 +146,7 @@ impl Wire {
             endpoint,
             params: HashMap::new(),
             drained: false,
+            grown: false,
         }
     }
 
@@ -151,6 +158,12 @@ impl Wire {
             Err(_) => true,
             Ok(None) => false,
         }
+    }
+
+    /// The read buffer's room, for tests of its size.
+    #[cfg(test)]
+    pub(crate) fn read_capacity(&self) -> usize {
+        self.rbuf.capacity()
     }
 
     /// True when the last read emptied the socket: the server had sent nothing more by then.
@@ -179,6 +192,7 @@ impl Wire {
         if self.rbuf.len() < total {
             return Ok(None);
         }
+        self.grown |= total > SHRINK_AFTER;
         if header.tag() == COPY_BOTH_RESPONSE_TAG {
             let _ = self.rbuf.split_to(total);
             return Ok(Some(Backend::CopyBothResponse));
@@ -215,6 +229,14 @@ impl Wire {
                     }
                     other => return Ok(other),
                 }
+            }
+            if self.grown {
+                // Otherwise one row with a huge value keeps its memory for the life of the
+                // connection: the buffer would reuse its allocation rather than free it.
+                let mut fresh = BytesMut::with_capacity(READ_RESERVE.max(self.rbuf.len()));
+                fresh.extend_from_slice(&self.rbuf);
+                self.rbuf = fresh;
+                self.grown = false;
             }
             if self.rbuf.capacity() - self.rbuf.len() < READ_RESERVE / 4 {
                 self.rbuf.reserve(READ_RESERVE);

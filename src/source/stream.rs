@@ -384,6 +384,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_huge_message_does_not_keep_its_memory_in_the_read_buffer() {
+        let (mut s, mut server) = in_memory();
+        let huge = copy_data(&xlog(10, 20, 30, &vec![b'x'; 8 << 20]));
+        let writer = tokio::spawn(async move {
+            server.write_all(&huge).await.unwrap();
+            server.write_all(&copy_data(&keepalive(20, 31, false))).await.unwrap();
+            server
+        });
+        let ReplicationFrame::XLogData { data, .. } = s.next().await.unwrap().unwrap() else { panic!("not data") };
+        assert_eq!(data.len(), 8 << 20);
+        drop(data);
+        let mut server = writer.await.unwrap();
+        assert!(matches!(s.next().await.unwrap().unwrap(), ReplicationFrame::Keepalive { .. }));
+        server.write_all(&copy_data(&keepalive(21, 32, false))).await.unwrap();
+        assert!(matches!(s.next().await.unwrap().unwrap(), ReplicationFrame::Keepalive { .. }));
+        assert!(s.wire.read_capacity() < 1 << 20, "read buffer kept {} bytes", s.wire.read_capacity());
+    }
+
+    #[tokio::test]
     async fn notices_and_parameters_are_skipped() {
         let (mut s, mut server) = in_memory();
         let mut bytes = backend_message(b'N', b"SNOTICE\0Mhi\0\0").to_vec();
