@@ -402,9 +402,51 @@ impl Validator<'_> {
             );
             return None;
         }
+        // redis-rs' own parser, so that `check` rejects exactly what `run` would, and what
+        // would fail on every connection attempt is an error now rather than a retry loop.
+        let tls = match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+            Err(e) => {
+                self.error(
+                    raw.url.span(),
+                    format!("invalid redis url `{}`: {e}", crate::sink::redact_url(&url)),
+                    Some("use redis://host:port/db, rediss://host:port/db for TLS, or redis+unix:///path"),
+                );
+                return None;
+            }
+            Ok(info) => match info.addr() {
+                redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                    self.error(
+                        raw.url.span(),
+                        format!(
+                            "redis url `{}` asks for #insecure TLS, which walbust does not support",
+                            crate::sink::redact_url(&url)
+                        ),
+                        Some("remove #insecure, and set ca_file to the CA that signed the Redis server certificate"),
+                    );
+                    return None;
+                }
+                addr => matches!(addr, redis::ConnectionAddr::TcpTls { .. }),
+            },
+        };
         let ca_pem = match &raw.ca_file {
             None => None,
+            Some(file) if !tls => {
+                self.error(
+                    file.span(),
+                    format!("ca_file `{}` is set but the redis url is not rediss://", file.get_ref()),
+                    Some("use a rediss:// url for TLS, or remove ca_file"),
+                );
+                None
+            }
             Some(file) => match user_file::read(&self.relative(file.get_ref()), Kind::Pem) {
+                Ok(pem) if !holds_a_certificate(&pem) => {
+                    self.error(
+                        file.span(),
+                        format!("ca_file `{}` holds no PEM certificate", file.get_ref()),
+                        Some("give the PEM file (-----BEGIN CERTIFICATE-----) of the CA that signed the Redis server certificate"),
+                    );
+                    None
+                }
                 Ok(pem) => Some(pem),
                 Err(e) => {
                     self.error(
@@ -557,6 +599,13 @@ fn redact_password_values(text: &str) -> String {
     out
 }
 
+/// True when `pem` holds at least one certificate rustls can use as a root.
+fn holds_a_certificate(pem: &[u8]) -> bool {
+    let mut reader = pem;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut reader).filter_map(Result::ok).collect();
+    rustls::RootCertStore::empty().add_parsable_certificates(certs).0 > 0
+}
+
 /// The range a duration setting accepts, both ends included.
 pub type Bounds = std::ops::RangeInclusive<Duration>;
 
@@ -685,9 +734,10 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
 
     #[test]
     fn password_file_dev_zero_and_ca_file_dev_urandom_are_refused_instead_of_read_until_oom() {
-        let text = GOOD
-            .replace("status_interval = \"2s\"", "password_file = \"/dev/zero\"")
-            .replace("cache:6379/0\"", "cache:6379/0\"\nca_file = \"/dev/urandom\"");
+        let text = GOOD.replace("status_interval = \"2s\"", "password_file = \"/dev/zero\"").replace(
+            "redis://:${REDIS_PASSWORD}@cache:6379/0\"",
+            "rediss://cache:6379/0\"\nca_file = \"/dev/urandom\"",
+        );
         let p = problems(&text);
         assert!(
             p.contains("config.toml:5:17: cannot use password_file `/dev/zero`: password file /dev/zero is a device"),
@@ -747,6 +797,28 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
         assert_eq!(redact_secrets("user=a PASSWORD = 'x y' host=h"), "user=a PASSWORD = *** host=h");
         assert_eq!(redact_secrets("a?password=s3&sslmode=require"), "a?password=***&sslmode=require");
         assert_eq!(redact_secrets("password_file `x`; password is unset"), "password_file `x`; password is unset");
+    }
+
+    #[test]
+    fn redis_settings_that_run_rejects_or_retries_forever_fail_check() {
+        let redis = |url: &str, extra: &str| {
+            problems(&GOOD.replace("\"redis://:${REDIS_PASSWORD}@cache:6379/0\"", &format!("\"{url}\"\n{extra}")))
+        };
+        let p = redis("redis://cache:notaport/0", "");
+        assert!(p.contains("config.toml:7:7: invalid redis url `redis://cache:notaport/0`"), "{p}");
+        let p = redis("rediss://:pw@cache:6380/0#insecure", "");
+        assert!(p.contains("asks for #insecure TLS"), "{p}");
+        assert!(!p.contains("pw@"), "{p}");
+        let p = redis("redis://cache:6379/0", "ca_file = \"/etc/hostname\"");
+        assert!(
+            p.contains("config.toml:8:11: ca_file `/etc/hostname` is set but the redis url is not rediss://"),
+            "{p}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let p = redis("rediss://cache:6380/0", &format!("ca_file = \"{}\"", not_pem.display()));
+        assert!(p.contains("holds no PEM certificate"), "{p}");
     }
 
     #[test]

@@ -49,6 +49,30 @@ fn a_missing_config_under_run_prints_error_with_the_os_reason() {
 }
 
 #[test]
+fn check_and_run_both_reject_redis_settings_that_would_fail_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(dir.path().join("rules/r.toml"), "[[rule]]\nname = \"r\"\ntable = \"t\"\nkeys = [\"k\"]\n").unwrap();
+    let config = dir.path().join("config.toml");
+    for (redis, expected) in [
+        ("url = \"redis://127.0.0.1:notaport/0\"", "invalid redis url"),
+        ("url = \"rediss://127.0.0.1:1/0#insecure\"", "asks for #insecure TLS"),
+        ("url = \"redis://127.0.0.1:1/0\"\nca_file = \"config.toml\"", "is set but the redis url is not rediss://"),
+        ("url = \"rediss://127.0.0.1:1/0\"\nca_file = \"config.toml\"", "holds no PEM certificate"),
+    ] {
+        let text = format!(
+            "rules = [\"rules/*.toml\"]\n[source]\nurl = \"postgres://u@127.0.0.1:1/db\"\n[redis]\n{redis}\n[metrics]\nlisten = \"off\"\n"
+        );
+        std::fs::write(&config, text).unwrap();
+        for command in ["check", "run"] {
+            let out = walbust(&[command, "--config", config.to_str().unwrap()]);
+            assert_eq!(out.status.code(), Some(2), "{command} with {redis}: {}", stderr(&out));
+            assert!(stderr(&out).contains(expected), "{command} with {redis}: {}", stderr(&out));
+        }
+    }
+}
+
+#[test]
 fn a_fifo_or_device_as_config_fails_at_once_instead_of_hanging_or_reading_forever() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("config.toml");
