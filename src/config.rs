@@ -68,6 +68,11 @@ pub enum OnSlotLost {
     Recreate,
 }
 
+/// Where /metrics and /healthz are served unless `[metrics] listen` says otherwise. Port
+/// 19187 lies outside 9100-9999, the range the Prometheus exporters' default ports are
+/// allocated from (9187 there is postgres_exporter's, which often runs beside walbust).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:19187";
+
 /// `[metrics]`: where /metrics and /healthz are served.
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
@@ -255,14 +260,14 @@ impl Validator<'_> {
         let redis = self.redis(raw.redis.into_inner());
         let batch = raw.batch.map(|b| self.batch(b)).unwrap_or_default();
         let listen = match raw.metrics.and_then(|m| m.listen) {
-            None => Some("127.0.0.1:9187".to_string()),
+            None => Some(DEFAULT_METRICS_LISTEN.to_string()),
             Some(l) if l.get_ref() == "off" => None,
             Some(l) => {
                 if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
                     self.error(
                         l.span(),
                         format!("invalid metrics listen address `{}`", l.get_ref()),
-                        Some("write host:port, such as 127.0.0.1:9187, or \"off\""),
+                        Some("write host:port, such as 127.0.0.1:19187, or \"off\""),
                     );
                 }
                 Some(l.into_inner())
@@ -683,6 +688,16 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
         assert_eq!(c.source.status_interval, Duration::from_secs(2));
         assert_eq!(c.redis.url, "redis://:pw@cache:6379/0");
         assert_eq!(c.batch.max_actions, 5000);
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:19187"));
+    }
+
+    #[test]
+    fn default_metrics_port_does_not_collide_with_postgres_exporters_9187() {
+        let c = parse(GOOD).unwrap();
+        let listen: std::net::SocketAddr = c.metrics.listen.expect("on by default").parse().expect("an address");
+        // 9100-9999 holds the Prometheus exporters' default ports, 9187 postgres_exporter's.
+        assert!(!(9100..=9999).contains(&listen.port()), "{listen}");
+        assert!(listen.ip().is_loopback(), "{listen}");
     }
 
     #[test]
