@@ -1,12 +1,24 @@
-//! `/metrics` and `/healthz` over a deliberately tiny HTTP/1.1 server.
+//! `/metrics` and `/healthz` over HTTP/1.1 (hyper).
 //!
 //! [`Health`] is what the pipeline tells the world: whether it is streaming and whether
-//! Redis takes its batches, each with since when and why not. [`serve`] answers one
-//! request per connection: it reads at most [`Limits::max_request`] bytes of head within
-//! [`Limits::read_timeout`], looks only at the request line, and closes. Anything it does
-//! not understand gets a 4xx; nothing a client sends can make it panic or hold memory.
+//! Redis takes its batches, each with since when and why not. [`serve`] runs every
+//! connection in a task of its own with keep-alive, so idle or slow clients never delay
+//! another's scrape: a request head must arrive within [`Limits::header_read_timeout`]
+//! (idle keep-alive connections included), heads are bounded by [`Limits::max_request`],
+//! and at most [`Limits::max_connections`] are open at once. Anything it does not
+//! understand gets a 4xx; nothing a client sends can make it panic or hold memory.
+//! [`serve_when_bound`] keeps trying a busy address in the background.
 
 use crate::metrics::Metrics;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -137,24 +149,19 @@ impl Health {
 /// Bounds on what one client may cost.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// The most bytes of request head read; more gets 431.
+    /// The most bytes of request head buffered (at least 8192); more gets 431.
     pub max_request: usize,
-    /// How long a client may take to send its request head; slower gets 408.
-    pub read_timeout: Duration,
-    /// How long writing the response may take.
-    pub write_timeout: Duration,
-    /// Connections served at once; further ones wait in the listen backlog.
+    /// How long a connection may take to send a request head, counted from when the server
+    /// starts waiting for it: a silent or idle keep-alive connection is closed after this.
+    pub header_read_timeout: Duration,
+    /// Connections served at once. Further ones are closed at once rather than left to
+    /// wait, so idle connections never delay a scrape that gets in.
     pub max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_request: 8192,
-            read_timeout: Duration::from_secs(5),
-            write_timeout: Duration::from_secs(10),
-            max_connections: 32,
-        }
+        Limits { max_request: 8192, header_read_timeout: Duration::from_secs(10), max_connections: 4096 }
     }
 }
 
@@ -174,6 +181,43 @@ pub async fn bind(addr: &str) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr).await.map_err(|source| BindError { addr: addr.to_string(), source })
 }
 
+/// Longest pause between two attempts to bind a busy address.
+const REBIND_MAX: Duration = Duration::from_secs(10);
+
+/// Binds `addr` and serves on it until `shutdown`. While the address cannot be bound (the
+/// port is taken, the interface not up yet) it logs why and tries again, backing off to
+/// [`REBIND_MAX`]: metrics matter less than invalidation, which goes on meanwhile.
+pub async fn serve_when_bound(
+    addr: String,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut wait = Duration::from_secs(1);
+    let mut failures = 0u32;
+    let listener = loop {
+        match bind(&addr).await {
+            Ok(listener) => break listener,
+            Err(e) => {
+                failures += 1;
+                // Loud at first, then once a minute or so.
+                if failures == 1 || (wait == REBIND_MAX && failures.is_multiple_of(6)) {
+                    tracing::warn!(listen = %addr, error = %crate::pipeline::error_chain(&e), failures, retry_in = ?wait,
+                        "cannot serve /metrics and /healthz yet; retrying while invalidation goes on");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.as_mut() => return,
+        }
+        wait = (wait * 2).min(REBIND_MAX);
+    };
+    tracing::info!(listen = %addr, after_failures = failures, "serving /metrics and /healthz");
+    serve(listener, metrics, health, shutdown).await
+}
+
 /// Serves `/metrics` and `/healthz` on `listener` until `shutdown` resolves, with default [`Limits`].
 pub async fn serve(
     listener: TcpListener,
@@ -184,7 +228,8 @@ pub async fn serve(
     serve_with(listener, metrics, health, shutdown, Limits::default()).await
 }
 
-/// [`serve`] with explicit limits. Connections still open at shutdown are dropped.
+/// [`serve`] with explicit limits: HTTP/1.1 with keep-alive (hyper), every connection in a
+/// task of its own. Connections still open at shutdown are dropped.
 pub async fn serve_with(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -194,23 +239,34 @@ pub async fn serve_with(
 ) {
     tokio::pin!(shutdown);
     let mut conns = JoinSet::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_request.max(MIN_BUFFER))
+        .keep_alive(true);
     loop {
-        // At the limit, wait for a connection to finish before accepting another.
-        while conns.len() >= limits.max_connections.max(1) {
-            tokio::select! {
-                _ = conns.join_next() => {}
-                _ = shutdown.as_mut() => return,
-            }
-        }
-        while conns.try_join_next().is_some() {}
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.as_mut() => return,
         };
+        while conns.try_join_next().is_some() {}
         match accepted {
+            Ok((stream, _peer)) if conns.len() >= limits.max_connections.max(1) => {
+                tracing::debug!(connections = conns.len(), "metrics connection limit reached; closing a new one");
+                drop(stream);
+            }
             Ok((stream, _peer)) => {
+                let _ = stream.set_nodelay(true);
                 let (metrics, health) = (metrics.clone(), health.clone());
-                conns.spawn(handle(stream, metrics, health, limits));
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let response = respond(request.method(), request.uri().path(), &metrics, &health);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let connection = http.serve_connection(TokioIo::new(stream), service);
+                conns.spawn(async move {
+                    // A client that goes away or sends garbage (it got its 4xx) ends only its own connection.
+                    let _ = connection.await;
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -224,116 +280,41 @@ pub async fn serve_with(
     }
 }
 
-/// A response: status line, content type, body.
-#[derive(Debug, PartialEq, Eq)]
-struct Response {
-    status: &'static str,
-    content_type: &'static str,
-    body: String,
-    /// Send an `Allow` header (405).
-    allow: bool,
-    /// HEAD: send the headers a GET would get, without the body.
-    head_only: bool,
-}
+/// hyper's smallest request buffer.
+const MIN_BUFFER: usize = 8192;
 
-impl Response {
-    fn text(status: &'static str, body: impl Into<String>) -> Self {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-            allow: false,
-            head_only: false,
-        }
-    }
-}
-
-async fn handle(mut stream: TcpStream, metrics: Arc<Metrics>, health: Arc<Health>, limits: Limits) {
-    let response = match tokio::time::timeout(limits.read_timeout, read_head(&mut stream, limits.max_request)).await {
-        Err(_) => Response::text("408 Request Timeout", "request not received in time\n"),
-        Ok(Err(HeadError::Io)) => return,
-        Ok(Err(HeadError::TooLarge)) => {
-            Response::text("431 Request Header Fields Too Large", "request head too large\n")
-        }
-        Ok(Ok(head)) => respond(&head, &metrics, &health),
-    };
-    let _ = tokio::time::timeout(limits.write_timeout, write_response(&mut stream, &response)).await;
-}
-
-enum HeadError {
-    Io,
-    TooLarge,
-}
-
-/// Reads until the blank line ending the head, or the peer closes after a request line.
-async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Vec<u8>, HeadError> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        if buf.len() > max {
-            return Err(HeadError::TooLarge);
-        }
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-            return Ok(buf);
-        }
-        let n = stream.read(&mut chunk).await.map_err(|_| HeadError::Io)?;
-        if n == 0 {
-            // A client that half-closes after its request line still gets an answer.
-            return if buf.is_empty() { Err(HeadError::Io) } else { Ok(buf) };
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// Decides the response from the request head alone.
-fn respond(head: &[u8], metrics: &Metrics, health: &Health) -> Response {
-    let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
-    let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
-        return Response::text("400 Bad Request", "request line is not text\n");
-    };
-    let mut parts = line.trim_end_matches('\r').split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Response::text("400 Bad Request", "expected `METHOD /path HTTP/1.1`\n");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Response::text("505 HTTP Version Not Supported", "only HTTP/1.x is served\n");
-    }
-    let path = target.split(['?', '#']).next().unwrap_or(target);
+/// Decides the response from the method and path alone (HEAD gets GET's headers; hyper
+/// leaves the body out).
+fn respond(method: &Method, path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
     let known = matches!(path, "/metrics" | "/healthz");
     if !known {
-        return Response::text("404 Not Found", "not found; try /metrics or /healthz\n");
+        return text(StatusCode::NOT_FOUND, "not found; try /metrics or /healthz\n".into());
     }
-    if method != "GET" && method != "HEAD" {
-        let mut r = Response::text("405 Method Not Allowed", "only GET and HEAD are served\n");
-        r.allow = true;
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served\n".into());
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    let mut response = match path {
-        "/metrics" => Response { content_type: METRICS_CONTENT_TYPE, ..Response::text("200 OK", metrics.render()) },
+    match path {
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, metrics.render());
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+            r
+        }
         _ => match health.check() {
-            Ok(()) => Response::text("200 OK", "ok\n"),
-            Err(why) => Response::text("503 Service Unavailable", format!("{why}\n")),
+            Ok(()) => text(StatusCode::OK, "ok\n".into()),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
-    };
-    response.head_only = method == "HEAD";
-    response
+    }
 }
 
-async fn write_response(stream: &mut TcpStream, r: &Response) -> std::io::Result<()> {
-    let allow = if r.allow { "Allow: GET, HEAD\r\n" } else { "" };
-    let head = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-        r.status,
-        r.content_type,
-        r.body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    if !r.head_only {
-        stream.write_all(r.body.as_bytes()).await?;
-    }
-    stream.shutdown().await
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    let headers = r.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 /// Why [`probe`] got no answer from `/healthz`.
@@ -421,9 +402,11 @@ pub async fn probe(listen: &str, timeout: Duration) -> Result<ProbeAnswer, Probe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
-    const DEADLINE: Duration = Duration::from_secs(10);
+    // Generous: the suite runs beside builds on small machines.
+    const DEADLINE: Duration = Duration::from_secs(60);
 
     struct Server {
         addr: std::net::SocketAddr,
@@ -448,24 +431,35 @@ mod tests {
             Server { addr, stop: Some(stop), task }
         }
 
-        /// Sends `raw`, half-closes when asked, and returns everything the server wrote.
-        async fn exchange(&self, raw: &[u8], half_close: bool) -> String {
+        /// Sends `raw` and returns the response: its head, and as much body as it announces
+        /// (or everything until the server closes).
+        async fn exchange(&self, raw: &[u8]) -> String {
             let io = async {
                 let mut s = TcpStream::connect(self.addr).await.expect("connect");
                 s.write_all(raw).await.expect("send request");
-                if half_close {
-                    s.shutdown().await.expect("half-close");
-                }
                 let mut out = Vec::new();
-                // A reset after the response is fine; what arrived before it counts.
-                let _ = s.read_to_end(&mut out).await;
-                String::from_utf8_lossy(&out).into_owned()
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let text = String::from_utf8_lossy(&out).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = header(&text, "content-length").and_then(|l| l.parse::<usize>().ok());
+                        let no_body = raw.starts_with(b"HEAD ");
+                        if no_body || length.is_some_and(|l| body.len() >= l) {
+                            return format!("{head}\r\n\r\n{body}");
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        // A reset after the response is fine; what arrived before it counts.
+                        Ok(0) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
+                        Ok(n) => out.extend_from_slice(&chunk[..n]),
+                    }
+                }
             };
             tokio::time::timeout(DEADLINE, io).await.expect("no answer within the deadline")
         }
 
         async fn get(&self, path: &str) -> String {
-            self.exchange(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(), false).await
+            self.exchange(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await
         }
 
         async fn stop(mut self) {
@@ -540,22 +534,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_paths_methods_and_versions_get_4xx_or_505() {
+    async fn unknown_paths_methods_and_versions_get_4xx() {
         let server = Server::start(Metrics::new(), Health::new(), Limits::default()).await;
         assert_eq!(status_line(&server.get("/").await), "HTTP/1.1 404 Not Found");
         assert_eq!(status_line(&server.get("/metrics/../etc").await), "HTTP/1.1 404 Not Found");
-        let r = server.exchange(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", false).await;
+        let r = server.exchange(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
         assert_eq!(status_line(&r), "HTTP/1.1 405 Method Not Allowed", "{r}");
         assert_eq!(header(&r, "allow"), Some("GET, HEAD"));
-        let r = server.exchange(b"GET /metrics HTTP/2.0\r\n\r\n", false).await;
-        assert_eq!(status_line(&r), "HTTP/1.1 505 HTTP Version Not Supported", "{r}");
+        let r = server.exchange(b"GET /metrics HTTP/2.0\r\n\r\n").await;
+        assert_eq!(status_line(&r), "HTTP/1.1 400 Bad Request", "{r}");
         server.stop().await;
     }
 
     #[tokio::test]
     async fn head_gets_the_headers_without_the_body() {
         let server = Server::start(Metrics::new(), Health::new(), Limits::default()).await;
-        let r = server.exchange(b"HEAD /metrics HTTP/1.1\r\n\r\n", false).await;
+        let r = server.exchange(b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status_line(&r), "HTTP/1.1 200 OK", "{r}");
         let length: usize = header(&r, "content-length").unwrap().parse().unwrap();
         assert!(length > 100, "{r}");
@@ -568,53 +562,71 @@ mod tests {
         let server = Server::start(Metrics::new(), Health::new(), Limits::default()).await;
         for garbage in [
             &b"\x00\xff\xfe\r\n\r\n"[..],
-            b"\r\n\r\n",
             b"GET\r\n\r\n",
-            b"GET /metrics\r\n\r\n",
             b"GET  /metrics HTTP/1.1\r\n\r\n",
             b"GET /metrics HTTP/1.1 extra\r\n\r\n",
             b"\xc3\x28 / HTTP/1.1\r\n\r\n",
         ] {
-            let r = server.exchange(garbage, false).await;
+            let r = server.exchange(garbage).await;
             assert_eq!(status_line(&r), "HTTP/1.1 400 Bad Request", "{garbage:?} -> {r}");
         }
-        // A request line without the blank line, then a half-close, is still answered.
-        let r = server.exchange(b"GET /healthz HTTP/1.0\r\n", true).await;
-        assert_eq!(status_line(&r), "HTTP/1.1 503 Service Unavailable", "{r}");
         assert_eq!(status_line(&server.get("/metrics").await), "HTTP/1.1 200 OK");
         server.stop().await;
     }
 
     #[tokio::test]
+    async fn keep_alive_serves_several_requests_on_one_connection() {
+        let server = Server::start(Metrics::new(), Health::new(), Limits::default()).await;
+        let io = async {
+            let mut s = TcpStream::connect(server.addr).await.expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.expect("first request");
+            let mut first = [0u8; 17];
+            s.read_exact(&mut first).await.expect("first answer");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").await.expect("second request");
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            (String::from_utf8_lossy(&first).into_owned(), String::from_utf8_lossy(&rest).into_owned())
+        };
+        let (first, rest) = tokio::time::timeout(DEADLINE, io).await.expect("answers within the deadline");
+        assert_eq!(first, "HTTP/1.1 503 Serv");
+        assert!(rest.contains("HTTP/1.1 200 OK\r\n"), "{rest}");
+        assert!(rest.contains("walbust_"), "{rest}");
+        server.stop().await;
+    }
+
+    #[tokio::test]
     async fn an_oversized_request_gets_431() {
-        let limits = Limits { max_request: 1024, ..Limits::default() };
-        let server = Server::start(Metrics::new(), Health::new(), limits).await;
+        let server = Server::start(Metrics::new(), Health::new(), Limits::default()).await;
         let mut raw = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
-        raw.extend(std::iter::repeat_n(b'a', 4096));
+        raw.extend(std::iter::repeat_n(b'a', 64 * 1024));
         raw.extend_from_slice(b"\r\n\r\n");
-        let r = server.exchange(&raw, false).await;
+        let r = server.exchange(&raw).await;
         assert_eq!(status_line(&r), "HTTP/1.1 431 Request Header Fields Too Large", "{r}");
         assert_eq!(status_line(&server.get("/metrics").await), "HTTP/1.1 200 OK");
         server.stop().await;
     }
 
     #[tokio::test]
-    async fn a_silent_client_gets_408_after_the_read_timeout() {
-        let limits = Limits { read_timeout: Duration::from_millis(200), ..Limits::default() };
+    async fn a_silent_client_is_closed_after_the_header_read_timeout() {
+        let limits = Limits { header_read_timeout: Duration::from_millis(200), ..Limits::default() };
         let server = Server::start(Metrics::new(), Health::new(), limits).await;
-        let r = server.exchange(b"GET /metr", false).await;
-        assert_eq!(status_line(&r), "HTTP/1.1 408 Request Timeout", "{r}");
+        let r = server.exchange(b"GET /metr").await;
+        assert_eq!(r, "", "closed without an answer");
         server.stop().await;
     }
 
     #[tokio::test]
-    async fn connections_beyond_the_limit_wait_and_are_then_served() {
-        let limits = Limits { max_connections: 1, read_timeout: Duration::from_millis(300), ..Limits::default() };
+    async fn idle_connections_up_to_the_limit_never_delay_a_scrape() {
+        let limits = Limits { max_connections: 3, ..Limits::default() };
         let server = Server::start(Metrics::new(), Health::new(), limits).await;
-        // Holds the only slot until its read timeout.
-        let idle = TcpStream::connect(server.addr).await.expect("connect");
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(TcpStream::connect(server.addr).await.expect("connect"));
+        }
+        let started = Instant::now();
         let r = server.get("/metrics").await;
         assert_eq!(status_line(&r), "HTTP/1.1 200 OK", "{r}");
+        assert!(started.elapsed() < limits.header_read_timeout, "{:?}", started.elapsed());
         drop(idle);
         server.stop().await;
     }

@@ -52,21 +52,13 @@ pub async fn run(config_path: &Path) -> u8 {
     let (stop_tx, stop) = watch::channel(false);
     let mut background = vec![tokio::spawn(reload_on_sighup(config_path.to_path_buf(), reload_tx))];
     if let Some(listen) = &config.metrics.listen {
-        match walbust::health::bind(listen).await {
-            Ok(listener) => {
-                info!(listen = %listen, "serving /metrics and /healthz");
-                background.push(tokio::spawn(walbust::health::serve(
-                    listener,
-                    metrics.clone(),
-                    health.clone(),
-                    stopped(stop.clone()),
-                )));
-            }
-            Err(e) => {
-                eprintln!("error: {}", error_chain(&e));
-                return EXIT_USAGE;
-            }
-        }
+        // A busy port is retried in the background: invalidation does not wait for metrics.
+        background.push(tokio::spawn(walbust::health::serve_when_bound(
+            listen.clone(),
+            metrics.clone(),
+            health.clone(),
+            stopped(stop.clone()),
+        )));
     }
     background.push(tokio::spawn({
         let (config, metrics, stop) = (config.clone(), metrics.clone(), stop.clone());

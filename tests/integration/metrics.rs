@@ -103,3 +103,102 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
 
     assert_eq!(walbust.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_metrics_port_is_retried_while_invalidation_runs() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, "CREATE TABLE items (id int PRIMARY KEY);").await;
+    let n = &db.name;
+    // Someone else holds the port when walbust starts.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let port = squatter.local_addr().expect("addr").port();
+    let rules = format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:item:{{id}}\"]\n");
+    let files = write_config_with(&db, &s.redis.url(), &rules, "", "", &format!("127.0.0.1:{port}"));
+    let mut walbust = Walbust::spawn(&["--log-level", "warn", "run", "--config"], &files.path, Stdio::inherit());
+
+    // Invalidation works although /metrics cannot be served.
+    let redis = support::redis_conn(&s.redis.url()).await;
+    let key = format!("{n}:item:1");
+    let invalidated = || {
+        let (mut redis, key, client) = (redis.clone(), key.clone(), &db.client);
+        async move {
+            support::cache(&mut redis, std::slice::from_ref(&key)).await;
+            // Each attempt writes a fresh row: a change made before the slot existed is not streamed.
+            let _ = client.execute("INSERT INTO items VALUES (1) ON CONFLICT (id) DO UPDATE SET id = 1", &[]).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while tokio::time::Instant::now() < deadline {
+                if support::existing(&mut redis, std::slice::from_ref(&key)).await.is_empty() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    wait_until(Duration::from_secs(60), "an insert to be invalidated while the metrics port is busy", invalidated)
+        .await;
+    assert!(matches!(walbust.0.try_wait(), Ok(None)), "walbust stopped because the metrics port was busy");
+    assert!(get(port, "/metrics").is_none(), "the squatter still holds the port");
+
+    // Once the port is free, /metrics comes up without a restart.
+    drop(squatter);
+    let served = move || async move {
+        get(port, "/metrics").is_some_and(|(code, body)| code == 200 && body.contains("walbust_"))
+    };
+    wait_until(Duration::from_secs(60), "/metrics to come up after the port was freed", served).await;
+    assert_eq!(walbust.terminate(), Some(0));
+}
+
+/// Raises this process's open-file limit to at least `wanted` (up to the hard limit).
+fn raise_fd_limit(wanted: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0, "getrlimit");
+        if limit.rlim_cur >= wanted {
+            return;
+        }
+        assert!(
+            limit.rlim_max >= wanted,
+            "the hard open-file limit {} is below the {wanted} this test needs; raise it with ulimit -Hn",
+            limit.rlim_max
+        );
+        limit.rlim_cur = wanted;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "setrlimit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_do_not_starve_a_scrape() {
+    use walbust::health::{Health, serve};
+    use walbust::metrics::Metrics;
+    // Both ends of every connection live in this process.
+    raise_fd_limit(4096);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, Metrics::new(), Health::new(), async {
+        let _ = stopped.await;
+    }));
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("idle connection"));
+    }
+    // Every idle connection has been accepted and waits for a request head.
+    let scrape = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let answer = get(port, "/metrics");
+        (answer, started.elapsed())
+    });
+    let (answer, took) = tokio::time::timeout(Duration::from_secs(5), scrape)
+        .await
+        .expect("a scrape must answer within 5 s beside 1,000 idle connections")
+        .expect("scrape thread");
+    let (code, body) = answer.expect("a /metrics answer");
+    assert_eq!(code, 200);
+    assert!(body.contains("# TYPE walbust_"), "{body}");
+    println!("scrape beside 1,000 idle connections answered in {took:?}");
+    drop(idle);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(60), server).await.expect("server stops").expect("no panic");
+}
