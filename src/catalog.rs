@@ -12,14 +12,19 @@
 //!   list), the publication publishes every op a rule fires on, and the replica identity
 //!   sends the old-row columns that UPDATE and DELETE rules read (otherwise those keys are
 //!   widened to pattern deletes, and the warning says which and gives the SQL).
-//! - [`validate_columns`] is the start-up and reload gate: unknown columns are errors; a
-//!   missing table is only a warning, since it may be created later.
+//! - [`validate_startup`] is the start-up and reload gate of `walbust run`: unknown columns
+//!   are errors, and so are a missing publication and an existing table the publication
+//!   leaves out (its changes would never be invalidated); a missing table is only a
+//!   warning, since it may be created later. [`validate_columns`] checks the columns alone.
+//! - [`read_server`] reads the server settings walbust needs, checked by
+//!   [`crate::source::slot::requirements`].
 
+use crate::config::Config;
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity, did_you_mean};
 use crate::rules::template::{Image, Template};
 use crate::rules::{Op, OpSet, Rule, RuleSet, TableName};
 use crate::source::is_transient_sqlstate;
-use crate::source::slot::quote_ident;
+use crate::source::slot::{ServerSettings, add_tables_sql, create_publication_sql, sql_ident, sql_table};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -219,6 +224,8 @@ pub struct Catalog {
     pub names: Vec<TableName>,
     /// The publication; `None` when it does not exist or was not asked for.
     pub publication: Option<Publication>,
+    /// The names of every publication of the database, for "did you mean".
+    pub publications: Vec<String>,
 }
 
 const RELATIONS_QUERY: &str = "\
@@ -286,6 +293,13 @@ pub async fn read_catalog(
     }
     catalog.names.sort();
     let Some(publication) = publication else { return Ok(catalog) };
+    catalog.publications = client
+        .query("SELECT pubname::text FROM pg_publication ORDER BY 1", &[])
+        .await
+        .map_err(query("listing the publications in pg_publication"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let row = client
         .query_opt(PUBLICATION_QUERY, &[&publication])
         .await
@@ -334,63 +348,102 @@ fn parse_json(text: String, what: &'static str) -> Result<serde_json::Value, Cat
 }
 
 /// `walbust check --online`: reads the catalog once and checks the rules against it and
-/// against `publication` (see [`check_catalog`]).
+/// against the config's publication (see [`check_catalog`]).
 pub async fn check_online(
     client: &tokio_postgres::Client,
-    publication: &str,
+    config: &Config,
     rules: &RuleSet,
 ) -> Result<Diagnostics, CatalogError> {
-    let catalog = read_catalog(client, Some(publication), rules).await?;
-    Ok(check_catalog(&catalog, publication, rules))
+    let catalog = read_catalog(client, Some(&config.source.publication), rules).await?;
+    Ok(check_catalog(&catalog, config, rules))
 }
 
-/// The start-up and reload gate: errors for columns the rules name that their (existing)
-/// tables lack, warnings for tables that do not exist yet.
+/// The columns alone: errors for columns the rules name that their (existing) tables
+/// lack, warnings for tables that do not exist yet.
 pub async fn validate_columns(client: &tokio_postgres::Client, rules: &RuleSet) -> Result<Diagnostics, CatalogError> {
     let catalog = read_catalog(client, None, rules).await?;
     Ok(column_diagnostics(&catalog, rules))
 }
 
-/// Every online check of `rules` against `catalog`, whose publication was read as
-/// `publication` (`catalog.publication` is `None` when it does not exist).
-pub fn check_catalog(catalog: &Catalog, publication: &str, rules: &RuleSet) -> Diagnostics {
-    Checker::new(catalog, rules, read_file).check(Some(publication))
+/// What the start-up gate found.
+#[derive(Debug, Clone, Default)]
+pub struct StartupCheck {
+    /// Every problem, errors and warnings.
+    pub diagnostics: Diagnostics,
+    /// True when an error is the publication's: it is missing, or leaves out a table a
+    /// rule names. The database needs fixing rather than the rule files.
+    pub publication_unfit: bool,
+    /// Server requirements only a person can meet (version, wal_level, a zero
+    /// max_replication_slots or max_wal_senders), each with its fix.
+    pub server: Vec<crate::source::slot::Unmet>,
+}
+
+/// The start-up and reload gate of `walbust run`: [`validate_columns`], plus errors for a
+/// missing publication and for existing tables the publication leaves out, each with the
+/// statement that fixes it (the same advice as `walbust check --online`).
+pub async fn validate_startup(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    rules: &RuleSet,
+) -> Result<StartupCheck, CatalogError> {
+    let settings = read_server(client, &config.source.slot).await?;
+    let catalog = read_catalog(client, Some(&config.source.publication), rules).await?;
+    let mut found = startup_diagnostics(&catalog, config, rules);
+    found.server =
+        crate::source::slot::requirements(&settings, &config.source.slot).into_iter().filter(|u| u.lasting).collect();
+    Ok(found)
+}
+
+/// Every online check of `rules` against `catalog`, whose publication was read as the
+/// config's (`catalog.publication` is `None` when it does not exist).
+pub fn check_catalog(catalog: &Catalog, config: &Config, rules: &RuleSet) -> Diagnostics {
+    Checker::new(catalog, rules, read_file).with_config(config).check(Mode::Online).0
+}
+
+/// The checks of [`validate_startup`] over `catalog`.
+pub fn startup_diagnostics(catalog: &Catalog, config: &Config, rules: &RuleSet) -> StartupCheck {
+    let (diagnostics, publication_unfit) =
+        Checker::new(catalog, rules, read_file).with_config(config).check(Mode::Startup);
+    StartupCheck { diagnostics, publication_unfit, server: Vec::new() }
 }
 
 /// Unknown columns as errors and missing tables as warnings (see [`validate_columns`]).
 pub fn column_diagnostics(catalog: &Catalog, rules: &RuleSet) -> Diagnostics {
-    Checker::new(catalog, rules, read_file).check(None)
+    Checker::new(catalog, rules, read_file).check(Mode::Columns).0
+}
+
+const SERVER_QUERY: &str = "\
+SELECT current_setting('server_version'), current_setting('server_version_num')::int,
+       current_setting('wal_level'), current_setting('max_replication_slots')::int,
+       ARRAY(SELECT slot_name::text FROM pg_replication_slots ORDER BY 1),
+       current_setting('max_wal_senders')::int,
+       (SELECT count(*)::int FROM pg_stat_replication),
+       EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1),
+       EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active)";
+
+/// Reads the settings [`crate::source::slot::requirements`] checks, for slot `slot`.
+pub async fn read_server(client: &tokio_postgres::Client, slot: &str) -> Result<ServerSettings, CatalogError> {
+    let row = client
+        .query_one(SERVER_QUERY, &[&slot])
+        .await
+        .map_err(|source| CatalogError::Query { doing: "reading the server's replication settings", source })?;
+    let count = |i: usize| u32::try_from(row.get::<_, i32>(i)).unwrap_or(0);
+    Ok(ServerSettings {
+        version: row.get(0),
+        version_num: count(1),
+        wal_level: row.get(2),
+        max_replication_slots: count(3),
+        slots: row.get(4),
+        max_wal_senders: count(5),
+        wal_senders: count(6),
+        slot_exists: row.get(7),
+        slot_active: row.get(8),
+    })
 }
 
 fn read_file(path: &Path) -> Option<String> {
     crate::user_file::read_to_string(path, crate::user_file::Kind::Rules).ok()
 }
-
-/// An identifier as SQL: bare when it is a plain lowercase name, quoted otherwise.
-pub fn sql_ident(s: &str) -> String {
-    let plain = s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !RESERVED.split_whitespace().any(|k| k == s);
-    if plain { s.to_string() } else { quote_ident(s) }
-}
-
-/// `schema.table` as SQL.
-pub fn sql_table(t: &TableName) -> String {
-    format!("{}.{}", sql_ident(&t.schema), sql_ident(&t.table))
-}
-
-/// Keywords that cannot name a table or column unquoted (reserved, and reserved but
-/// allowed as function or type names).
-const RESERVED: &str = "\
-     all analyse analyze and any array as asc asymmetric authorization binary both case cast check \
-     collate collation column concurrently constraint create cross current_catalog current_date \
-     current_role current_schema current_time current_timestamp current_user default deferrable desc \
-     distinct do else end except false fetch for foreign freeze from full grant group having ilike \
-     in initially inner intersect into is isnull join lateral leading left like limit localtime \
-     localtimestamp natural not notnull null offset on only or order outer overlaps placing primary \
-     references returning right select session_user similar some symmetric system_user table \
-     tablesample then to trailing true union unique user using variadic verbose when where window \
-     with";
 
 fn ticked(items: &[impl AsRef<str>]) -> String {
     items.iter().map(|i| format!("`{}`", i.as_ref())).collect::<Vec<_>>().join(", ")
@@ -409,49 +462,78 @@ fn ops_text(ops: &[Op]) -> String {
     and_list(&ops.iter().map(|o| o.as_str().to_string()).collect::<Vec<_>>())
 }
 
+/// Which checks a [`Checker`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `check --online`: everything; a missing table is an error.
+    Online,
+    /// `run`'s gate: columns, and the publication's existence and tables.
+    Startup,
+    /// Columns only.
+    Columns,
+}
+
+/// The config's publication and where the config names it.
+struct Named<'a> {
+    publication: &'a str,
+    config: &'a Path,
+}
+
 /// Runs the checks over one catalog snapshot, locating keys in the rule files it reads.
 struct Checker<'a, F> {
     catalog: &'a Catalog,
     rules: &'a RuleSet,
     read: F,
+    named: Option<Named<'a>>,
     files: HashMap<PathBuf, Option<String>>,
     out: Vec<Diagnostic>,
+    publication_unfit: bool,
 }
 
 impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
     fn new(catalog: &'a Catalog, rules: &'a RuleSet, read: F) -> Self {
-        Checker { catalog, rules, read, files: HashMap::new(), out: Vec::new() }
+        Checker { catalog, rules, read, named: None, files: HashMap::new(), out: Vec::new(), publication_unfit: false }
     }
 
-    /// All checks when `publication` is given; columns and tables only otherwise.
-    fn check(mut self, publication: Option<&str>) -> Diagnostics {
-        let mut publication_reported = false;
+    fn with_config(self, config: &'a Config) -> Self {
+        self.with_named(&config.source.publication, &config.path)
+    }
+
+    fn with_named(mut self, publication: &'a str, config: &'a Path) -> Self {
+        self.named = Some(Named { publication, config });
+        self
+    }
+
+    /// The checks of `mode`; those of the publication only when the config is known. Also
+    /// says whether an error is the publication's.
+    fn check(mut self, mode: Mode) -> (Diagnostics, bool) {
+        let publication = self.named.as_ref().map(|n| n.publication).filter(|_| mode != Mode::Columns);
+        if publication.is_some() && self.catalog.publication.is_none() && !self.rules.rules().is_empty() {
+            self.missing_publication();
+        }
         let mut identity_reported: BTreeSet<&TableName> = BTreeSet::new();
         for rule in self.rules.rules() {
-            let Some(relation) = self.table(rule, publication.is_some()) else { continue };
+            let Some(relation) = self.table(rule, mode == Mode::Online) else { continue };
             self.columns(rule, relation, publication);
-            let Some(name) = publication else { continue };
-            match &self.catalog.publication {
-                None if !publication_reported => {
-                    publication_reported = true;
-                    self.missing_publication(rule, name);
-                }
-                None => {}
-                Some(p) => {
-                    self.membership(rule, relation, name, p);
+            if let (Some(name), Some(p)) = (publication, &self.catalog.publication) {
+                self.membership(rule, relation, name, p);
+                if mode == Mode::Online {
                     self.ops(rule, name, p);
                     if p.includes(&rule.table) && identity_reported.insert(&rule.table) {
                         self.rejected_writes(rule, relation, name, p);
                     }
                 }
             }
-            self.identity(rule, relation);
+            if mode == Mode::Online {
+                self.identity(rule, relation);
+            }
         }
-        // Reading order: files as loaded, then line and column.
-        let files: Vec<&Path> = self.rules.rules().iter().map(|r| r.file.as_path()).collect();
+        // Reading order: the config, then files as loaded, then line and column.
+        let config = self.named.as_ref().map(|n| n.config);
+        let files: Vec<&Path> = config.into_iter().chain(self.rules.rules().iter().map(|r| r.file.as_path())).collect();
         let file_index = |f: &Path| files.iter().position(|g| *g == f).unwrap_or(usize::MAX);
         self.out.sort_by_key(|d| (file_index(&d.file), d.line, d.col));
-        Diagnostics(self.out)
+        (Diagnostics(self.out), self.publication_unfit)
     }
 
     fn push(&mut self, severity: Severity, rule: &Rule, at: (usize, usize), message: String, hint: String) {
@@ -576,19 +658,33 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
         }
     }
 
-    fn missing_publication(&mut self, rule: &Rule, name: &str) {
-        let tables: Vec<String> = self.rules.tables().into_iter().map(sql_table).collect();
-        let at = self.position(rule, "table");
-        self.push(
-            Severity::Error,
-            rule,
-            at,
-            format!(
+    /// The publication does not exist: reported against the config's `publication`, with a
+    /// close existing name when there is one, and the statement that creates it.
+    fn missing_publication(&mut self) {
+        let Some(Named { publication: name, config }) = self.named else { return };
+        let read = &self.read;
+        let text = self.files.entry(config.to_path_buf()).or_insert_with(|| read(config));
+        let at = text.as_deref().and_then(|t| {
+            let source = t.lines().position(|l| l.trim() == "[source]")? + 1;
+            key_position(t, source, "publication").or(Some((source, 1)))
+        });
+        let create = format!("create it with: {}", create_publication_sql(name, &self.rules.tables()));
+        let hint = match did_you_mean(name, self.catalog.publications.iter().map(String::as_str)) {
+            Some(m) => format!("did you mean `{m}`? Otherwise {create}"),
+            None => create,
+        };
+        self.publication_unfit = true;
+        self.out.push(Diagnostic {
+            severity: Severity::Error,
+            file: config.to_path_buf(),
+            line: at.map_or(1, |a| a.0),
+            col: at.map_or(1, |a| a.1),
+            message: format!(
                 "publication `{name}` does not exist in database `{}`, so no change reaches walbust",
                 self.catalog.database
             ),
-            format!("create it with: CREATE PUBLICATION {} FOR TABLE {};", sql_ident(name), tables.join(", ")),
-        );
+            hint: Some(hint),
+        });
     }
 
     fn membership(&mut self, rule: &Rule, relation: &Relation, name: &str, p: &Publication) {
@@ -613,6 +709,7 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
             return;
         }
         if !p.includes(t) {
+            self.publication_unfit = true;
             self.push(
                 Severity::Error,
                 rule,
@@ -621,7 +718,7 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
                     "table `{t}` of rule `{}` is not in publication `{name}`, so its changes never reach walbust",
                     rule.name
                 ),
-                format!("run ALTER PUBLICATION {} ADD TABLE {};", sql_ident(name), sql_table(t)),
+                format!("run {}", add_tables_sql(name, &[t])),
             );
         }
     }
@@ -854,8 +951,17 @@ keys = ["plans"]
         let mut relations = BTreeMap::new();
         relations.insert(table("users"), users(identity));
         relations.insert(table("plans"), Relation { kind: RelKind::Table, columns: vec!["id".into()], identity: pk() });
-        Catalog { database: "app".into(), relations, names: vec![table("plans"), table("users")], publication }
+        Catalog {
+            database: "app".into(),
+            relations,
+            names: vec![table("plans"), table("users")],
+            publications: publication.iter().map(|_| "walbust".to_string()).chain(["wallbust".into()]).collect(),
+            publication,
+        }
     }
+
+    const CONFIG: &str =
+        "rules = [\"rules/*.toml\"]\n\n[source]\nurl = \"postgres://db/app\"\npublication = \"walbust\"\n";
 
     fn all_tables(publishes: OpSet) -> Publication {
         Publication { all_tables: true, publishes, via_root: false, tables: BTreeMap::new() }
@@ -863,7 +969,9 @@ keys = ["plans"]
 
     fn check(catalog: &Catalog, text: &str) -> Vec<String> {
         let rules = rules(text);
-        let d = Checker::new(catalog, &rules, |_: &Path| Some(text.to_string())).check(Some("walbust"));
+        let read = |p: &Path| Some(if p == Path::new("config.toml") { CONFIG.to_string() } else { text.to_string() });
+        let d =
+            Checker::new(catalog, &rules, read).with_named("walbust", Path::new("config.toml")).check(Mode::Online).0;
         d.0.iter().map(ToString::to_string).collect()
     }
 
@@ -921,7 +1029,7 @@ keys = ["plans"]
             ]
         );
         let rules = rules(&text);
-        let d = Checker::new(&catalog(Identity::Full, None), &rules, |_: &Path| None).check(None);
+        let d = Checker::new(&catalog(Identity::Full, None), &rules, |_: &Path| None).check(Mode::Columns).0;
         assert!(!d.has_errors(), "{d}");
         assert!(d.0[0].message.contains("does not exist in database `app` yet"), "{d}");
     }
@@ -950,15 +1058,43 @@ keys = ["plans"]
     }
 
     #[test]
-    fn missing_publication_is_reported_once_with_the_create_statement() {
+    fn misspelt_publication_is_reported_at_the_config_with_did_you_mean() {
         let text = RULES.replace("{emial}", "{id}");
         let got = check(&catalog(Identity::Full, None), &text);
         assert_eq!(
             got,
             [
-                "error: rules/users.toml:3:9: publication `walbust` does not exist in database `app`, so no change reaches walbust\n  hint: create it with: CREATE PUBLICATION walbust FOR TABLE public.plans, public.users;"
+                "error: config.toml:5:15: publication `walbust` does not exist in database `app`, so no change reaches walbust\n  hint: did you mean `wallbust`? Otherwise create it with: CREATE PUBLICATION walbust FOR TABLE public.plans, public.users WITH (publish = 'insert, update, delete, truncate');"
             ]
         );
+    }
+
+    fn startup(catalog: &Catalog, text: &str) -> (Vec<String>, bool) {
+        let rules = rules(text);
+        let read = |p: &Path| Some(if p == Path::new("config.toml") { CONFIG.to_string() } else { text.to_string() });
+        let (d, unfit) =
+            Checker::new(catalog, &rules, read).with_named("walbust", Path::new("config.toml")).check(Mode::Startup);
+        (d.0.iter().map(ToString::to_string).collect(), unfit)
+    }
+
+    #[test]
+    fn run_refuses_a_rule_table_left_out_of_the_publication_with_the_alter_publication_fix() {
+        let mut tables = BTreeMap::new();
+        tables.insert(table("users"), None);
+        let p = Publication { all_tables: false, publishes: OpSet::ALL, via_root: false, tables };
+        let text = RULES.replace("{emial}", "{id}");
+        let (got, unfit) = startup(&catalog(pk(), Some(p)), &text);
+        // The same error and fix as `check --online`; identity warnings are check's alone.
+        assert_eq!(
+            got,
+            [
+                "error: rules/users.toml:10:9: table `public.plans` of rule `plans` is not in publication `walbust`, so its changes never reach walbust\n  hint: run ALTER PUBLICATION walbust ADD TABLE public.plans;"
+            ]
+        );
+        assert!(unfit);
+        let (got, unfit) = startup(&catalog(pk(), Some(all_tables(OpSet::ALL))), &text);
+        assert_eq!(got, Vec::<String>::new());
+        assert!(!unfit);
     }
 
     #[test]

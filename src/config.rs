@@ -650,6 +650,37 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     }
 }
 
+/// The settings of `new` that differ from `old` and take effect only on restart (every
+/// setting but `rules`), as `[section] key`, so a reload can say what it left alone.
+/// Compares values without ever returning them: URLs and flush actions may hold secrets.
+pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let (a, b) = (&old.source, &new.source);
+    let url_changed = differs(&a.conninfo, &b.conninfo) || a.conninfo.password != b.conninfo.password;
+    [
+        ("[source] url", url_changed),
+        ("[source] slot", a.slot != b.slot),
+        ("[source] publication", a.publication != b.publication),
+        ("[source] create_slot", a.create_slot != b.create_slot),
+        ("[source] status_interval", a.status_interval != b.status_interval),
+        ("[source] read_timeout", a.read_timeout != b.read_timeout),
+        ("[source] message_prefix", a.message_prefix != b.message_prefix),
+        ("[source] on_slot_lost", a.on_slot_lost != b.on_slot_lost),
+        ("[source] flush", differs(&a.flush, &b.flush)),
+        ("[source] heartbeat_interval", a.heartbeat_interval != b.heartbeat_interval),
+        ("[redis] url", old.redis.url != new.redis.url),
+        ("[redis] ca_file", old.redis.ca_pem != new.redis.ca_pem),
+        ("[batch] max_actions", old.batch.max_actions != new.batch.max_actions),
+        ("[batch] max_delay", old.batch.max_delay != new.batch.max_delay),
+        ("[metrics] listen", old.metrics.listen != new.metrics.listen),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -834,6 +865,19 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
         std::fs::write(&not_pem, "not a certificate\n").unwrap();
         let p = redis("rediss://cache:6380/0", &format!("ca_file = \"{}\"", not_pem.display()));
         assert!(p.contains("holds no PEM certificate"), "{p}");
+    }
+
+    #[test]
+    fn sighup_names_changed_settings_that_need_a_restart_but_never_their_values() {
+        let old = parse(GOOD).unwrap();
+        let new = parse(
+            &GOOD
+                .replace("status_interval = \"2s\"", "status_interval = \"3s\"\nslot = \"other\"")
+                .replace("redis://:${REDIS_PASSWORD}@cache:6379/0", "redis://:${REDIS_PASSWORD}@cache2:6379/0"),
+        )
+        .unwrap();
+        assert_eq!(restart_only_changes(&old, &new), ["[source] slot", "[source] status_interval", "[redis] url"]);
+        assert_eq!(restart_only_changes(&old, &old.clone()), Vec::<&str>::new());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use cli::{Cli, Command};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     cli::init_logging(&cli);
     // One thread: the pipeline is a reader and an applier handing batches to each other,
@@ -43,4 +44,29 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(code)
+}
+
+/// `walbust check | head -1`: once the reader is gone, printing fails with EPIPE, and
+/// `println!` panics. Die of SIGPIPE instead, quietly, as other command-line tools do.
+/// Only stdout and stderr are concerned: sockets keep getting EPIPE as an error (Rust
+/// ignores SIGPIPE), so a dropped database or Redis connection never kills walbust.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to std") && message.contains("Broken pipe") {
+            // SAFETY: restoring the default disposition of SIGPIPE and raising it in this
+            // process; nothing else is running that relies on the ignored disposition.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+        default(info);
+    }));
 }

@@ -107,6 +107,20 @@ impl From<SetupError> for PipelineError {
 }
 
 impl PipelineError {
+    /// True when only a person can fix the cause (credentials, server settings, the
+    /// publication, the slot): `walbust run` then exits with its own code, so a supervisor
+    /// does not restart it in a loop.
+    pub fn needs_person(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.needs_person(),
+            PipelineError::Setup(e) => e.needs_person(),
+            PipelineError::Decode { .. }
+            | PipelineError::Unexpected { .. }
+            | PipelineError::Silent(_)
+            | PipelineError::ShutdownUnapplied(_) => false,
+        }
+    }
+
     /// True when reconnecting may succeed.
     pub fn is_transient(&self) -> bool {
         match self {

@@ -13,14 +13,12 @@
 use crate::config::Config;
 use crate::rules::template::Image;
 use crate::rules::{Op, Rule, RuleSet, TableName};
-use crate::source::slot::{quote_ident, quote_literal};
+pub use crate::source::slot::PUBLISH;
+use crate::source::slot::{add_tables_sql, create_publication_sql, quote_ident, quote_literal};
 use crate::source::{ConnInfo, SourceError, connect_sql};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use tokio_postgres::GenericClient;
-
-/// The ops a publication must publish for walbust.
-pub const PUBLISH: &str = "insert, update, delete, truncate";
 
 /// Why setup could not be checked or applied.
 #[derive(Debug, thiserror::Error)]
@@ -148,14 +146,9 @@ fn role_sql(role: &str, database: &str) -> String {
     )
 }
 
-/// `CREATE PUBLICATION` over `tables`, publishing every op walbust routes.
+/// `CREATE PUBLICATION` over `tables`, publishing every op walbust routes, as a script line.
 pub fn publication_sql(publication: &str, tables: &[&TableName]) -> String {
-    let name = quote_ident(publication);
-    if tables.is_empty() {
-        return format!("CREATE PUBLICATION {name} FOR ALL TABLES WITH (publish = {});\n", quote_literal(PUBLISH));
-    }
-    let tables: Vec<String> = tables.iter().map(|t| qualified(t)).collect();
-    format!("CREATE PUBLICATION {name} FOR TABLE {} WITH (publish = {});\n", tables.join(", "), quote_literal(PUBLISH))
+    format!("{}\n", create_publication_sql(publication, tables))
 }
 
 /// The roles that keep `pg_logical_emit_message`: walbust's own (it writes heartbeats with
@@ -479,7 +472,7 @@ pub async fn apply(
                     .collect();
                 if !lacking.is_empty() {
                     let names: Vec<String> = lacking.iter().map(|t| qualified(t)).collect();
-                    let sql = format!("ALTER PUBLICATION {} ADD TABLE {};", quote_ident(publication), names.join(", "));
+                    let sql = add_tables_sql(publication, &lacking);
                     tx.batch_execute(&sql)
                         .await
                         .map_err(query(&format!("adding tables to publication {publication}")))?;
@@ -545,7 +538,7 @@ keys = ["odd:{id}"]
         assert!(sql.contains("GRANT CONNECT ON DATABASE \"app\" TO \"walbust\";\n"), "{sql}");
         assert!(
             sql.contains(
-                "CREATE PUBLICATION \"walbust\" FOR TABLE \"public\".\"user_settings\", \"we\"\"ird\".\"Ta ble\" \
+                "CREATE PUBLICATION walbust FOR TABLE public.user_settings, \"we\"\"ird\".\"Ta ble\" \
                  WITH (publish = 'insert, update, delete, truncate');\n"
             ),
             "{sql}"

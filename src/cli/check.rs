@@ -10,6 +10,7 @@ use walbust::diagnostic::{Diagnostics, plural};
 use walbust::pipeline::error_chain;
 use walbust::rules::RuleSet;
 use walbust::source::connect_sql;
+use walbust::source::slot::{self, ServerSettings};
 
 /// How long `--online` waits for the database when the config sets no `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -41,16 +42,38 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool) -> u8 
             if online {
                 eprintln!("note: the online check did not run; fix the rule files first");
             }
-            return EXIT_FAILED;
+            // A glob that matches nothing (or a file that cannot be read) is the config's
+            // `rules` list at fault, a config error as in `walbust run`; the rule files'
+            // own problems are a failed check.
+            let config_problem = problems.errors().any(|d| d.line == 0 && !d.file.is_file());
+            return if config_problem { EXIT_USAGE } else { EXIT_FAILED };
         }
     };
     let mut diagnostics = loaded.warnings;
+    let mut server_ok = true;
     if online {
         match check_database(&config, &loaded.rules).await {
-            Ok(found) => {
-                let tables = loaded.rules.tables().len();
+            Ok((found, settings)) => {
+                let unmet = slot::requirements(&settings, &config.source.slot);
+                server_ok = unmet.is_empty();
                 println!(
-                    "ok   database {}, publication `{}` ({tables} table{})",
+                    "{} server PostgreSQL {}: wal_level {}, replication slots {} of {} in use, wal senders {} of {} in use",
+                    if server_ok { "ok  " } else { "FAIL" },
+                    settings.version,
+                    settings.wal_level,
+                    settings.slots.len(),
+                    settings.max_replication_slots,
+                    settings.wal_senders,
+                    settings.max_wal_senders,
+                );
+                for u in &unmet {
+                    eprintln!("error: {}\n  hint: {}", u.problem, u.fix);
+                }
+                let tables = loaded.rules.tables().len();
+                let publication_missing = found.0.iter().any(|d| d.file == config.path && d.is_error());
+                println!(
+                    "{} database {}, publication `{}` ({tables} table{})",
+                    if publication_missing { "FAIL" } else { "ok  " },
                     config.source.conninfo.describe(),
                     config.source.publication,
                     if tables == 1 { "" } else { "s" }
@@ -79,12 +102,16 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool) -> u8 
     if !diagnostics.0.is_empty() {
         eprintln!("{diagnostics}");
     }
-    if diagnostics.has_errors() || (deny_warnings && !diagnostics.0.is_empty()) { EXIT_FAILED } else { EXIT_OK }
+    if !server_ok || diagnostics.has_errors() || (deny_warnings && !diagnostics.0.is_empty()) {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    }
 }
 
-/// Connects with `[source]` and checks the rules against the catalog; the error says why
-/// the database could not be checked.
-async fn check_database(config: &Config, rules: &RuleSet) -> Result<Diagnostics, String> {
+/// Connects with `[source]`, checks the rules against the catalog and reads the server's
+/// settings; the error says why the database could not be checked.
+async fn check_database(config: &Config, rules: &RuleSet) -> Result<(Diagnostics, ServerSettings), String> {
     let info = &config.source.conninfo;
     let limit = if info.connect_timeout.is_zero() { CONNECT_TIMEOUT } else { info.connect_timeout * 2 };
     let client = match tokio::time::timeout(limit, connect_sql(info)).await {
@@ -105,7 +132,9 @@ async fn check_database(config: &Config, rules: &RuleSet) -> Result<Diagnostics,
             ));
         }
     };
-    catalog::check_online(&client, &config.source.publication, rules)
-        .await
-        .map_err(|e| format!("cannot read the catalog of {}: {}", info.describe(), error_chain(&e)))
+    let unreadable =
+        |e: catalog::CatalogError| format!("cannot read the catalog of {}: {}", info.describe(), error_chain(&e));
+    let settings = catalog::read_server(&client, &config.source.slot).await.map_err(unreadable)?;
+    let found = catalog::check_online(&client, config, rules).await.map_err(unreadable)?;
+    Ok((found, settings))
 }

@@ -15,12 +15,28 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use walbust::config::{Config, ConfigError};
 
+// Exit codes: the one policy of every subcommand (README, "Exit codes"). A supervisor
+// restarts on 1 and never on 2 or 3 (deploy/walbust.service: RestartPreventExitStatus=2 3),
+// since restarting cannot fix a file, a password or the database's settings: it only buries
+// the message under a restart loop.
+
 /// Exit code for success.
 pub const EXIT_OK: u8 = 0;
-/// Exit code for a failed check or a failed run.
+/// Exit code for a failed check or test, or a run stopped by an error that a restart may
+/// clear (a slot another instance holds, a replication message walbust cannot decode).
 pub const EXIT_FAILED: u8 = 1;
-/// Exit code for a usage or config error.
+/// Exit code for a usage or config error: bad flags, an invalid config or rule file, a
+/// rules glob matching nothing, a metrics address that cannot be parsed.
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code for a database or credentials problem only a person can fix: authentication
+/// failed, `wal_level` is not `logical`, the server is older than PostgreSQL 14, the
+/// publication is missing or leaves out a rule's table, the slot is missing, unusable or lost.
+pub const EXIT_NEEDS_PERSON: u8 = 3;
+
+/// The exit code of `walbust run` for the error that stopped the pipeline.
+pub fn exit_code(e: &walbust::pipeline::PipelineError) -> u8 {
+    if e.needs_person() { EXIT_NEEDS_PERSON } else { EXIT_FAILED }
+}
 
 /// walbust: invalidates Redis cache keys from Postgres' logical replication stream.
 #[derive(Debug, Parser)]

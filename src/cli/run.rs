@@ -1,12 +1,12 @@
 //! `walbust run`: the daemon.
 
-use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
-use std::path::{Path, PathBuf};
+use super::{EXIT_NEEDS_PERSON, EXIT_OK, EXIT_USAGE};
+use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
+use walbust::catalog::StartupCheck;
 use walbust::config::{Config, ConfigError};
-use walbust::diagnostic::Diagnostics;
 use walbust::health::Health;
 use walbust::metrics::Metrics;
 use walbust::pipeline::{self, Options, Stats, error_chain};
@@ -29,12 +29,16 @@ pub async fn run(config_path: &Path) -> u8 {
     for w in loaded.warnings.warnings() {
         warn!("{w}");
     }
-    match validate_against_database(&config, &loaded.rules).await {
-        Ok(()) => {}
-        Err(problems) => {
-            eprintln!("{problems}");
-            return EXIT_USAGE;
+    if let Err(refused) = validate_against_database(&config, &loaded.rules).await {
+        for unmet in &refused.server {
+            eprintln!("error: {}\n  hint: {}", unmet.problem, unmet.fix);
         }
+        if !refused.diagnostics.0.is_empty() {
+            eprintln!("{}", refused.diagnostics);
+        }
+        // The database needs fixing rather than the files: see EXIT_NEEDS_PERSON.
+        let database = refused.publication_unfit || !refused.server.is_empty();
+        return if database { EXIT_NEEDS_PERSON } else { EXIT_USAGE };
     }
     let sink = match RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()) {
         Ok(s) => s,
@@ -50,7 +54,7 @@ pub async fn run(config_path: &Path) -> u8 {
     let (reload_tx, reload) = watch::channel(rules.clone());
     let (metrics, health) = (Metrics::new(), Health::new());
     let (stop_tx, stop) = watch::channel(false);
-    let mut background = vec![tokio::spawn(reload_on_sighup(config_path.to_path_buf(), reload_tx))];
+    let mut background = vec![tokio::spawn(reload_on_sighup(config.clone(), reload_tx))];
     if let Some(listen) = &config.metrics.listen {
         // A busy port is retried in the background: invalidation does not wait for metrics.
         background.push(tokio::spawn(walbust::health::serve_when_bound(
@@ -81,7 +85,7 @@ pub async fn run(config_path: &Path) -> u8 {
         Err(e) => {
             error!("{}", error_chain(&e));
             eprintln!("error: {}", error_chain(&e));
-            EXIT_FAILED
+            super::exit_code(&e)
         }
     }
 }
@@ -108,8 +112,10 @@ pub async fn shutdown_signal() {
 }
 
 /// On each SIGHUP, re-reads the config's rule files; a valid set replaces the running one
-/// at the next transaction boundary, an invalid one is logged in full and ignored.
-async fn reload_on_sighup(config_path: PathBuf, rules: watch::Sender<Arc<RuleSet>>) {
+/// at the next transaction boundary, an invalid one is logged in full and ignored. Other
+/// settings take effect on restart; a warning names those that changed.
+async fn reload_on_sighup(running: Config, rules: watch::Sender<Arc<RuleSet>>) {
+    let config_path = running.path.clone();
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         warn!("cannot listen for SIGHUP; rule reloads need a restart");
@@ -128,14 +134,23 @@ async fn reload_on_sighup(config_path: PathBuf, rules: watch::Sender<Arc<RuleSet
                 continue;
             }
         };
+        let unapplied = walbust::config::restart_only_changes(&running, &config);
+        if !unapplied.is_empty() {
+            warn!(settings = %unapplied.join(", "), "these changed settings take effect only on restart; the running ones stay");
+        }
         for w in loaded.warnings.warnings() {
             warn!("{w}");
         }
-        if let Err(problems) = validate_against_database(&config, &loaded.rules).await {
-            for p in problems.errors() {
+        if let Err(refused) = validate_against_database(&config, &loaded.rules).await {
+            for p in refused.diagnostics.errors() {
                 error!("{p}");
             }
-            error!("reload rejected: the rules name columns the tables lack; the rules in use stay");
+            for unmet in &refused.server {
+                error!("{unmet}");
+            }
+            error!(
+                "reload rejected: the rules name columns the tables lack, or tables the publication leaves out; the rules in use stay"
+            );
             continue;
         }
         info!(rules = loaded.rules.rules().len(), files = loaded.files.len(), "new rules accepted");
@@ -175,28 +190,30 @@ fn load_for_reload(config_path: &Path) -> Option<(Config, Loaded)> {
     }
 }
 
-/// Checks every column the rules name against the live catalog, so a misspelt column is an
-/// error at load rather than a widened pattern at run time. When the database cannot be
-/// reached the check is skipped with a warning: the pipeline then waits for the database,
-/// and still widens (and logs) any column a table lacks.
-async fn validate_against_database(config: &Config, rules: &RuleSet) -> Result<(), Diagnostics> {
+/// Checks the rules against the live catalog (see [`walbust::catalog::validate_startup`]):
+/// a misspelt column is an error at load rather than a widened pattern at run time, and a
+/// table the publication leaves out (whose changes would never be invalidated) stops the
+/// start with the statement that fixes it. When the database cannot be reached the check
+/// is skipped with a warning: the pipeline then waits for the database, and still widens
+/// (and logs) any column a table lacks.
+async fn validate_against_database(config: &Config, rules: &RuleSet) -> Result<(), StartupCheck> {
     let client = match walbust::source::connect_sql(&config.source.conninfo).await {
         Ok(c) => c,
         Err(e) => {
-            warn!(error = %error_chain(&e), "cannot check the rules' columns against the database now");
+            warn!(error = %error_chain(&e), "cannot check the rules against the database now");
             return Ok(());
         }
     };
-    match walbust::catalog::validate_columns(&client, rules).await {
-        Ok(d) if d.has_errors() => Err(d),
-        Ok(d) => {
-            for w in d.warnings() {
+    match walbust::catalog::validate_startup(&client, config, rules).await {
+        Ok(found) if found.diagnostics.has_errors() || !found.server.is_empty() => Err(found),
+        Ok(found) => {
+            for w in found.diagnostics.warnings() {
                 warn!("{w}");
             }
             Ok(())
         }
         Err(e) => {
-            warn!(error = %error_chain(&e), "cannot check the rules' columns against the database now");
+            warn!(error = %error_chain(&e), "cannot check the rules against the database now");
             Ok(())
         }
     }

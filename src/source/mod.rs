@@ -193,6 +193,24 @@ impl SourceError {
         }
     }
 
+    /// True when only a person can fix it: the password or the authentication method, TLS
+    /// verification, the connection settings, or a server error of class 28 (authorization),
+    /// 3D (no such database), 42 (permission, undefined object), 0A (not supported) or
+    /// 55 (object not in prerequisite state). Restarting walbust cannot help with these.
+    pub fn needs_person(&self) -> bool {
+        match self {
+            SourceError::Auth { .. } | SourceError::ConnInfo(_) => true,
+            SourceError::Tls { .. } => !self.is_transient(),
+            SourceError::Server { code, .. } => {
+                !is_transient_sqlstate(code) && ["28", "3D", "42", "0A", "55"].iter().any(|c| code.starts_with(c))
+            }
+            SourceError::Io { .. }
+            | SourceError::Timeout { .. }
+            | SourceError::Closed { .. }
+            | SourceError::Protocol { .. } => false,
+        }
+    }
+
     /// The SQLSTATE code when this is a [`SourceError::Server`] error.
     pub fn code(&self) -> Option<&str> {
         match self {

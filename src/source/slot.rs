@@ -1,9 +1,14 @@
 //! The slot and the publication: checked, and the slot created, before streaming starts.
+//!
+//! This module also owns SQL quoting and the fix statements users are shown
+//! ([`create_publication_sql`], [`add_tables_sql`]), and the server settings walbust
+//! needs ([`requirements`]), so `walbust check --online`, `walbust setup` and `walbust run`
+//! give the same advice.
 
 use super::{ReplicationConn, SourceError};
 use crate::config::SourceConfig;
 use crate::lsn::Lsn;
-use crate::rules::RuleSet;
+use crate::rules::{RuleSet, TableName};
 
 /// Why the database is not ready for walbust, with the statement or setting that fixes it.
 #[derive(Debug, thiserror::Error)]
@@ -18,12 +23,18 @@ pub enum SetupError {
         source: SourceError,
     },
     /// `wal_level` is not `logical`.
-    #[error(
-        "wal_level is `{actual}` on the server, but logical decoding needs `logical`; run ALTER SYSTEM SET wal_level = logical; and restart Postgres"
-    )]
+    #[error("{}", Unmet::wal_level(actual))]
     WalLevel {
         /// The current setting.
         actual: String,
+    },
+    /// The server is older than [`MIN_SERVER_VERSION_NUM`].
+    #[error("{}", Unmet::server_version(version, *version_num))]
+    UnsupportedServer {
+        /// `server_version`, e.g. `13.16`.
+        version: String,
+        /// `server_version_num`, e.g. `130016`.
+        version_num: u32,
     },
     /// The publication does not exist.
     #[error("publication `{publication}` does not exist in database `{database}`; create it with: {fix}")]
@@ -66,7 +77,7 @@ pub enum SetupError {
     },
     /// Another process is streaming from the slot.
     #[error(
-        "replication slot `{slot}` is in use by process {pid}; stop the other consumer, or end it with SELECT pg_terminate_backend({pid});"
+        "replication slot `{slot}` is in use: it is held by the server process (walsender) with pid {pid}, which streams it to another client; find that client with SELECT application_name, client_addr, backend_start FROM pg_stat_replication WHERE pid = {pid}; then stop it, or end the walsender with SELECT pg_terminate_backend({pid});"
     )]
     SlotBusy {
         /// Its name.
@@ -83,6 +94,21 @@ impl SetupError {
             SetupError::Query { source, .. } => source.is_transient(),
             SetupError::SlotBusy { .. } => true,
             _ => false,
+        }
+    }
+
+    /// True when only a person can fix it (a setting, the publication, the slot), so
+    /// restarting walbust cannot help.
+    pub fn needs_person(&self) -> bool {
+        match self {
+            SetupError::Query { source, .. } => source.needs_person(),
+            SetupError::SlotBusy { .. } => false,
+            SetupError::WalLevel { .. }
+            | SetupError::UnsupportedServer { .. }
+            | SetupError::MissingPublication { .. }
+            | SetupError::MissingSlot { .. }
+            | SetupError::UnusableSlot { .. }
+            | SetupError::SlotLost { .. } => true,
         }
     }
 }
@@ -141,6 +167,12 @@ pub async fn prepare(
         }
         replace = true;
     }
+    let rows = conn.simple_query("SHOW server_version_num").await.map_err(query("reading server_version_num"))?;
+    let version_num = rows.first().and_then(|r| r.get("server_version_num")).and_then(|v| v.parse().ok());
+    if let Some(version_num) = version_num.filter(|&n| n < MIN_SERVER_VERSION_NUM) {
+        let version = conn.parameter("server_version").unwrap_or("?").to_string();
+        return Err(SetupError::UnsupportedServer { version, version_num });
+    }
     let rows = conn.simple_query("SHOW wal_level").await.map_err(query("reading wal_level"))?;
     let wal_level = rows.first().and_then(|r| r.get("wal_level")).unwrap_or_default().to_string();
     if wal_level != "logical" {
@@ -153,7 +185,7 @@ pub async fn prepare(
         return Err(SetupError::MissingPublication {
             publication: config.publication.clone(),
             database,
-            fix: create_publication_sql(&config.publication, rules),
+            fix: create_publication_sql(&config.publication, &rules.tables()),
         });
     }
     let sql = format!(
@@ -212,20 +244,228 @@ pub async fn prepare(
     Ok(SlotPosition { start, created: false, timeline })
 }
 
-/// `CREATE PUBLICATION` over the tables the rules name.
-pub fn create_publication_sql(publication: &str, rules: &RuleSet) -> String {
-    let tables: Vec<String> =
-        rules.tables().iter().map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table))).collect();
-    if tables.is_empty() {
-        format!("CREATE PUBLICATION {} FOR ALL TABLES;", quote_ident(publication))
+/// The ops a publication must publish for walbust.
+pub const PUBLISH: &str = "insert, update, delete, truncate";
+
+/// `CREATE PUBLICATION` over `tables` (every table when there are none), publishing every
+/// op walbust routes: the one statement every command shows or runs.
+pub fn create_publication_sql(publication: &str, tables: &[&TableName]) -> String {
+    let target = if tables.is_empty() {
+        "ALL TABLES".to_string()
     } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {};", quote_ident(publication), tables.join(", "))
+        format!("TABLE {}", tables.iter().map(|t| sql_table(t)).collect::<Vec<_>>().join(", "))
+    };
+    format!("CREATE PUBLICATION {} FOR {target} WITH (publish = {});", sql_ident(publication), quote_literal(PUBLISH))
+}
+
+/// `ALTER PUBLICATION ... ADD TABLE` for `tables` the publication lacks.
+pub fn add_tables_sql(publication: &str, tables: &[&TableName]) -> String {
+    let names: Vec<String> = tables.iter().map(|t| sql_table(t)).collect();
+    format!("ALTER PUBLICATION {} ADD TABLE {};", sql_ident(publication), names.join(", "))
+}
+
+/// An identifier as SQL: bare when it is a plain lowercase name, quoted otherwise.
+pub fn sql_ident(s: &str) -> String {
+    let plain = s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !RESERVED.split_whitespace().any(|k| k == s);
+    if plain { s.to_string() } else { quote_ident(s) }
+}
+
+/// `schema.table` as SQL.
+pub fn sql_table(t: &TableName) -> String {
+    format!("{}.{}", sql_ident(&t.schema), sql_ident(&t.table))
+}
+
+/// Keywords that cannot name a table or column unquoted (reserved, and reserved but
+/// allowed as function or type names).
+const RESERVED: &str = "\
+     all analyse analyze and any array as asc asymmetric authorization binary both case cast check \
+     collate collation column concurrently constraint create cross current_catalog current_date \
+     current_role current_schema current_time current_timestamp current_user default deferrable desc \
+     distinct do else end except false fetch for foreign freeze from full grant group having ilike \
+     in initially inner intersect into is isnull join lateral leading left like limit localtime \
+     localtimestamp natural not notnull null offset on only or order outer overlaps placing primary \
+     references returning right select session_user similar some symmetric system_user table \
+     tablesample then to trailing true union unique user using variadic verbose when where window \
+     with";
+
+/// The oldest server walbust supports: PostgreSQL 14 (`server_version_num` 140000), the
+/// first with pgoutput's streaming and logical decoding messages.
+pub const MIN_SERVER_VERSION_NUM: u32 = 140000;
+
+/// The server settings walbust depends on, as read from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// `server_version`, e.g. `16.4`.
+    pub version: String,
+    /// `server_version_num`, e.g. `160004`.
+    pub version_num: u32,
+    /// `wal_level`.
+    pub wal_level: String,
+    /// `max_replication_slots`.
+    pub max_replication_slots: u32,
+    /// The replication slots that exist, walbust's own included.
+    pub slots: Vec<String>,
+    /// `max_wal_senders`.
+    pub max_wal_senders: u32,
+    /// Walsender processes running now (physical standbys and logical consumers).
+    pub wal_senders: u32,
+    /// True when walbust's slot exists.
+    pub slot_exists: bool,
+    /// True when a walsender streams walbust's slot now (walbust itself, usually).
+    pub slot_active: bool,
+}
+
+/// A requirement the server does not meet, with the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unmet {
+    /// What is wrong, naming the setting and its value.
+    pub problem: String,
+    /// What to run or change.
+    pub fix: String,
+    /// True when only a person can fix it; false when it may clear as other clients let go
+    /// of slots or walsenders.
+    pub lasting: bool,
+}
+
+impl std::fmt::Display for Unmet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; {}", self.problem, self.fix)
     }
+}
+
+const RESTART: &str = "and restart Postgres (a reload is not enough)";
+
+impl Unmet {
+    fn wal_level(actual: &str) -> Unmet {
+        Unmet {
+            problem: format!("wal_level is `{actual}` on the server, but logical decoding needs `logical`"),
+            fix: format!("run ALTER SYSTEM SET wal_level = logical; {RESTART}"),
+            lasting: true,
+        }
+    }
+
+    fn server_version(version: &str, version_num: u32) -> Unmet {
+        Unmet {
+            problem: format!(
+                "the server runs PostgreSQL {version} (server_version_num {version_num}), but walbust supports PostgreSQL {} and later",
+                MIN_SERVER_VERSION_NUM / 10000
+            ),
+            fix: format!("upgrade the server to PostgreSQL {} or later", MIN_SERVER_VERSION_NUM / 10000),
+            lasting: true,
+        }
+    }
+}
+
+/// What `settings` lacks for walbust: a server of [`MIN_SERVER_VERSION_NUM`] or later,
+/// `wal_level = logical`, a free replication slot unless walbust's exists, and a free
+/// walsender unless one already streams walbust's slot.
+pub fn requirements(settings: &ServerSettings, slot: &str) -> Vec<Unmet> {
+    let mut unmet = Vec::new();
+    if settings.version_num < MIN_SERVER_VERSION_NUM {
+        unmet.push(Unmet::server_version(&settings.version, settings.version_num));
+    }
+    if settings.wal_level != "logical" {
+        unmet.push(Unmet::wal_level(&settings.wal_level));
+    }
+    let used = settings.slots.len() as u32;
+    if !settings.slot_exists && used >= settings.max_replication_slots {
+        let names = if settings.slots.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", settings.slots.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "))
+        };
+        unmet.push(Unmet {
+            problem: format!(
+                "max_replication_slots is {} and {used} slot{} in use{names}, so walbust cannot create slot `{slot}`",
+                settings.max_replication_slots,
+                if used == 1 { " is" } else { "s are" },
+            ),
+            fix: format!(
+                "run ALTER SYSTEM SET max_replication_slots = {}; {RESTART}, or drop a slot nobody uses with SELECT pg_drop_replication_slot('name');",
+                used + 1
+            ),
+            lasting: used == 0,
+        });
+    }
+    if !settings.slot_active && settings.wal_senders >= settings.max_wal_senders {
+        unmet.push(Unmet {
+            problem: format!(
+                "max_wal_senders is {} and {} walsender{} running (see pg_stat_replication), so the server refuses walbust's replication connection",
+                settings.max_wal_senders,
+                settings.wal_senders,
+                if settings.wal_senders == 1 { " is" } else { "s are" },
+            ),
+            fix: format!("run ALTER SYSTEM SET max_wal_senders = {}; {RESTART}", settings.wal_senders + 1),
+            lasting: settings.wal_senders == 0,
+        });
+    }
+    unmet
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings() -> ServerSettings {
+        ServerSettings {
+            version: "16.4".into(),
+            version_num: 160004,
+            wal_level: "logical".into(),
+            max_replication_slots: 10,
+            slots: vec!["standby".into()],
+            max_wal_senders: 10,
+            wal_senders: 1,
+            slot_exists: false,
+            slot_active: false,
+        }
+    }
+
+    #[test]
+    fn a_ready_server_meets_every_requirement() {
+        assert_eq!(requirements(&settings(), "walbust"), []);
+    }
+
+    #[test]
+    fn wal_level_replica_old_servers_and_full_slots_and_senders_are_named_with_their_fixes() {
+        let s = ServerSettings {
+            version: "13.16".into(),
+            version_num: 130016,
+            wal_level: "replica".into(),
+            max_replication_slots: 1,
+            max_wal_senders: 1,
+            ..settings()
+        };
+        let got: Vec<String> = requirements(&s, "walbust").iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "the server runs PostgreSQL 13.16 (server_version_num 130016), but walbust supports PostgreSQL 14 and later; upgrade the server to PostgreSQL 14 or later",
+                "wal_level is `replica` on the server, but logical decoding needs `logical`; run ALTER SYSTEM SET wal_level = logical; and restart Postgres (a reload is not enough)",
+                "max_replication_slots is 1 and 1 slot is in use (`standby`), so walbust cannot create slot `walbust`; run ALTER SYSTEM SET max_replication_slots = 2; and restart Postgres (a reload is not enough), or drop a slot nobody uses with SELECT pg_drop_replication_slot('name');",
+                "max_wal_senders is 1 and 1 walsender is running (see pg_stat_replication), so the server refuses walbust's replication connection; run ALTER SYSTEM SET max_wal_senders = 2; and restart Postgres (a reload is not enough)",
+            ]
+        );
+        // walbust's own slot and walsender need no room of their own.
+        let running = ServerSettings { slot_exists: true, slot_active: true, ..s };
+        assert_eq!(requirements(&running, "walbust").len(), 2);
+    }
+
+    #[test]
+    fn one_create_publication_statement_quotes_only_what_needs_it() {
+        let t = |schema: &str, table: &str| TableName { schema: schema.into(), table: table.into() };
+        let (a, b) = (t("public", "users"), t("App", "order"));
+        assert_eq!(
+            create_publication_sql("walbust", &[&a, &b]),
+            "CREATE PUBLICATION walbust FOR TABLE public.users, \"App\".\"order\" WITH (publish = 'insert, update, delete, truncate');"
+        );
+        assert_eq!(
+            create_publication_sql("Pub", &[]),
+            "CREATE PUBLICATION \"Pub\" FOR ALL TABLES WITH (publish = 'insert, update, delete, truncate');"
+        );
+        assert_eq!(add_tables_sql("walbust", &[&a]), "ALTER PUBLICATION walbust ADD TABLE public.users;");
+    }
 
     #[test]
     fn quoting_doubles_the_quote_character() {

@@ -14,4 +14,5 @@ mod routing;
 mod ruletest;
 mod setup_check;
 mod slot_safety;
+mod startup;
 mod support;
