@@ -30,6 +30,8 @@ fn main() -> ExitCode {
         Command::Demo => runtime.block_on(cli::demo::demo()),
         Command::Status { config, json } => runtime.block_on(cli::status::status(&config, json)),
         Command::Setup { config, app_roles, admin_url, apply } => {
+            let also = ", or leave the password out of it and set PGPASSWORD";
+            cli::warn_password_on_command_line("--admin-url", cli::ADMIN_URL_ENV, also, admin_url.as_deref());
             runtime.block_on(cli::setup::setup(&config, &app_roles, admin_url.as_deref(), apply))
         }
         Command::Test { files, run, junit } => cli::test::test(&files, run.as_deref(), junit.as_deref()),
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
             cli::record::record(&config, &output, duration.as_deref(), max_transactions, until_lsn.as_deref()),
         ),
         Command::Replay { file, rules, against, apply, redis } => {
+            cli::warn_password_on_command_line("--redis", cli::REDIS_URL_ENV, "", redis.as_deref().filter(|_| apply));
             runtime.block_on(cli::replay::replay(&file, &rules, &against, redis.as_deref().filter(|_| apply)))
         }
         Command::Invalidate { config, keys, patterns, tags } => {

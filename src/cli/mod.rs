@@ -121,7 +121,7 @@ pub enum Command {
         #[arg(long = "app-role", value_name = "ROLE")]
         app_roles: Vec<String>,
         /// Connection URL of an administrator for --apply (defaults to `[source] url`).
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", env = ADMIN_URL_ENV, hide_env_values = true)]
         admin_url: Option<String>,
         /// Run the statements in one transaction instead of printing them.
         #[arg(long)]
@@ -160,7 +160,7 @@ pub enum Command {
         #[arg(long, requires = "redis", conflicts_with = "against")]
         apply: bool,
         /// The Redis URL for --apply.
-        #[arg(long, value_name = "URL", requires = "apply")]
+        #[arg(long, value_name = "URL", env = REDIS_URL_ENV, hide_env_values = true)]
         redis: Option<String>,
     },
     /// Invalidate keys, patterns or index sets in Redis right now, outside the stream (emergencies).
@@ -178,6 +178,25 @@ pub enum Command {
         #[arg(long = "tag", value_name = "SET")]
         tags: Vec<String>,
     },
+}
+
+/// The environment variable that may give `replay --redis`, so that a password stays out of `ps`.
+pub const REDIS_URL_ENV: &str = "WALBUST_REDIS_URL";
+/// The environment variable that may give `setup --admin-url`, so that a password stays out of `ps`.
+pub const ADMIN_URL_ENV: &str = "WALBUST_ADMIN_URL";
+
+/// Warns when `url`, given as `flag` on the command line rather than through `env`, holds a
+/// password: every local user can read it with `ps`.
+/// `also` is said after the hint to use `env`.
+pub fn warn_password_on_command_line(flag: &str, env: &str, also: &str, url: Option<&str>) {
+    let Some(url) = url else { return };
+    let from_env = std::env::var(env).is_ok_and(|v| v == url);
+    if !from_env && walbust::config::redact_secrets(url) != url {
+        eprintln!(
+            "warning: {flag} holds a password, which every local user can read with ps\n  \
+             hint: give the url in {env} instead{also}"
+        );
+    }
 }
 
 /// Loads the config file; on failure prints why (every problem in the file, or the read

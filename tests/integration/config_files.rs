@@ -91,3 +91,28 @@ fn a_fifo_or_device_as_config_fails_at_once_instead_of_hanging_or_reading_foreve
         );
     }
 }
+
+#[test]
+fn a_password_in_replay_redis_on_the_command_line_is_warned_about_and_the_env_var_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let recording = dir.path().join("empty.jsonl");
+    std::fs::write(&recording, "").unwrap();
+    let rules = dir.path().join("r.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"r\"\ntable = \"t\"\nkeys = [\"k\"]\n").unwrap();
+    let args = ["replay", "--rules", rules.to_str().unwrap(), recording.to_str().unwrap(), "--apply"];
+    let url = "redis://:S3cr3t@127.0.0.1:1/0";
+    let on_command_line = walbust(&[&args[..], &["--redis", url]].concat());
+    let text = stderr(&on_command_line);
+    assert!(text.contains("warning: --redis holds a password, which every local user can read with ps"), "{text}");
+    assert!(text.contains("hint: give the url in WALBUST_REDIS_URL instead"), "{text}");
+    assert!(!text.contains("S3cr3t"), "{text}");
+    let from_env = Command::new(env!("CARGO_BIN_EXE_walbust"))
+        .args(args)
+        .env("WALBUST_REDIS_URL", url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("walbust");
+    let text = stderr(&from_env);
+    assert!(!text.contains("warning: --redis") && !text.contains("S3cr3t"), "{text}");
+    assert!(!text.contains("required"), "the env var stands in for --redis: {text}");
+}
