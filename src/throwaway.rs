@@ -220,9 +220,19 @@ impl ThrowawayPostgres {
 
     /// Stops the server with a fast shutdown and waits for it to exit.
     pub fn stop(&mut self) -> Result<(), ThrowawayError> {
+        // SIGINT is Postgres' fast shutdown: sessions are ended, data is kept.
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Stops the server with an immediate shutdown, as a crash would: no checkpoint, so the
+    /// next start runs crash recovery. Committed data is kept.
+    pub fn stop_immediate(&mut self) -> Result<(), ThrowawayError> {
+        self.stop_with(libc::SIGQUIT)
+    }
+
+    fn stop_with(&mut self, sig: libc::c_int) -> Result<(), ThrowawayError> {
         if let Some(mut child) = self.child.take() {
-            // SIGINT is Postgres' fast shutdown: sessions are ended, data is kept.
-            signal(child.id(), libc::SIGINT);
+            signal(child.id(), sig);
             child.wait().map_err(io("waiting for postgres to stop", &self.root))?;
         }
         Ok(())
@@ -306,6 +316,11 @@ impl ThrowawayRedis {
             false => format!("redis://127.0.0.1:{}/0", self.port),
             true => format!("rediss://localhost:{}/0", self.port),
         }
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Starts the server (again, after [`stop`](Self::stop)), loading what it saved on stop.
