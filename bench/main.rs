@@ -21,6 +21,8 @@ use walbust::rules::RuleSet;
 use walbust::sink::RedisSink;
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis, postgres_bin_dir};
 
+mod soak;
+
 /// Two keys per change: the row's own key and its org's list key (both from primary-key
 /// columns, so every op renders exact keys under REPLICA IDENTITY DEFAULT).
 const RULES: &str = r#"
@@ -113,8 +115,10 @@ enum Scenario {
     Cost,
     /// One very large transaction: bounded RSS, every key invalidated.
     LargeTxn,
-    /// Every scenario above, in that order.
+    /// Drain, latency, cost and large-txn, in that order.
     All,
+    /// Committed writes under a seeded schedule of faults; fails if an invalidation is lost.
+    Soak,
 }
 
 /// walbust benchmarks; every scenario starts its own throwaway Postgres and Redis.
@@ -162,12 +166,20 @@ struct Cli {
     /// Longest wait for the load to settle, in seconds; then measure anyway and say so.
     #[arg(long, default_value_t = 600)]
     load_wait_secs: u64,
+    #[command(flatten)]
+    soak: soak::SoakArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let walbust_bin = build_walbust()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if cli.scenario == Scenario::Soak {
+        if !runtime.block_on(soak::run(&cli.soak, &walbust_bin))? {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     runtime.block_on(run(cli, walbust_bin))
 }
 
