@@ -214,8 +214,11 @@ async fn run(cli: Cli, walbust_bin: PathBuf) -> anyhow::Result<()> {
 fn build_walbust() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    // Built together with this example, so both share one feature resolution: the binary
+    // alone would resolve dependencies without the dev-dependencies' features and rebuild
+    // most of them a second time.
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "--quiet", "--bin", "walbust", "--manifest-path"])
+        .args(["build", "--release", "--quiet", "--bin", "walbust", "--example", "bench", "--manifest-path"])
         .arg(&manifest)
         .status()
         .context("running cargo build for the walbust binary")?;
