@@ -1252,9 +1252,9 @@ mod tests {
         tokio::pin!(shutdown);
         let sealed = tokio::select! {
             end = r.stream(&mut stream, &mut session, shutdown.as_mut()) => panic!("stream ended: {:?}", end.map(|_| ())),
-            sealed = tokio::time::timeout(Duration::from_secs(5), rx.recv()) => sealed,
+            sealed = tokio::time::timeout(Duration::from_secs(60), rx.recv()) => sealed,
         };
-        let sealed = sealed.expect("transaction 7's batch was not handed over within 5 s").expect("channel open");
+        let sealed = sealed.expect("transaction 7's batch was not handed over within 60 s").expect("channel open");
         assert_eq!(sealed.ack, Some(Lsn(600)));
         assert_eq!(sealed.commits.iter().map(|c| c.xid).collect::<Vec<_>>(), [7]);
         assert_eq!(session.open.map(|(xid, _)| xid), Some(8), "transaction 8 is still open");

@@ -59,7 +59,7 @@ fn spawn_walbust(config: &std::path::Path) -> Walbust {
 }
 
 async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str) {
-    wait_until(Duration::from_secs(30), "walbust to hold its slot", || async { slot_active(client, slot).await }).await;
+    wait_until(Duration::from_secs(60), "walbust to hold its slot", || async { slot_active(client, slot).await }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +179,7 @@ async fn an_idle_database_keeps_confirming_while_another_database_writes() {
     let target = current_lsn(&busy.client).await;
     assert!(target.0 - before.0 > 16 << 20, "the other database wrote {} bytes of WAL", target.0 - before.0);
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the idle slot's confirmed_flush_lsn to pass the other database's writes",
         || async { confirmed_flush(&idle.client, &idle.name).await >= target },
     )
@@ -191,7 +191,7 @@ async fn an_idle_database_keeps_confirming_while_another_database_writes() {
         let sql = "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1";
         idle.client.query_one(sql, &[&idle.name]).await.unwrap().get::<_, i64>(0) < 1 << 20
     };
-    wait_until(Duration::from_secs(30), "the idle slot to retain less than 1 MB of WAL", retained).await;
+    wait_until(Duration::from_secs(60), "the idle slot to retain less than 1 MB of WAL", retained).await;
     run.stop().await.expect("clean stop");
 }
 
@@ -214,8 +214,8 @@ async fn transactions_arriving_while_redis_is_busy_share_the_next_batch() {
     db.client.execute("INSERT INTO items (id) VALUES (1)", &[]).await.unwrap();
     // Once that transaction's batch is applied the applier is idle.
     loop {
-        let event = tokio::time::timeout(Duration::from_secs(30), events.recv()).await;
-        match event.expect("the first insert was not applied within 30s").expect("pipeline stopped") {
+        let event = tokio::time::timeout(Duration::from_secs(60), events.recv()).await;
+        match event.expect("the first insert was not applied within 60s").expect("pipeline stopped") {
             Event::Applied { actions, .. } if !actions.is_empty() => break,
             _ => {}
         }
@@ -229,13 +229,13 @@ async fn transactions_arriving_while_redis_is_busy_share_the_next_batch() {
     }
     let written = pause.elapsed();
     assert!(written < Duration::from_millis(2500), "the writes took {written:?}, too long to fall inside the pause");
-    all_gone(&redis.url(), &keys, Duration::from_secs(30)).await;
+    all_gone(&redis.url(), &keys, Duration::from_secs(60)).await;
     // Once Redis is idle again, one transaction of 300 rows goes whole in one batch: the
     // server sends it in one burst after its commit, and walbust waits for that Commit.
     let big = item_keys(&db.name, [1300]);
     cache(&mut conn, &big).await;
     db.client.batch_execute("INSERT INTO items (id) SELECT g FROM generate_series(1001, 1300) g").await.unwrap();
-    all_gone(&redis.url(), &big, Duration::from_secs(30)).await;
+    all_gone(&redis.url(), &big, Duration::from_secs(60)).await;
     run.stop().await.expect("clean stop");
 
     let mut batches = Vec::new();
@@ -306,7 +306,7 @@ async fn sigterm_while_redis_is_down_and_the_walsender_goes_away_exits_0_without
     db.client.execute("INSERT INTO items (id) VALUES (1)", &[]).await.expect("insert");
     wait_for_line(&lines, "applying a batch failed", Duration::from_secs(60));
     walbust.signal(libc::SIGTERM);
-    wait_for_line(&lines, "SIGTERM", Duration::from_secs(30));
+    wait_for_line(&lines, "SIGTERM", Duration::from_secs(60));
     // The server side of the replication connection goes away meanwhile.
     let pid: i32 = db
         .client
@@ -330,5 +330,5 @@ async fn sigterm_while_redis_is_down_and_the_walsender_goes_away_exits_0_without
     .await
     .unwrap();
     assert_eq!(code, Some(0), "a requested stop exits 0 (101 is a panic)");
-    all_gone(&redis.url(), &keys, Duration::from_secs(30)).await;
+    all_gone(&redis.url(), &keys, Duration::from_secs(60)).await;
 }

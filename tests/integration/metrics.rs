@@ -10,7 +10,7 @@ use walbust::throwaway::ThrowawayRedis;
 /// GET `path` from 127.0.0.1:`port`; returns the status code and body.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
@@ -44,7 +44,7 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
     let files = write_config_with(&db, &redis.url(), &rules, "", "", &format!("127.0.0.1:{port}"));
     let walbust = Walbust::spawn(&["--log-level", "warn", "run", "--config"], &files.path, Stdio::inherit());
     let healthy = move || async move { get(port, "/healthz").is_some_and(|(code, _)| code == 200) };
-    wait_until(Duration::from_secs(30), "/healthz to report healthy", healthy).await;
+    wait_until(Duration::from_secs(60), "/healthz to report healthy", healthy).await;
     // The container health check: `walbust health` finds /healthz through the same config.
     let probe = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
         .args(["health", "--config"])
@@ -69,7 +69,7 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
             && sample(&m, "walbust_flushed_lsn") > flushed
     };
     wait_until(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "change and action counters to count the writes, and both positions to move",
         moved,
     )
@@ -92,14 +92,14 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
     db.client.execute("INSERT INTO items VALUES (100)", &[]).await.unwrap();
     let down =
         move || async move { get(port, "/healthz").is_some_and(|(code, body)| code == 503 && body.contains("redis")) };
-    wait_until(Duration::from_secs(10), "/healthz to turn unhealthy after Redis stopped", down).await;
+    wait_until(Duration::from_secs(60), "/healthz to turn unhealthy after Redis stopped", down).await;
     let _redis = tokio::task::spawn_blocking(move || {
         redis.start_again().expect("restart redis");
         redis
     })
     .await
     .unwrap();
-    wait_until(Duration::from_secs(20), "/healthz to turn healthy after Redis returned", healthy).await;
+    wait_until(Duration::from_secs(60), "/healthz to turn healthy after Redis returned", healthy).await;
 
     assert_eq!(walbust.terminate(), Some(0));
 }

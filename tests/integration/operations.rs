@@ -16,7 +16,7 @@ use walbust::source::ConnInfo;
 use walbust::status::{self, StatusError, WalStatus, slot_status};
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres};
 
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, org text NOT NULL DEFAULT 'acme');";
 

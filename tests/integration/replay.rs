@@ -22,7 +22,7 @@ use walbust::recording::replay::{self, Unit};
 use walbust::rules::RuleSet;
 use walbust::sink::RedisSink;
 
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/replay")

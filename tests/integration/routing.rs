@@ -8,7 +8,7 @@ use std::time::Duration;
 use walbust::lsn::Lsn;
 use walbust::pipeline::Stats;
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(60);
 
 fn keys(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()

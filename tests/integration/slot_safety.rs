@@ -15,7 +15,7 @@ fn rules(n: &str) -> String {
 
 /// Ends the walsender holding `slot` and drops the slot before walbust reconnects.
 async fn drop_slot_under_walbust(client: &tokio_postgres::Client, slot: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         client
             .execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL", &[&slot])
@@ -40,7 +40,7 @@ async fn a_slot_dropped_under_walbust_stops_it_by_default() {
     let files = write_config(&db, &s.redis.url(), &rules(&db.name), "");
     let run = Running::start(&files.path).await;
     drop_slot_under_walbust(&db.client, &db.name).await;
-    let err = run.stopped_by_itself(Duration::from_secs(30)).await.expect_err("walbust must stop");
+    let err = run.stopped_by_itself(Duration::from_secs(60)).await.expect_err("walbust must stop");
     assert!(is_slot_lost(&err), "{}", error_chain(&err));
     assert!(error_chain(&err).contains("dropped"), "{}", error_chain(&err));
     let slot =
@@ -62,7 +62,7 @@ async fn a_slot_dropped_under_walbust_is_recreated_and_flushed_when_asked() {
     cache(&mut redis, &[stale.clone(), bystander.clone()].concat()).await;
 
     drop_slot_under_walbust(&db.client, &n).await;
-    wait_until(Duration::from_secs(30), "the flush actions to run", || {
+    wait_until(Duration::from_secs(60), "the flush actions to run", || {
         let (url, stale) = (s.redis.url(), stale.clone());
         async move { existing(&mut redis_conn(&url).await, &stale).await.is_empty() }
     })
@@ -116,7 +116,7 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_follows_each_policy() {
     let stale = vec![format!("{n}:item:1")];
     cache(&mut redis, &stale).await;
     let run = Running::start(&files.path).await;
-    wait_until(Duration::from_secs(30), "the flush actions to run", || {
+    wait_until(Duration::from_secs(60), "the flush actions to run", || {
         let (url, stale) = (s.redis.url(), stale.clone());
         async move { existing(&mut redis_conn(&url).await, &stale).await.is_empty() }
     })

@@ -223,7 +223,7 @@ impl Running {
                 .await
             }
         });
-        let streaming = tokio::time::timeout(Duration::from_secs(30), async {
+        let streaming = tokio::time::timeout(Duration::from_secs(60), async {
             loop {
                 match events.recv().await {
                     Some(Event::Streaming { .. }) => return true,
@@ -234,7 +234,7 @@ impl Running {
             }
         })
         .await
-        .expect("pipeline did not start streaming within 30s");
+        .expect("pipeline did not start streaming within 60s");
         if !streaming {
             let result = handle.await.expect("pipeline task panicked");
             return Err(result.expect_err("a pipeline that stops before shutdown has failed"));
@@ -255,9 +255,9 @@ impl Running {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
+        tokio::time::timeout(Duration::from_secs(60), self.handle)
             .await
-            .expect("pipeline did not stop within 30s")
+            .expect("pipeline did not stop within 60s")
             .expect("pipeline task panicked")
     }
 }
