@@ -1,17 +1,38 @@
--- What a DBA runs once for walbust, shown for the example config (config.toml,
--- rules/demo.toml, sql/demo.sql). Run as a superuser in the application database.
+-- walbust setup for database app, generated from config.toml.
+-- Run as a superuser connected to app, e.g. psql -d app -f setup.sql
+-- postgresql.conf needs wal_level = logical, and max_replication_slots and
+-- max_wal_senders of at least 1 each for walbust (changing wal_level needs a restart).
 
--- 1. postgresql.conf (needs a restart): logical decoding and room for the slot.
---    wal_level = logical
---    max_replication_slots = 10      -- at least one per walbust
---    max_wal_senders = 10
+BEGIN;
 
--- 2. The role walbust logs in as: replication, and read access to the catalog only.
-CREATE ROLE walbust LOGIN REPLICATION PASSWORD 'change me';
+-- The role walbust logs in as: LOGIN and REPLICATION, no superuser. pgoutput sends rows
+-- through the publication, so it needs no SELECT on the tables. Give it a password with
+-- \password "walbust" (or another method in pg_hba.conf); keep it out of config.toml.
+CREATE ROLE "walbust" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;
+GRANT CONNECT ON DATABASE "app" TO "walbust";
 
--- 3. The publication over the tables the rules name, with TRUNCATE published.
-CREATE PUBLICATION walbust FOR TABLE public.user_settings, public.plans;
+-- The publication: the tables the rules name, with TRUNCATE published.
+CREATE PUBLICATION "walbust" FOR TABLE "public"."plans", "public"."user_settings" WITH (publish = 'insert, update, delete, truncate');
 
--- 4. Rules keyed on columns outside the primary key need those columns in the old image
---    of UPDATEs and DELETEs; without it walbust widens the old side to a pattern delete.
-ALTER TABLE public.plans REPLICA IDENTITY FULL;
+-- Manual invalidations ride pg_logical_emit_message(true, 'walbust', ...), so only the
+-- application roles that send them keep it: "app". walbust's role keeps it
+-- for its heartbeats. Revokes EXECUTE from PUBLIC on every overload ((boolean, text, text)
+-- and (boolean, text, bytea), each with a flush argument on Postgres 17 and later).
+DO $walbust$
+DECLARE f regprocedure;
+BEGIN
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+           WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace
+  LOOP
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, '"walbust", "app"');
+  END LOOP;
+END
+$walbust$;
+
+-- Replica identity: old-row columns the rules read.
+-- public.plans: rule "plan lists" reads org_slug, provider from old rows, which REPLICA IDENTITY DEFAULT (primary key plans_pkey: id) leaves out of UPDATE and
+-- DELETE; without FULL walbust widens those keys to pattern deletes.
+ALTER TABLE "public"."plans" REPLICA IDENTITY FULL;
+
+COMMIT;

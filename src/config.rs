@@ -204,15 +204,32 @@ impl Config {
         Config::parse(path, &text, &|name| std::env::var(name).ok())
     }
 
+    /// [`Config::load`] for commands that never log in as the walbust role (printing the
+    /// setup script): a `password_file` that cannot be read leaves the password unset
+    /// instead of failing, so the walbust role's secret need not exist on this host yet.
+    pub fn load_without_password(path: &Path) -> Result<Config, ConfigError> {
+        let text = user_file::read_to_string(path, Kind::Config)?;
+        Config::parse_with(path, &text, &|name| std::env::var(name).ok(), false)
+    }
+
     /// Validates `text`, the contents of `path`, with `env` standing in for the environment.
     pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Config::parse_with(path, text, env, true)
+    }
+
+    fn parse_with(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        need_password: bool,
+    ) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let mut d = diagnostic::from_toml(path, text, &e);
             d.message = redact_secrets(&d.message);
             d.hint = d.hint.map(|h| redact_secrets(&h));
             ConfigError::Invalid(Diagnostics(vec![d]))
         })?;
-        let mut v = Validator { path, lines: LineIndex::new(text), env, problems: Vec::new() };
+        let mut v = Validator { path, lines: LineIndex::new(text), env, need_password, problems: Vec::new() };
         let config = v.config(raw);
         match config {
             Some(c) if v.problems.is_empty() => Ok(c),
@@ -225,6 +242,8 @@ struct Validator<'a> {
     path: &'a Path,
     lines: LineIndex<'a>,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// Whether an unreadable `password_file` is an error.
+    need_password: bool,
     problems: Vec<Diagnostic>,
 }
 
@@ -295,6 +314,7 @@ impl Validator<'_> {
         if let Some(file) = &raw.password_file {
             match user_file::read_to_string(&self.relative(file.get_ref()), Kind::Password) {
                 Ok(pw) => conninfo.password = Some(pw.trim_end_matches(['\r', '\n']).to_string()),
+                Err(_) if !self.need_password => {}
                 Err(e) => self.error(
                     file.span(),
                     format!("cannot use password_file `{}`: {}", file.get_ref(), e.with_reason()),
@@ -886,5 +906,14 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
         assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("s"), None);
+    }
+
+    #[test]
+    fn a_missing_password_file_fails_loading_unless_the_password_is_not_needed() {
+        let text = GOOD.replace("status_interval = \"2s\"", "password_file = \"no/such/file\"");
+        assert!(problems(&text).contains("cannot use password_file `no/such/file`"));
+        let env = |name: &str| (name == "REDIS_PASSWORD").then(|| "pw".to_string());
+        let c = Config::parse_with(Path::new("/etc/walbust/config.toml"), &text, &env, false).expect("loads");
+        assert_eq!(c.source.conninfo.password, None);
     }
 }

@@ -23,8 +23,8 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Run { config } => runtime.block_on(cli::run::run(&config)),
-        Command::Check { config, online, deny_warnings } => {
-            runtime.block_on(cli::check::check(&config, online, deny_warnings))
+        Command::Check { config, online, deny_warnings, app_roles } => {
+            runtime.block_on(cli::check::check(&config, online, deny_warnings, &app_roles))
         }
         Command::Health { config } => runtime.block_on(cli::health::health(&config)),
         Command::Demo => runtime.block_on(cli::demo::demo()),

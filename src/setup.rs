@@ -167,11 +167,24 @@ fn emitters(role: &str, app_roles: &[String]) -> Vec<String> {
 /// it to `roles`. Overloads are looked up at run time: Postgres 13 to 16 have
 /// `(boolean, text, text)` and `(boolean, text, bytea)`; 17 adds a `flush` argument to both.
 pub fn emit_message_sql(roles: &[String]) -> String {
+    emit_message_sql_revoking(roles, &[])
+}
+
+/// [`emit_message_sql`] that also revokes the function from the roles in `revoke`.
+fn emit_message_sql_revoking(roles: &[String], revoke: &[String]) -> String {
     let mut body = String::from(
         "DECLARE f regprocedure;\nBEGIN\n  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p\n           \
          WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace\n  LOOP\n    \
          EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);\n",
     );
+    if !revoke.is_empty() {
+        let revoke: Vec<String> = revoke.iter().map(|r| quote_ident(r)).collect();
+        let _ = writeln!(
+            body,
+            "    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', f, {});",
+            quote_literal(&revoke.join(", "))
+        );
+    }
     if !roles.is_empty() {
         let roles: Vec<String> = roles.iter().map(|r| quote_ident(r)).collect();
         let _ = writeln!(
@@ -189,19 +202,88 @@ pub fn emit_message_sql(roles: &[String]) -> String {
     format!("DO ${tag}$\n{body}${tag}$;\n")
 }
 
+// Direct grants of EXECUTE on every overload; grantee 0 is PUBLIC. Superusers can always
+// execute it, so grants to them (the owner's default) say nothing.
+const EMIT_GRANTEES_QUERY: &str = "\
+SELECT DISTINCT CASE WHEN a.grantee = 0 THEN NULL ELSE r.rolname::text END
+FROM pg_proc p
+CROSS JOIN LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+LEFT JOIN pg_roles r ON r.oid = a.grantee
+WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace
+  AND a.privilege_type = 'EXECUTE' AND (a.grantee = 0 OR NOT r.rolsuper)";
+
+/// Who may send manual invalidations beyond walbust's role and the application roles: the
+/// direct grants of `pg_logical_emit_message` found in the catalog.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtraEmitters {
+    /// PUBLIC may execute it: every role that can connect.
+    pub public: bool,
+    /// Other roles granted it directly, sorted.
+    pub roles: Vec<String>,
+}
+
+impl ExtraEmitters {
+    /// True when nobody beyond the allowed roles (and superusers) may execute it.
+    pub fn is_empty(&self) -> bool {
+        !self.public && self.roles.is_empty()
+    }
+
+    /// What is wrong, for `walbust check --online`.
+    pub fn message(&self) -> String {
+        let mut who = Vec::new();
+        if self.public {
+            who.push("PUBLIC (every role that can connect)".to_string());
+        }
+        who.extend(self.roles.iter().map(|r| format!("role `{r}`")));
+        format!(
+            "{} can execute pg_logical_emit_message, so {} can make walbust invalidate any cache key with a \
+             manual message; only walbust's role and the --app-role roles should",
+            who.join(", "),
+            if who.len() == 1 { "it" } else { "they" }
+        )
+    }
+
+    /// The statement that leaves it to walbust's `role` and `app_roles` only.
+    pub fn fix_sql(&self, role: &str, app_roles: &[String]) -> String {
+        emit_message_sql_revoking(&emitters(role, app_roles), &self.roles)
+    }
+}
+
+/// Reads who may execute `pg_logical_emit_message` besides superusers, walbust's `role`
+/// and `app_roles`.
+pub async fn extra_emitters(
+    client: &impl GenericClient,
+    role: &str,
+    app_roles: &[String],
+) -> Result<ExtraEmitters, tokio_postgres::Error> {
+    let allowed = emitters(role, app_roles);
+    let mut extra = ExtraEmitters::default();
+    for row in client.query(EMIT_GRANTEES_QUERY, &[]).await? {
+        match row.get::<_, Option<String>>(0) {
+            None => extra.public = true,
+            Some(r) if !allowed.contains(&r) => extra.roles.push(r),
+            Some(_) => {}
+        }
+    }
+    extra.roles.sort();
+    extra.roles.dedup();
+    Ok(extra)
+}
+
 /// The setup script for `config` and `rules`, without replica identity statements (those
 /// need the live catalog: see [`setup_sql_with`] and [`replica_identity_advice`]).
 pub fn setup_sql(config: &Config, rules: &RuleSet, app_roles: &[String]) -> String {
-    setup_sql_with(config, rules, app_roles, None)
+    setup_sql_with(config, rules, app_roles, Err("no database connection was made"))
 }
 
-/// The setup script, with the statements of `replica_identity` when given (`Some(&[])`
-/// says every table's identity was checked and is enough).
+/// The setup script, with the statements of `replica_identity` when the catalog was read
+/// (`Ok(&[])` says every table's identity was checked and is enough), or with why it was
+/// not (`Err`), so the reader knows what to check by hand.
 pub fn setup_sql_with(
     config: &Config,
     rules: &RuleSet,
     app_roles: &[String],
-    replica_identity: Option<&[ReplicaIdentityAdvice]>,
+    replica_identity: Result<&[ReplicaIdentityAdvice], &str>,
 ) -> String {
     let source = &config.source;
     let role = &source.conninfo.user;
@@ -245,14 +327,20 @@ pub fn setup_sql_with(
         sql = emit_message_sql(&emitters(role, app_roles)),
     );
     match replica_identity {
-        None => out.push_str(
-            "-- Replica identity: not checked. Where rules read old-row columns outside the primary key,\n\
-             -- run ALTER TABLE ... REPLICA IDENTITY FULL; (walbust setup --apply checks the catalog).\n\n",
-        ),
-        Some([]) => {
+        Err(why) => {
+            let _ = write!(
+                out,
+                "-- Replica identity: not checked: {}.\n\
+                 -- Where rules read old-row columns outside the primary key, run\n\
+                 -- ALTER TABLE ... REPLICA IDENTITY FULL; walbust setup checks the catalog when it can\n\
+                 -- connect (as --admin-url, or else as [source] url).\n\n",
+                comment_safe(why)
+            );
+        }
+        Ok([]) => {
             out.push_str("-- Replica identity: every table already sends the old-row columns the rules read.\n\n")
         }
-        Some(advice) => {
+        Ok(advice) => {
             out.push_str("-- Replica identity: old-row columns the rules read.\n");
             for a in advice {
                 out.push_str(&a.sql());
@@ -547,7 +635,7 @@ keys = ["odd:{id}"]
         assert!(!sql.contains("GRANT SELECT"), "pgoutput needs no SELECT: {sql}");
         assert!(sql.starts_with("-- walbust setup for database app"));
         assert!(sql.contains("\nBEGIN;\n") && sql.ends_with("COMMIT;\n"), "{sql}");
-        assert!(sql.contains("Replica identity: not checked"), "{sql}");
+        assert!(sql.contains("Replica identity: not checked: no database connection was made.\n"), "{sql}");
         assert!(
             sql.contains(r#"GRANT EXECUTE ON FUNCTION %s TO %s', f, '"walbust", "app"');"#),
             "walbust keeps it for heartbeats: {sql}"
@@ -565,6 +653,22 @@ keys = ["odd:{id}"]
         assert!(sql.contains(r#"GRANT EXECUTE ON FUNCTION %s TO %s', f, '"app", "Jobs ""runner"""');"#), "{sql}");
         let none = emit_message_sql(&[]);
         assert!(!none.contains("GRANT"), "{none}");
+    }
+
+    #[test]
+    fn extra_emitters_name_public_and_roles_and_the_fix_revokes_from_them() {
+        let extra = ExtraEmitters { public: true, roles: vec!["reporting".into()] };
+        assert_eq!(
+            extra.message(),
+            "PUBLIC (every role that can connect), role `reporting` can execute pg_logical_emit_message, so they \
+             can make walbust invalidate any cache key with a manual message; only walbust's role and the \
+             --app-role roles should"
+        );
+        let sql = extra.fix_sql("walbust", &["app".into()]);
+        assert!(sql.contains("REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC"), "{sql}");
+        assert!(sql.contains(r#"REVOKE EXECUTE ON FUNCTION %s FROM %s', f, '"reporting"');"#), "{sql}");
+        assert!(sql.contains(r#"GRANT EXECUTE ON FUNCTION %s TO %s', f, '"walbust", "app"');"#), "{sql}");
+        assert!(ExtraEmitters::default().is_empty());
     }
 
     #[test]
@@ -600,7 +704,7 @@ keys = ["odd:{id}"]
             rules: vec!["user settings".into()],
         }];
         let cfg = config("walbust", "walbust");
-        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Some(&advice));
+        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Ok(&advice));
         assert!(
             sql.contains(
                 "-- public.user_settings: rule \"user settings\" reads user_id from old rows, which REPLICA IDENTITY \
@@ -609,7 +713,7 @@ keys = ["odd:{id}"]
             "{sql}"
         );
         assert!(sql.contains("ALTER TABLE \"public\".\"user_settings\" REPLICA IDENTITY FULL;\n"), "{sql}");
-        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Some(&[]));
+        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Ok(&[]));
         assert!(sql.contains("every table already sends"), "{sql}");
         assert!(!sql.contains("ALTER TABLE"), "{sql}");
     }

@@ -6,9 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 use walbust::catalog;
 use walbust::config::{Config, ConfigError};
-use walbust::diagnostic::{Diagnostics, plural};
+use walbust::diagnostic::{Diagnostic, Diagnostics, plural};
 use walbust::pipeline::error_chain;
 use walbust::rules::RuleSet;
+use walbust::setup::extra_emitters;
 use walbust::source::connect_sql;
 use walbust::source::slot::{self, ServerSettings};
 
@@ -16,7 +17,7 @@ use walbust::source::slot::{self, ServerSettings};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Prints one status line per file, then the problems; returns the exit code.
-pub async fn check(config_path: &Path, online: bool, deny_warnings: bool) -> u8 {
+pub async fn check(config_path: &Path, online: bool, deny_warnings: bool, app_roles: &[String]) -> u8 {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(ConfigError::Invalid(d)) => {
@@ -52,7 +53,7 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool) -> u8 
     let mut diagnostics = loaded.warnings;
     let mut server_ok = true;
     if online {
-        match check_database(&config, &loaded.rules).await {
+        match check_database(&config, &loaded.rules, app_roles).await {
             Ok((found, settings)) => {
                 let unmet = slot::requirements(&settings, &config.source.slot);
                 server_ok = unmet.is_empty();
@@ -109,9 +110,14 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool) -> u8 
     }
 }
 
-/// Connects with `[source]`, checks the rules against the catalog and reads the server's
-/// settings; the error says why the database could not be checked.
-async fn check_database(config: &Config, rules: &RuleSet) -> Result<(Diagnostics, ServerSettings), String> {
+/// Connects with `[source]`, checks the rules against the catalog, reads the server's
+/// settings and who may send manual invalidations; the error says why the database could
+/// not be checked.
+async fn check_database(
+    config: &Config,
+    rules: &RuleSet,
+    app_roles: &[String],
+) -> Result<(Diagnostics, ServerSettings), String> {
     let info = &config.source.conninfo;
     let limit = if info.connect_timeout.is_zero() { CONNECT_TIMEOUT } else { info.connect_timeout * 2 };
     let client = match tokio::time::timeout(limit, connect_sql(info)).await {
@@ -135,6 +141,15 @@ async fn check_database(config: &Config, rules: &RuleSet) -> Result<(Diagnostics
     let unreadable =
         |e: catalog::CatalogError| format!("cannot read the catalog of {}: {}", info.describe(), error_chain(&e));
     let settings = catalog::read_server(&client, &config.source.slot).await.map_err(unreadable)?;
-    let found = catalog::check_online(&client, config, rules).await.map_err(unreadable)?;
+    let mut found = catalog::check_online(&client, config, rules).await.map_err(unreadable)?;
+    let extra = extra_emitters(&client, &info.user, app_roles)
+        .await
+        .map_err(|e| format!("cannot read the grants of pg_logical_emit_message: {}", error_chain(&e)))?;
+    if !extra.is_empty() {
+        found.0.push(Diagnostic::warning(&config.path, "", None, extra.message()).with_hint(format!(
+            "name the application roles with --app-role and run walbust setup --apply, or run as a superuser:\n{}",
+            extra.fix_sql(&info.user, app_roles)
+        )));
+    }
     Ok((found, settings))
 }

@@ -82,6 +82,9 @@ pub enum Command {
         /// Treat warnings as failures.
         #[arg(long)]
         deny_warnings: bool,
+        /// With --online: an application role allowed to send manual invalidations, as given to `walbust setup` (repeatable).
+        #[arg(long = "app-role", value_name = "ROLE")]
+        app_roles: Vec<String>,
     },
     /// Ask a running walbust's /healthz (on `[metrics] listen`); exit 0 when healthy, 1 when not or unreachable.
     Health {
@@ -120,7 +123,7 @@ pub enum Command {
         /// An application role allowed to write manual invalidation messages (repeatable).
         #[arg(long = "app-role", value_name = "ROLE")]
         app_roles: Vec<String>,
-        /// Connection URL of an administrator for --apply (defaults to `[source] url`).
+        /// Connection URL of an administrator: runs --apply, and reads replica identities for the printed script (defaults to `[source] url`).
         #[arg(long, value_name = "URL", env = ADMIN_URL_ENV, hide_env_values = true)]
         admin_url: Option<String>,
         /// Run the statements in one transaction instead of printing them.

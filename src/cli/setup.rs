@@ -2,15 +2,25 @@
 
 use super::{EXIT_OK, EXIT_USAGE};
 use std::path::Path;
+use std::time::Duration;
 use walbust::config::Config;
+use walbust::pipeline::error_chain;
 use walbust::rules::RuleSet;
-use walbust::setup::{apply, replica_identity_advice, setup_sql, setup_sql_with};
+use walbust::setup::{apply, replica_identity_advice, setup_sql_with};
 use walbust::source::{ConnInfo, connect_sql};
 
-/// Prints the setup script; with `admin_url` it also checks replica identities, and with
-/// `apply` it runs everything as that admin in one transaction. Returns the exit code.
+/// How long printing the script waits for the database before printing it unchecked.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Prints the setup script, checking replica identities when it can connect (as
+/// `admin_url`, else as `[source] url`); with `apply` it runs everything as that role in
+/// one transaction instead. Returns the exit code.
 pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&str>, run: bool) -> u8 {
-    let config = match Config::load(config_path) {
+    // Printing, or applying as another role, never logs in as the walbust role: its
+    // password file need not exist yet.
+    let loaded =
+        if run && admin_url.is_none() { Config::load(config_path) } else { Config::load_without_password(config_path) };
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -24,20 +34,15 @@ pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&
             return EXIT_USAGE;
         }
     };
-    let Some(url) = admin_url else {
-        if run {
-            eprintln!("error: --apply needs --admin-url, a superuser connection to the application database");
-            return EXIT_USAGE;
-        }
-        print!("{}", setup_sql(&config, &rules, app_roles));
-        return EXIT_OK;
-    };
-    let admin = match ConnInfo::parse(url, |name| std::env::var(name).ok()) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: invalid --admin-url: {e}");
-            return EXIT_USAGE;
-        }
+    let admin = match admin_url {
+        None => config.source.conninfo.clone(),
+        Some(url) => match ConnInfo::parse(url, |name| std::env::var(name).ok()) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: invalid --admin-url: {e}");
+                return EXIT_USAGE;
+            }
+        },
     };
     let result = if run {
         apply(&admin, &config, &rules, app_roles).await.map(|applied| {
@@ -52,11 +57,21 @@ pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&
             }
         })
     } else {
-        match connect_sql(&admin).await {
-            Ok(client) => replica_identity_advice(&client, &rules)
+        let who = if admin_url.is_some() { "--admin-url" } else { "[source] url" };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect_sql(&admin)).await {
+            Ok(Ok(client)) => replica_identity_advice(&client, &rules)
                 .await
-                .map(|advice| print!("{}", setup_sql_with(&config, &rules, app_roles, Some(&advice)))),
-            Err(e) => Err(walbust::setup::ApplyError::Connect(e)),
+                .map(|advice| print!("{}", setup_sql_with(&config, &rules, app_roles, Ok(&advice)))),
+            Ok(Err(e)) => {
+                let why = format!("cannot connect as {who} ({}): {}", admin.describe(), error_chain(&e));
+                print!("{}", setup_sql_with(&config, &rules, app_roles, Err(&why)));
+                Ok(())
+            }
+            Err(_) => {
+                let why = format!("no connection as {who} ({}) within {CONNECT_TIMEOUT:?}", admin.describe());
+                print!("{}", setup_sql_with(&config, &rules, app_roles, Err(&why)));
+                Ok(())
+            }
         }
     };
     match result {

@@ -41,10 +41,15 @@ fn rule_file(config: &Path) -> String {
 
 const MEMBERS: &str = "CREATE TABLE members (id int PRIMARY KEY, org_id int NOT NULL, email text);";
 
+/// `schema`, then the grants `walbust setup` leaves: pg_logical_emit_message revoked from PUBLIC.
+fn prepared(schema: &str) -> String {
+    format!("{schema}\n{}", walbust::setup::emit_message_sql(&[]))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_identity_with_a_non_key_column_warns_of_widening_and_gives_the_sql() {
     let s = support::shared();
-    let db = fresh_db(&s.pg, MEMBERS).await;
+    let db = fresh_db(&s.pg, &prepared(MEMBERS)).await;
     let rules = "[[rule]]\nname = \"org members\"\ntable = \"members\"\non = [\"update\", \"delete\"]\n\
                  keys = [\"member:{id}\", \"org:{org_id}:members\"]\n";
     let files = write_config(&db, &s.redis.url(), rules, "");
@@ -105,9 +110,11 @@ async fn unknown_column_fails_with_did_you_mean_at_file_line_col() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_missing_from_the_publication_fails_with_the_alter_publication_fix() {
     let s = support::shared();
-    let db =
-        fresh_db(&s.pg, "CREATE TABLE plans (id int PRIMARY KEY, name text); CREATE TABLE other (id int PRIMARY KEY);")
-            .await;
+    let db = fresh_db(
+        &s.pg,
+        &prepared("CREATE TABLE plans (id int PRIMARY KEY, name text); CREATE TABLE other (id int PRIMARY KEY);"),
+    )
+    .await;
     let n = &db.name;
     db.client
         .batch_execute(&format!("DROP PUBLICATION {n}; CREATE PUBLICATION {n} FOR TABLE other;"))
@@ -137,9 +144,11 @@ async fn clean_setup_passes_with_no_warnings() {
     let s = support::shared();
     let db = fresh_db(
         &s.pg,
-        "CREATE TABLE user_settings (user_id int, key text, value text, PRIMARY KEY (user_id, key));
-         CREATE TABLE plans (id int PRIMARY KEY, org_slug text, provider text);
-         ALTER TABLE plans REPLICA IDENTITY FULL;",
+        &prepared(
+            "CREATE TABLE user_settings (user_id int, key text, value text, PRIMARY KEY (user_id, key));
+             CREATE TABLE plans (id int PRIMARY KEY, org_slug text, provider text);
+             ALTER TABLE plans REPLICA IDENTITY FULL;",
+        ),
     )
     .await;
     let rules = "[[rule]]\nname = \"user settings\"\ntable = \"public.user_settings\"\n\
@@ -228,4 +237,41 @@ async fn validate_columns_rejects_unknown_columns_and_tolerates_missing_tables()
         shown.contains(&format!("warning: {file}:8:9: table `public.invoices` of rule `later` does not exist")),
         "{shown}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_logical_emit_message_open_to_public_or_other_roles_is_a_warning_with_the_fix() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, "CREATE TABLE plans (id int PRIMARY KEY);").await;
+    let rules = "[[rule]]\nname = \"plans\"\ntable = \"plans\"\nkeys = [\"plan:{id}\"]\n";
+    let files = write_config(&db, &s.redis.url(), rules, "");
+
+    // A fresh database: PUBLIC may execute it, as Postgres ships.
+    let out = walbust_check(&files.path, &["--online", "--deny-warnings"]).await;
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("PUBLIC (every role that can connect) can execute pg_logical_emit_message"), "{out}");
+    assert!(out.stderr.contains("REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC"), "{out}");
+
+    // PUBLIC revoked, but one role granted it besides the application role named.
+    let (app, other) = (format!("{}_app", db.name), format!("{}_reports", db.name));
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {app}; CREATE ROLE {other}; {}\
+             GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {other};",
+            walbust::setup::emit_message_sql(std::slice::from_ref(&app))
+        ))
+        .await
+        .expect("grants");
+    let out = walbust_check(&files.path, &["--online", "--deny-warnings", "--app-role", &app]).await;
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains(&format!("role `{other}` can execute pg_logical_emit_message")), "{out}");
+    assert!(!out.stderr.contains("PUBLIC ("), "{out}");
+    assert!(!out.stderr.contains(&format!("role `{app}`")), "an --app-role is allowed: {out}");
+
+    // The fix it gives leaves only the allowed roles.
+    let fix = out.stderr.split_once("run as a superuser:\n").expect("a fix").1;
+    let fix = &fix[..fix.find("$walbust$;").expect("the DO block ends") + "$walbust$;".len()];
+    db.client.batch_execute(fix).await.expect("the fix runs");
+    let out = walbust_check(&files.path, &["--online", "--deny-warnings", "--app-role", &app]).await;
+    assert_eq!(out.code, 0, "{out}");
 }

@@ -454,7 +454,7 @@ async fn the_generated_setup_script_runs_as_is_with_odd_names() {
     let rules = rule_set(rules_text);
     let advice = replica_identity_advice(&db.client, &rules).await.expect("advice");
     assert_eq!(advice.len(), 1, "{advice:?}");
-    let script = setup_sql_with(&load(&files), &rules, std::slice::from_ref(&app), Some(&advice));
+    let script = setup_sql_with(&load(&files), &rules, std::slice::from_ref(&app), Ok(&advice));
     db.client.batch_execute(&script).await.unwrap_or_else(|e| panic!("the script fails: {e}\n{script}"));
     assert!(may_emit(&db.client, &app).await && may_emit(&db.client, &role).await, "{script}");
     let published: i64 = db

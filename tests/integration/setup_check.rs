@@ -2,6 +2,10 @@
 //! no warnings for the example config's rules.
 
 use crate::support::{self, fresh_db, write_config};
+use std::path::Path;
+use walbust::config::Config;
+use walbust::rules::RuleSet;
+use walbust::setup::{replica_identity_advice, setup_sql_with};
 
 /// The demo schema's tables, without the publication and replica identity `setup` provides.
 fn tables_only() -> String {
@@ -42,4 +46,64 @@ async fn setup_apply_on_a_fresh_database_then_check_online_passes_without_warnin
         .unwrap()
         .get(0);
     assert_eq!(identity, "f", "plans rules key on non-key columns: setup made its identity FULL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_setup_sql_is_what_walbust_setup_prints_for_the_example_config_and_holds_no_password() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, &tables_only()).await;
+    let config = Config::load_without_password(Path::new("config.toml")).expect("the example config loads");
+    let rules = RuleSet::load(&config.rules).expect("the example rules load").rules;
+    let advice = replica_identity_advice(&db.client, &rules).await.expect("the demo tables exist");
+    let expected = setup_sql_with(&config, &rules, &["app".to_string()], Ok(&advice));
+    let file = std::fs::read_to_string("sql/setup.sql").expect("sql/setup.sql");
+    assert!(file == expected, "sql/setup.sql differs from what walbust setup prints; it should read:\n{expected}");
+    assert!(!file.to_uppercase().contains("PASSWORD '"), "{file}");
+    assert!(file.contains("REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC"), "{file}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_apply_without_admin_url_connects_as_source_url() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, &tables_only()).await;
+    db.client.batch_execute(&format!("DROP PUBLICATION {}", db.name)).await.unwrap();
+    // `[source] url` is the test's superuser here, as a DBA may set it for the first run.
+    let files = write_config(&db, &s.redis.url(), include_str!("../../rules/demo.toml"), "");
+    let config = files.path.to_str().unwrap();
+    let (code, out) = walbust(&["setup", "--apply", "--config", config]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("created publication \"{}\"", db.name)), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_prints_the_script_without_the_password_file_and_says_why_identity_was_not_checked() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, &tables_only()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("config.toml");
+    std::fs::write(dir.path().join("demo.toml"), include_str!("../../rules/demo.toml")).unwrap();
+    // Nothing listens on `port`, and the password file does not exist yet.
+    std::fs::write(
+        &config,
+        format!(
+            "rules = [\"demo.toml\"]\n[source]\nurl = \"postgres://walbust@127.0.0.1:{port}/app\"\n\
+             password_file = \"walbust.password\"\n[redis]\nurl = \"{}\"\n",
+            s.redis.url()
+        ),
+    )
+    .unwrap();
+    let (code, out) = walbust(&["setup", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("CREATE ROLE \"walbust\" LOGIN REPLICATION"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "-- Replica identity: not checked: cannot connect as [source] url (walbust@127.0.0.1:{port}/app): "
+        )),
+        "{out}"
+    );
+
+    let (code, out) = walbust(&["setup", "--config", config.to_str().unwrap(), "--admin-url", &db.url]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("ALTER TABLE \"public\".\"plans\" REPLICA IDENTITY FULL;"), "{out}");
 }
