@@ -209,12 +209,20 @@ impl Config {
     /// instead of failing, so the walbust role's secret need not exist on this host yet.
     pub fn load_without_password(path: &Path) -> Result<Config, ConfigError> {
         let text = user_file::read_to_string(path, Kind::Config)?;
-        Config::parse_with(path, &text, &|name| std::env::var(name).ok(), false)
+        Config::parse_with(path, &text, &|name| std::env::var(name).ok(), false, true).map(|(c, _)| c)
+    }
+
+    /// [`Config::load`] for the offline `check`, which connects nowhere and so reads no
+    /// secret: `password_file` is not read, and an unset `${VAR}` is a note (returned
+    /// beside the config) instead of an error. Nothing from it may be used to connect.
+    pub fn load_offline(path: &Path) -> Result<(Config, Diagnostics), ConfigError> {
+        let text = user_file::read_to_string(path, Kind::Config)?;
+        Config::parse_with(path, &text, &|name| std::env::var(name).ok(), false, false)
     }
 
     /// Validates `text`, the contents of `path`, with `env` standing in for the environment.
     pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        Config::parse_with(path, text, env, true)
+        Config::parse_with(path, text, env, true, true).map(|(c, _)| c)
     }
 
     fn parse_with(
@@ -222,17 +230,19 @@ impl Config {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
         need_password: bool,
-    ) -> Result<Config, ConfigError> {
+        secrets: bool,
+    ) -> Result<(Config, Diagnostics), ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let mut d = diagnostic::from_toml(path, text, &e);
             d.message = redact_secrets(&d.message);
             d.hint = d.hint.map(|h| redact_secrets(&h));
             ConfigError::Invalid(Diagnostics(vec![d]))
         })?;
-        let mut v = Validator { path, lines: LineIndex::new(text), env, need_password, problems: Vec::new() };
+        let lines = LineIndex::new(text);
+        let mut v = Validator { path, lines, env, need_password, secrets, deferred: Vec::new(), problems: Vec::new() };
         let config = v.config(raw);
         match config {
-            Some(c) if v.problems.is_empty() => Ok(c),
+            Some(c) if v.problems.is_empty() => Ok((c, Diagnostics(v.deferred))),
             _ => Err(ConfigError::Invalid(Diagnostics(v.problems))),
         }
     }
@@ -244,6 +254,10 @@ struct Validator<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     /// Whether an unreadable `password_file` is an error.
     need_password: bool,
+    /// Whether secrets are read; the offline `check` reads none.
+    secrets: bool,
+    /// Secrets left unread, as warnings for the offline `check`.
+    deferred: Vec<Diagnostic>,
     problems: Vec<Diagnostic>,
 }
 
@@ -311,7 +325,7 @@ impl Validator<'_> {
                 return None;
             }
         };
-        if let Some(file) = &raw.password_file {
+        if let Some(file) = raw.password_file.as_ref().filter(|_| self.secrets) {
             match user_file::read_to_string(&self.relative(file.get_ref()), Kind::Password) {
                 Ok(pw) => conninfo.password = Some(pw.trim_end_matches(['\r', '\n']).to_string()),
                 Err(_) if !self.need_password => {}
@@ -550,6 +564,19 @@ impl Validator<'_> {
             let name = &rest[start + 2..start + 2 + len];
             match (self.env)(name) {
                 Some(v) => out.push_str(&v),
+                None if !self.secrets => {
+                    self.deferred.push(
+                        Diagnostic::warning_in(
+                            self.path,
+                            &self.lines,
+                            Some(raw.span()),
+                            format!("environment variable `{name}` is not set (not needed offline)"),
+                        )
+                        .with_hint("run and check --online need it"),
+                    );
+                    // A stand-in that keeps a URL parsable in any position (port, host, password).
+                    out.push('0');
+                }
                 None => {
                     self.error(
                         raw.span(),
@@ -901,6 +928,24 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
     }
 
     #[test]
+    fn offline_check_needs_no_password_file_and_no_secret_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let text = GOOD
+            .replace("status_interval = \"2s\"", "password_file = \"/run/secrets/missing\"")
+            .replace("${REDIS_PASSWORD}", "${WALBUST_TEST_UNSET_SECRET}");
+        std::fs::write(&path, &text).unwrap();
+        let (config, notes) = Config::load_offline(&path).unwrap();
+        assert_eq!(config.source.conninfo.password, None);
+        assert_eq!(notes.0.len(), 1, "{notes}");
+        assert!(!notes.has_errors());
+        assert!(notes.to_string().contains("environment variable `WALBUST_TEST_UNSET_SECRET` is not set"), "{notes}");
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("cannot use password_file `/run/secrets/missing`"), "{e}");
+        assert!(e.contains("environment variable `WALBUST_TEST_UNSET_SECRET` is not set"), "{e}");
+    }
+
+    #[test]
     fn durations_need_units() {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
@@ -913,7 +958,7 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
         let text = GOOD.replace("status_interval = \"2s\"", "password_file = \"no/such/file\"");
         assert!(problems(&text).contains("cannot use password_file `no/such/file`"));
         let env = |name: &str| (name == "REDIS_PASSWORD").then(|| "pw".to_string());
-        let c = Config::parse_with(Path::new("/etc/walbust/config.toml"), &text, &env, false).expect("loads");
+        let c = Config::parse_with(Path::new("/etc/walbust/config.toml"), &text, &env, false, true).expect("loads").0;
         assert_eq!(c.source.conninfo.password, None);
     }
 }

@@ -116,3 +116,26 @@ fn a_password_in_replay_redis_on_the_command_line_is_warned_about_and_the_env_va
     assert!(!text.contains("warning: --redis") && !text.contains("S3cr3t"), "{text}");
     assert!(!text.contains("required"), "the env var stands in for --redis: {text}");
 }
+
+#[test]
+fn offline_check_passes_without_the_password_file_or_secret_variables_and_run_fails_on_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(dir.path().join("rules/r.toml"), "[[rule]]\nname = \"r\"\ntable = \"t\"\nkeys = [\"k\"]\n").unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "rules = [\"rules/*.toml\"]\n[source]\nurl = \"postgres://u@127.0.0.1:1/db\"\npassword_file = \"missing\"\n\
+         [redis]\nurl = \"redis://:${WALBUST_TEST_UNSET_SECRET}@127.0.0.1:1/0\"\n[metrics]\nlisten = \"off\"\n",
+    )
+    .unwrap();
+    let path = config.to_str().unwrap();
+    let out = walbust(&["check", "--deny-warnings", "--config", path]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("`WALBUST_TEST_UNSET_SECRET` is not set (not needed offline)"), "{}", stderr(&out));
+    for args in [&["run", "--config", path][..], &["check", "--online", "--config", path]] {
+        let out = walbust(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("cannot use password_file `missing`"), "{args:?}: {}", stderr(&out));
+    }
+}
