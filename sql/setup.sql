@@ -12,7 +12,7 @@ CREATE ROLE "walbust" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;
 GRANT CONNECT ON DATABASE "app" TO "walbust";
 
 -- The publication: the tables the rules name, with TRUNCATE published.
-CREATE PUBLICATION "walbust" FOR TABLE "public"."plans", "public"."user_settings" WITH (publish = 'insert, update, delete, truncate');
+CREATE PUBLICATION walbust FOR TABLE public.plans, public.user_settings WITH (publish = 'insert, update, delete, truncate');
 
 -- Manual invalidations ride pg_logical_emit_message(true, 'walbust', ...), so only the
 -- application roles that send them keep it: "app". walbust's role keeps it
