@@ -248,6 +248,9 @@ impl SlotStatus {
                     match (&self.last_heartbeat, self.last_heartbeat_age_seconds) {
                         (Some(t), Some(age)) => format!("{t} ({age:.1}s ago)"),
                         (Some(t), None) => t.clone(),
+                        (None, _) if self.active => "unknown: pg_stat_replication shows reply_time only to roles with \
+                                                     pg_read_all_stats (GRANT pg_read_all_stats TO the role in [source] url)"
+                            .into(),
                         (None, _) => "unknown".into(),
                     },
                 ),
@@ -445,6 +448,16 @@ mod tests {
             last_heartbeat_age_seconds: None,
             ..healthy()
         }
+    }
+
+    #[test]
+    fn last_heartbeat_unknown_while_streaming_says_pg_read_all_stats_is_needed() {
+        let hidden = SlotStatus { last_heartbeat: None, last_heartbeat_age_seconds: None, ..healthy() };
+        let text = hidden.render_human();
+        assert!(text.contains("last_heartbeat:      unknown: pg_stat_replication shows reply_time only"), "{text}");
+        assert!(text.contains("GRANT pg_read_all_stats"), "{text}");
+        let idle = SlotStatus { active: false, active_pid: None, ..hidden };
+        assert!(idle.render_human().contains("last_heartbeat:      unknown\n"), "nobody streams: plain unknown");
     }
 
     #[test]
