@@ -38,6 +38,7 @@ pub async fn invalidate(config_path: &Path, keys: Vec<String>, patterns: Vec<Str
             for a in &actions {
                 println!("{a}");
             }
+            println!("{} deleted", walbust::diagnostic::plural(sink.take_deleted(), "key", "keys"));
             EXIT_OK
         }
         Err(e) => {

@@ -19,6 +19,8 @@ pub struct RedisSink {
     description: String,
     /// The actions of the batch in hand that Redis refused for good.
     dead: Vec<DeadLetter>,
+    /// Keys Redis reported deleted since the last [`RedisSink::take_deleted`].
+    deleted: u64,
 }
 
 /// Why a batch could not be applied to Redis.
@@ -66,7 +68,13 @@ impl RedisSink {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|source| RedisSinkError::Url { url: description.clone(), source })?;
-        Ok(RedisSink { conn, description, dead: Vec::new() })
+        Ok(RedisSink { conn, description, dead: Vec::new(), deleted: 0 })
+    }
+
+    /// How many keys Redis reported deleted (by `UNLINK`s, pattern deletes and tag busts,
+    /// members and sets alike) since the last call.
+    pub fn take_deleted(&mut self) -> u64 {
+        std::mem::take(&mut self.deleted)
     }
 
     /// The target, safe to log: `redis://host:port/db` without a password.
@@ -122,7 +130,15 @@ impl RedisSink {
             pipe.query_async(&mut self.conn).await.map_err(self.failed("sending a pipeline"))?;
         let mut fallback: Vec<(usize, &[u8])> = Vec::new();
         for (result, actions) in results.into_iter().zip(owners) {
-            let Err(e) = result else { continue };
+            let e = match result {
+                Ok(reply) => {
+                    if let [(_, Action::Unlink(_)), ..] = actions {
+                        self.deleted += count(&reply);
+                    }
+                    continue;
+                }
+                Err(e) => e,
+            };
             match actions {
                 // A write-through that cannot be written must not leave the old value readable.
                 [(index, Action::Set { key, .. })] => {
@@ -211,7 +227,15 @@ impl RedisSink {
             pipe.query_async(&mut self.conn).await.map_err(self.failed("sending a pipeline"))?;
         let mut fallback: Vec<(usize, &[u8])> = Vec::new();
         for (i, result) in results.into_iter().enumerate() {
-            let Err(e) = result else { continue };
+            let e = match result {
+                Ok(reply) => {
+                    if let PageStep::Unlink = step {
+                        self.deleted += count(&reply);
+                    }
+                    continue;
+                }
+                Err(e) => e,
+            };
             match step {
                 PageStep::Incr => {
                     tracing::error!(error = %e, "version bump failed (the key does not hold an integer); unlinking it");
@@ -226,9 +250,20 @@ impl RedisSink {
     async fn bust_tag(&mut self, action: usize, key: &[u8]) -> Result<(), RedisSinkError> {
         let script = redis::Script::new(BUST_TAG);
         match script.key(key).invoke_async::<i64>(&mut self.conn).await {
-            Ok(_) => Ok(()),
+            Ok(deleted) => {
+                self.deleted += u64::try_from(deleted).unwrap_or(0);
+                Ok(())
+            }
             Err(e) => self.refused(action, "busting a tag set", e),
         }
+    }
+}
+
+/// The integer an `UNLINK` replies with: how many of its keys existed.
+fn count(reply: &redis::Value) -> u64 {
+    match reply {
+        redis::Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -263,18 +298,17 @@ pub fn refused_for_good(e: &redis::RedisError) -> bool {
 
 /// Deletes every member of the set at KEYS[1], then the set, in one atomic step, so a
 /// concurrent SADD lands either before (and is deleted) or after (and stays). A key that
-/// is not a set is deleted outright.
+/// is not a set is deleted outright. Returns how many keys existed and were deleted.
 const BUST_TAG: &str = r"
 if redis.call('TYPE', KEYS[1]).ok ~= 'set' then
-  redis.call('UNLINK', KEYS[1])
-  return -1
+  return redis.call('UNLINK', KEYS[1])
 end
 local members = redis.call('SMEMBERS', KEYS[1])
+local deleted = 0
 for i = 1, #members, 500 do
-  redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+  deleted = deleted + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
 end
-redis.call('UNLINK', KEYS[1])
-return #members
+return deleted + redis.call('UNLINK', KEYS[1])
 ";
 
 /// The per-page step of a pattern action.

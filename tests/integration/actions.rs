@@ -372,6 +372,8 @@ async fn the_invalidate_command_applies_keys_patterns_and_tags_at_once() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains(&format!("UNLINK {n}:k")) && printed.contains(&format!("BUST-TAG {n}:tag")), "{printed}");
+    // k, p:1 and p:2, the tag's member and the tag set itself.
+    assert!(printed.ends_with("5 keys deleted\n"), "the count of deleted keys is printed: {printed}");
     assert_eq!(existing(&mut redis, &all).await, [all[4].clone()]);
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
