@@ -444,6 +444,9 @@ pub struct Applied {
     pub skipped: Vec<String>,
     /// Things that exist but look wrong, with what to do.
     pub warnings: Vec<String>,
+    /// Server settings only a person can change (they need a restart), each with its fix:
+    /// the database is set up, but walbust cannot stream until they are met.
+    pub server_unready: Vec<String>,
 }
 
 /// Connects as `admin` (a superuser, or a role allowed to create roles and publications)
@@ -462,9 +465,22 @@ pub async fn apply(
         let doing = doing.to_string();
         move |source| ApplyError::Query { doing, source }
     };
+    // The same requirements `check --online` and `run` hold the server to: those only a
+    // person can meet stop setup with their fix, the passing ones (slots or walsenders in
+    // use right now) are warnings.
+    let (mut server_unready, mut server_warnings) = (Vec::new(), Vec::new());
+    match crate::catalog::read_server(&client, &config.source.slot).await {
+        Ok(settings) => {
+            for unmet in crate::source::slot::requirements(&settings, &config.source.slot) {
+                let list = if unmet.lasting { &mut server_unready } else { &mut server_warnings };
+                list.push(unmet.to_string());
+            }
+        }
+        Err(e) => server_warnings.push(format!("cannot read the server's replication settings: {e}")),
+    }
     let tx = client.transaction().await.map_err(query("starting a transaction"))?;
     let source = &config.source;
-    let mut applied = Applied::default();
+    let mut applied = Applied { server_unready, warnings: server_warnings, ..Applied::default() };
 
     let database: String =
         tx.query_one("SELECT current_database()::text", &[]).await.map_err(query("reading the database name"))?.get(0);

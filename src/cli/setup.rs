@@ -1,6 +1,6 @@
 //! `walbust setup`: prints (or applies) the SQL that prepares a database; the logic is `walbust::setup`.
 
-use super::{EXIT_OK, EXIT_USAGE};
+use super::{EXIT_NEEDS_PERSON, EXIT_OK, EXIT_USAGE};
 use std::path::Path;
 use std::time::Duration;
 use walbust::config::Config;
@@ -55,27 +55,39 @@ pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&
             for line in &applied.warnings {
                 eprintln!("warning: {line}");
             }
+            for line in &applied.server_unready {
+                eprintln!("error: {line}");
+            }
+            applied.server_unready.is_empty()
         })
     } else {
         let who = if admin_url.is_some() { "--admin-url" } else { "[source] url" };
         match tokio::time::timeout(CONNECT_TIMEOUT, connect_sql(&admin)).await {
-            Ok(Ok(client)) => replica_identity_advice(&client, &rules)
-                .await
-                .map(|advice| print!("{}", setup_sql_with(&config, &rules, app_roles, Ok(&advice)))),
+            Ok(Ok(client)) => replica_identity_advice(&client, &rules).await.map(|advice| {
+                print!("{}", setup_sql_with(&config, &rules, app_roles, Ok(&advice)));
+                true
+            }),
             Ok(Err(e)) => {
                 let why = format!("cannot connect as {who} ({}): {}", admin.describe(), error_chain(&e));
                 print!("{}", setup_sql_with(&config, &rules, app_roles, Err(&why)));
-                Ok(())
+                Ok(true)
             }
             Err(_) => {
                 let why = format!("no connection as {who} ({}) within {CONNECT_TIMEOUT:?}", admin.describe());
                 print!("{}", setup_sql_with(&config, &rules, app_roles, Err(&why)));
-                Ok(())
+                Ok(true)
             }
         }
     };
     match result {
-        Ok(()) => EXIT_OK,
+        Ok(true) => EXIT_OK,
+        // The database is set up, but the server needs a setting and a restart first.
+        Ok(false) => {
+            eprintln!(
+                "error: the database is set up, but walbust cannot stream until the server settings above are changed"
+            );
+            EXIT_NEEDS_PERSON
+        }
         Err(e) => {
             let code = e.exit_code();
             eprintln!("error: {:#}", anyhow::Error::from(e));

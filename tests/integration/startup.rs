@@ -193,4 +193,12 @@ async fn check_online_fails_on_wal_level_replica_and_full_slots_and_senders_with
     let started = Instant::now();
     let out = walbust(&["run"], &files.path).await;
     assert_eq!(out.code, Some(3), "after {:?}:\n{out}", started.elapsed());
+
+    // setup --apply creates what it can, and says what the server still needs.
+    let out = walbust(&["setup", "--apply"], &files.path).await;
+    assert_eq!(out.code, Some(3), "{out}");
+    assert!(
+        out.stderr.contains("error: wal_level is `replica` on the server, but logical decoding needs `logical`"),
+        "{out}"
+    );
 }
