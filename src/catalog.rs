@@ -876,6 +876,39 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
     }
 }
 
+/// The columns `rule` reads from the old row of an update or a delete: those of its
+/// templates rendered from the old row, its `when` columns on delete and its `changed`
+/// columns on update. A write-through's own columns come from the new row, so a table
+/// only some of whose columns feed a `refresh` needs no `REPLICA IDENTITY FULL` for them.
+/// `walbust setup` and `check --online` both go by this list.
+pub fn old_row_columns(rule: &Rule) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for op in [Op::Update, Op::Delete] {
+        if !rule.on.contains(op) {
+            continue;
+        }
+        for (_, template, row_counts) in old_row_templates(rule, op) {
+            for (image, c) in template.columns_with_image() {
+                if (image == Image::Old || (row_counts && image == Image::Row)) && !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    let conditions = rule
+        .when
+        .iter()
+        .map(|c| c.column.as_str())
+        .filter(|_| rule.on.contains(Op::Delete))
+        .chain(rule.changed.iter().map(String::as_str).filter(|_| rule.on.contains(Op::Update)));
+    for c in conditions {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The templates rendered from the old row on `op` (an update or a delete), with the list
 /// each is in and whether `{column}` (not only `{old.column}`) reads the old row there.
 fn old_row_templates(rule: &Rule, op: Op) -> Vec<(&'static str, &Template, bool)> {

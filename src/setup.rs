@@ -11,8 +11,7 @@
 //! skipping what already exists.
 
 use crate::config::Config;
-use crate::rules::template::Image;
-use crate::rules::{Op, Rule, RuleSet, TableName};
+use crate::rules::{RuleSet, TableName};
 pub use crate::source::slot::PUBLISH;
 use crate::source::slot::{add_tables_sql, create_publication_sql, quote_ident, quote_literal};
 use crate::source::{ConnInfo, SourceError, connect_sql};
@@ -127,13 +126,6 @@ fn comment_safe(s: &str) -> String {
 /// `"schema"."table"`.
 fn qualified(t: &TableName) -> String {
     format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table))
-}
-
-/// Columns a rule reads from the old row: those of rules firing on UPDATE or DELETE,
-/// except `{new.col}` placeholders.
-fn old_row_columns(rule: &Rule) -> impl Iterator<Item = &str> {
-    let reads_old = rule.on.contains(Op::Update) || rule.on.contains(Op::Delete);
-    rule.columns.iter().filter(move |c| reads_old && c.image != Image::New).map(|c| c.name.as_str())
 }
 
 /// The statements that create the role.
@@ -403,7 +395,7 @@ pub async fn replica_identity_advice<C: GenericClient + Sync>(
         };
         let mut needed: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for rule in rules.for_table(table) {
-            for column in old_row_columns(rule) {
+            for column in crate::catalog::old_row_columns(rule) {
                 if all.iter().any(|c| c == column) && !sent.contains(column) {
                     needed.entry(column).or_default().insert(&*rule.name);
                 }
@@ -751,8 +743,22 @@ on = ["update"]
 keys = ["b:{b}:{new.c}:{old.d}"]
 "#,
         );
-        let cols: Vec<&str> = set.rules().iter().flat_map(|r| old_row_columns(r)).collect();
+        let cols: Vec<&str> = set.rules().iter().flat_map(|r| crate::catalog::old_row_columns(r)).collect();
         assert_eq!(cols, ["b", "d"]);
+    }
+
+    #[test]
+    fn a_write_through_only_table_needs_the_old_row_for_its_key_alone_as_check_online_says() {
+        let set = rules(
+            r#"
+[[rule]]
+name = "profiles"
+table = "public.t"
+refresh = [{ key = "profile:{id}", columns = ["id", "bio", "avatar"] }]
+"#,
+        );
+        let cols: Vec<&str> = set.rules().iter().flat_map(|r| crate::catalog::old_row_columns(r)).collect();
+        assert_eq!(cols, ["id"], "the row written through comes from the new image");
     }
 
     #[test]
