@@ -325,9 +325,15 @@ impl Validator<'_> {
                 return None;
             }
         };
+        if conninfo.password_from.as_deref() == Some("the connection string") {
+            conninfo.password_from = Some(self.url_password_origin(raw.url.get_ref(), conninfo.password.as_deref()));
+        }
         if let Some(file) = raw.password_file.as_ref().filter(|_| self.secrets) {
             match user_file::read_to_string(&self.relative(file.get_ref()), Kind::Password) {
-                Ok(pw) => conninfo.password = Some(pw.trim_end_matches(['\r', '\n']).to_string()),
+                Ok(pw) => {
+                    conninfo.password = Some(pw.trim_end_matches(['\r', '\n']).to_string());
+                    conninfo.password_from = Some(format!("password_file `{}`", file.get_ref()));
+                }
                 Err(_) if !self.need_password => {}
                 Err(e) => self.error(
                     file.span(),
@@ -550,6 +556,22 @@ impl Validator<'_> {
         }
     }
 
+    /// Where a password written in `[source] url` came from: the `${VAR}` whose value it
+    /// holds, or the url itself.
+    fn url_password_origin(&self, url: &str, password: Option<&str>) -> String {
+        let mut rest = url;
+        while let Some(start) = rest.find("${") {
+            let Some(len) = rest[start + 2..].find('}') else { break };
+            let name = &rest[start + 2..start + 2 + len];
+            let value = (self.env)(name).unwrap_or_default();
+            if !value.is_empty() && password.is_some_and(|p| p.contains(value.as_str())) {
+                return format!("`${{{name}}}` in [source] url");
+            }
+            rest = &rest[start + 3 + len..];
+        }
+        format!("[source] url in {}", self.path.display())
+    }
+
     /// Replaces `${VAR}` with the variable's value, so that secrets stay out of the file.
     fn interpolate(&mut self, raw: &Spanned<String>) -> Option<String> {
         let s = raw.get_ref();
@@ -755,6 +777,31 @@ status_interval = "2s"
 [redis]
 url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
 "#;
+
+    #[test]
+    fn a_refused_password_can_be_traced_to_the_url_the_variable_or_the_password_file() {
+        let env = |name: &str| match name {
+            "PG_PW" => Some("s3cret".to_string()),
+            "PGPASSWORD" => Some("from-env".to_string()),
+            "REDIS_PASSWORD" => Some("pw".to_string()),
+            _ => None,
+        };
+        let from = |url: &str| {
+            let text = GOOD.replace("postgres://walbust@db:5432/app?sslmode=disable", url);
+            let c = Config::parse(Path::new("/etc/walbust/config.toml"), &text, &env).expect("valid");
+            c.source.conninfo.password_from.expect("a password was given")
+        };
+        assert_eq!(from("postgres://walbust:${PG_PW}@db/app"), "`${PG_PW}` in [source] url");
+        assert_eq!(from("postgres://walbust:inline@db/app"), "[source] url in /etc/walbust/config.toml");
+        assert_eq!(from("postgres://walbust@db/app"), "PGPASSWORD");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pg.pw");
+        std::fs::write(&file, "p\n").unwrap();
+        let text = GOOD.replace("status_interval = \"2s\"", &format!("password_file = \"{}\"", file.display()));
+        let c = Config::parse(Path::new("/etc/walbust/config.toml"), &text, &env).expect("valid");
+        assert_eq!(c.source.conninfo.password_from, Some(format!("password_file `{}`", file.display())));
+    }
 
     #[test]
     fn a_good_file_gets_defaults_and_absolute_globs() {

@@ -37,7 +37,12 @@ pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&
     let admin = match admin_url {
         None => config.source.conninfo.clone(),
         Some(url) => match ConnInfo::parse(url, |name| std::env::var(name).ok()) {
-            Ok(a) => a,
+            Ok(mut a) => {
+                if a.password_from.as_deref() == Some("the connection string") {
+                    a.password_from = Some("--admin-url".into());
+                }
+                a
+            }
             Err(e) => {
                 eprintln!("error: invalid --admin-url: {e}");
                 return EXIT_USAGE;

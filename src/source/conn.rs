@@ -999,7 +999,7 @@ async fn authenticate(
         };
         match m {
             Message::AuthenticationOk => return Ok(method),
-            Message::ErrorResponse(body) => return Err(server_error(wire, &body)),
+            Message::ErrorResponse(body) => return Err(server_error(wire, &body).naming_password_origin(info)),
             Message::AuthenticationCleartextPassword => {
                 let pw = password()?;
                 method = "password";
@@ -1059,7 +1059,7 @@ async fn authenticate(
                         })?;
                     }
                     Backend::Msg(Message::ErrorResponse(body)) => {
-                        return Err(server_error(wire, &body));
+                        return Err(server_error(wire, &body).naming_password_origin(info));
                     }
                     other => return Err(wire.unexpected(&other, DURING)),
                 }
@@ -1080,7 +1080,7 @@ async fn authenticate(
                         })?;
                     }
                     Backend::Msg(Message::ErrorResponse(body)) => {
-                        return Err(server_error(wire, &body));
+                        return Err(server_error(wire, &body).naming_password_origin(info));
                     }
                     other => return Err(wire.unexpected(&other, DURING)),
                 }

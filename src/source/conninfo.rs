@@ -87,6 +87,10 @@ pub struct ConnInfo {
     pub user: String,
     /// The password, if any. Never printed by `Debug` or [`ConnInfo::describe`].
     pub password: Option<String>,
+    /// Where the password came from, named in the error when the server refuses it:
+    /// `PGPASSWORD`, `the connection string`, or what the caller knows better (such as
+    /// `password_file /run/secrets/pg`). Never the password itself.
+    pub password_from: Option<String>,
     /// The database to connect to.
     pub dbname: String,
     /// TLS policy.
@@ -116,6 +120,7 @@ impl fmt::Debug for ConnInfo {
             .field("port", &self.port)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_from", &self.password_from)
             .field("dbname", &self.dbname)
             .field("sslmode", &self.sslmode)
             .field("sslrootcert", &self.sslrootcert)
@@ -128,6 +133,10 @@ impl fmt::Debug for ConnInfo {
             .finish()
     }
 }
+
+/// The longest `connect_timeout`: an hour. Beyond it a dead host holds walbust's
+/// reconnect loop for longer than any outage it should wait out; `0` waits indefinitely.
+const MAX_CONNECT_TIMEOUT_SECS: i64 = 3600;
 
 /// A connection string that cannot be used. Never contains the password.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -299,7 +308,11 @@ impl ConnInfo {
             Some((v, _)) => v.to_string(),
             None => env("USER").filter(|u| !u.is_empty()).unwrap_or_else(|| "postgres".to_string()),
         };
-        let password = take("password").map(|(v, _)| v.to_string());
+        let (password, password_from) = match take("password") {
+            Some((v, Origin::Env(var))) => (Some(v.to_string()), Some(var.to_string())),
+            Some((v, Origin::Text)) => (Some(v.to_string()), Some("the connection string".to_string())),
+            None => (None, None),
+        };
         let dbname = take("dbname").map_or_else(|| user.clone(), |(v, _)| v.to_string());
 
         let sslmode = match take("sslmode") {
@@ -311,8 +324,8 @@ impl ConnInfo {
 
         let connect_timeout = match take("connect_timeout") {
             Some((v, origin)) => {
-                let secs: i64 = v.trim().parse().map_err(|_| {
-                    invalid("connect_timeout", v, origin, "a whole number of seconds (0 waits indefinitely)")
+                let secs: i64 = v.trim().parse().ok().filter(|n| *n <= MAX_CONNECT_TIMEOUT_SECS).ok_or_else(|| {
+                    invalid("connect_timeout", v, origin, "a whole number of seconds up to 3600 (0 waits indefinitely)")
                 })?;
                 // libpq: zero or negative waits forever, and the minimum is 2 s.
                 match secs {
@@ -345,6 +358,7 @@ impl ConnInfo {
             port,
             user,
             password,
+            password_from,
             dbname,
             sslmode,
             sslrootcert: take("sslrootcert").map(|(v, _)| v.to_string()),
@@ -847,6 +861,15 @@ mod tests {
         assert_eq!(t("-5"), Duration::ZERO);
         assert_eq!(t("1"), Duration::from_secs(2));
         assert_eq!(t("30"), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_connect_timeout_beyond_an_hour_is_refused() {
+        assert_eq!(ConnInfo::parse("connect_timeout=3600", no_env).unwrap().connect_timeout, Duration::from_secs(3600));
+        for bad in ["3601", "9223372036854775807", "99999999999999999999"] {
+            let err = ConnInfo::parse(&format!("connect_timeout={bad}"), no_env).unwrap_err().to_string();
+            assert!(err.contains("up to 3600"), "{err}");
+        }
     }
 
     #[test]

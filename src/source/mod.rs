@@ -176,6 +176,29 @@ fn server_display(severity: &str, code: &str, message: &str, detail: Option<&str
 }
 
 impl SourceError {
+    /// For a refused password (SQLSTATE 28P01), names in the hint where the password
+    /// came from, so that the DBA knows which one to fix; other errors are returned as
+    /// they are.
+    pub(crate) fn naming_password_origin(self, info: &ConnInfo) -> SourceError {
+        match self {
+            SourceError::Server { severity, code, message, detail, hint } if code == "28P01" => {
+                let origin = match &info.password_from {
+                    Some(from) => format!(
+                        "the password walbust sent came from {from}; check that it is role {}'s current password",
+                        info.user
+                    ),
+                    None => "walbust sent no password; set PGPASSWORD, password_file or a password in the url".into(),
+                };
+                let hint = Some(match hint {
+                    Some(h) => format!("{h}; {origin}"),
+                    None => origin,
+                });
+                SourceError::Server { severity, code, message, detail, hint }
+            }
+            other => other,
+        }
+    }
+
     /// Whether retrying the same operation later may succeed.
     ///
     /// Transient: network errors, timeouts, closed connections, and server

@@ -86,7 +86,7 @@ pub async fn connect_sql(info: &ConnInfo) -> Result<tokio_postgres::Client, Sour
                 if info.hosts.len() > 1 {
                     tracing::warn!(server = %endpoint, error = %e, "could not connect; trying the next host");
                 }
-                last_error = Some(connect_error(e, info, host, endpoint));
+                last_error = Some(connect_error(e, info, host, endpoint).naming_password_origin(info));
             }
             Err(_) => {
                 last_error = Some(SourceError::Timeout {

@@ -56,6 +56,27 @@ async fn a_wrong_password_is_a_clear_permanent_error() {
 }
 
 #[tokio::test]
+async fn a_wrong_password_names_where_the_password_came_from_on_both_kinds_of_connection() {
+    let port = support::shared().pg.port();
+    let from_env = ConnInfo::parse(
+        &format!("host=127.0.0.1 port={port} user={SCRAM_USER} dbname=postgres sslmode=disable"),
+        |name| (name == "PGPASSWORD").then(|| "wrong".to_string()),
+    )
+    .expect("conninfo");
+    let from_text = conninfo(&password_conninfo(SCRAM_USER, "wrong", "sslmode=disable"));
+    for (info, origin) in [(from_env, "came from PGPASSWORD"), (from_text, "came from the connection string")] {
+        let replication = ReplicationConn::connect(&info, true).await.map(|_| ()).expect_err("must fail");
+        let sql = walbust::source::connect_sql(&info).await.map(|_| ()).expect_err("must fail");
+        for err in [replication, sql] {
+            let text = walbust::pipeline::error_chain(&err);
+            assert!(text.contains("password authentication failed"), "{text}");
+            assert!(text.contains(origin), "{text}");
+            assert!(text.contains(&format!("role {SCRAM_USER}'s current password")), "{text}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn tls_verify_full_with_the_right_ca_encrypts_the_session() {
     let (_dir, ca) = pem_file(&support::shared().certs.ca_pem);
     let port = support::shared().pg.port();
