@@ -136,6 +136,20 @@ pub fn read(path: &Path, kind: Kind) -> Result<Vec<u8>, ReadError> {
     Ok(bytes)
 }
 
+/// Opens `path`, a file of `kind` read as a stream (a recording): a regular file, of any
+/// size; the reader bounds what it holds at once.
+pub fn open(path: &Path, kind: Kind) -> Result<std::fs::File, ReadError> {
+    let io_error = |source| ReadError::Io { kind, path: path.to_path_buf(), source };
+    let regular = |meta: &std::fs::Metadata| match check_metadata(meta, path, kind) {
+        Err(ReadError::TooLarge { .. }) => Ok(()),
+        other => other,
+    };
+    regular(&std::fs::metadata(path).map_err(io_error)?)?;
+    let file = std::fs::File::open(path).map_err(io_error)?;
+    regular(&file.metadata().map_err(io_error)?)?;
+    Ok(file)
+}
+
 /// [`read`] for a text file.
 pub fn read_to_string(path: &Path, kind: Kind) -> Result<String, ReadError> {
     String::from_utf8(read(path, kind)?).map_err(|_| ReadError::NotText { kind, path: path.to_path_buf() })

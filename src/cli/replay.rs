@@ -23,10 +23,10 @@ pub async fn replay(file: &Path, rules: &[String], against: &[String], redis: Op
         let Some(old) = load(against, "--against") else { return EXIT_USAGE };
         Some(old)
     };
-    let input = match std::fs::File::open(file) {
+    let input = match walbust::user_file::open(file, walbust::user_file::Kind::Recording) {
         Ok(f) => std::io::BufReader::with_capacity(1 << 16, f),
         Err(e) => {
-            eprintln!("error: cannot open the recording `{}`: {e}", file.display());
+            eprintln!("error: {}", e.with_reason());
             eprintln!("  hint: record one with `walbust record --config config.toml --output FILE`");
             return EXIT_USAGE;
         }

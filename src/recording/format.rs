@@ -18,7 +18,7 @@ use crate::pgoutput::{Column, Relation, ReplicaIdentity, Value};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -497,14 +497,24 @@ pub struct Reader<R> {
     line: usize,
     buf: String,
     header: Header,
+    /// [`MAX_LINE_BYTES`], smaller in tests.
+    max_line: u64,
 }
 
 const RECORD_HINT: &str = "each line after the header is a {\"tx\":...}, {\"relation\":...} or {\"message\":...} record, as docs/REPLAY.md describes";
 
+/// The longest line a recording may hold: a reader holds one line at a time, so this
+/// bounds its memory whatever the file. Postgres keeps no field longer than 1 GB.
+pub const MAX_LINE_BYTES: u64 = 1 << 30;
+
 impl<R: BufRead> Reader<R> {
     /// Reads and checks the header.
     pub fn open(input: R) -> Result<Self, RecordingError> {
-        let mut reader = Reader { input, line: 0, buf: String::new(), header: empty_header() };
+        Self::open_with_max_line(input, MAX_LINE_BYTES)
+    }
+
+    fn open_with_max_line(input: R, max_line: u64) -> Result<Self, RecordingError> {
+        let mut reader = Reader { input, line: 0, buf: String::new(), header: empty_header(), max_line };
         let not_recording = |line| {
             RecordingError::at(
                 line,
@@ -553,7 +563,7 @@ impl<R: BufRead> Reader<R> {
         loop {
             self.buf.clear();
             self.line += 1;
-            let n = self.input.read_line(&mut self.buf).map_err(|e| match e.kind() {
+            let n = (&mut self.input).take(self.max_line + 1).read_line(&mut self.buf).map_err(|e| match e.kind() {
                 std::io::ErrorKind::InvalidData => RecordingError::at(
                     self.line,
                     "the line is not valid UTF-8",
@@ -563,6 +573,13 @@ impl<R: BufRead> Reader<R> {
             })?;
             if n == 0 {
                 return Ok(None);
+            }
+            if self.buf.len() as u64 > self.max_line {
+                return Err(RecordingError::at(
+                    self.line,
+                    format!("the line is longer than {} bytes", self.max_line),
+                    "a line holds one record, and no row makes one this long: is this a recording?",
+                ));
             }
             let text = self.buf.trim_end_matches(['\n', '\r']);
             if text.trim().is_empty() {
@@ -681,6 +698,16 @@ mod tests {
             r#"{"tx":{"xid":7,"commit_lsn":"0/10","end_lsn":"0/20","commit_time":"2000-01-01T00:00:00.000000Z","changes":[{"op":"insert","table":"public.t","rel":1,"new":{"id":"1","name":"a"}}]}}"#
         );
         assert_eq!(serde_json::from_str::<Line>(&text).unwrap(), tx);
+    }
+
+    #[test]
+    fn a_line_longer_than_the_cap_is_an_error_not_an_unbounded_read() {
+        let text = format!("{}\n{}", header_line(), "x".repeat(5000));
+        let mut r = Reader::open_with_max_line(text.as_bytes(), 1000).expect("the header fits");
+        let err = r.next_record().unwrap_err();
+        assert_eq!(err.line(), Some(2));
+        assert!(err.to_string().contains("the line is longer than 1000 bytes"), "{err}");
+        assert!(r.buf.capacity() < 5000, "read no more than the cap and a byte");
     }
 
     fn header_line() -> String {

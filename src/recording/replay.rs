@@ -162,7 +162,8 @@ pub fn replay(input: impl BufRead, rules: Arc<RuleSet>) -> Result<Replay, Record
 
 /// Replays the recording at `path` through `rules`.
 pub fn replay_file(path: &Path, rules: Arc<RuleSet>) -> Result<Replay, RecordingError> {
-    let file = std::fs::File::open(path).map_err(RecordingError::Read)?;
+    let file = crate::user_file::open(path, crate::user_file::Kind::Recording)
+        .map_err(|e| RecordingError::Read(std::io::Error::other(e)))?;
     replay(std::io::BufReader::with_capacity(1 << 16, file), rules)
 }
 

@@ -350,6 +350,20 @@ mod tests {
     }
 
     #[test]
+    fn a_refresh_ttl_beyond_a_year_is_refused_at_load_not_by_redis_at_run_time() {
+        let rule = |ttl: &str| {
+            format!("[[rule]]\nname = \"r\"\ntable = \"t\"\nrefresh = [{{ key = \"k:{{id}}\", ttl = \"{ttl}\" }}]\n")
+        };
+        let load = |ttl: &str| RuleSet::from_sources(&[(PathBuf::from("r.toml"), rule(ttl))]);
+        assert!(load("8760h").is_ok());
+        for bad in ["8761h", "99999999999999h", "0s"] {
+            let problems = load(bad).unwrap_err().to_string();
+            assert!(problems.contains(&format!("invalid ttl `{bad}`")), "{problems}");
+            assert!(problems.contains("from 1s to 8760h"), "{problems}");
+        }
+    }
+
+    #[test]
     fn a_garbage_rule_file_over_the_cap_is_refused_before_parsing() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("garbage.toml");

@@ -61,6 +61,10 @@ struct RawRefresh {
     ttl: Option<Spanned<String>>,
 }
 
+/// The longest `ttl` of a refresh: a year. Longer is a typo, or a wish for no expiry,
+/// which leaving `ttl` out gives.
+const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
 /// Parses one rule file, pushing every problem found onto `problems`.
 pub(super) fn parse_file(path: &Path, text: &str, problems: &mut Vec<Diagnostic>) -> Vec<Rule> {
     let raw: RawFile = match toml::from_str(text) {
@@ -366,13 +370,13 @@ impl Validator<'_> {
         let ttl = match &raw.ttl {
             None => None,
             Some(t) => match parse_duration(t.get_ref()) {
-                Some(d) if d.as_secs() > 0 && d.subsec_nanos() == 0 => Some(d.as_secs()),
+                Some(d) if d.as_secs() > 0 && d.as_secs() <= MAX_TTL_SECS && d.subsec_nanos() == 0 => Some(d.as_secs()),
                 _ => {
                     let name = self.name.clone();
                     self.error(
                         t.span(),
                         format!("invalid ttl `{}` in a refresh of rule `{name}`", t.get_ref()),
-                        "write whole seconds with a unit: 300s, 5m or 1h",
+                        "write whole seconds with a unit, from 1s to 8760h (a year): 300s, 5m or 1h",
                     );
                     None
                 }

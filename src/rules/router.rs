@@ -294,14 +294,14 @@ impl Router {
                 refresh(buf, f, change, rule, out);
             }
             for (channel, message) in &bound.publish {
-                let message = match message {
+                let (message, widened) = match message {
                     Some(t) => message_text(buf, t, change),
-                    None => default_message(change, rule, &out[start..]),
+                    None => (default_message(change, rule, &out[start..]), None),
                 };
                 out.push(Routed {
                     rule: rule.clone(),
                     action: Action::Publish { channel: channel.clone(), message },
-                    widened: None,
+                    widened,
                 });
             }
         }
@@ -587,21 +587,32 @@ fn push_typed(json: &mut String, type_oid: u32, v: &str) {
 }
 
 /// A `publish` message template, rendered from the new row (the old for deletes);
-/// a value the stream lacks renders as `*`.
-fn message_text(buf: &mut String, t: &BoundTemplate, change: &Change<'_>) -> String {
+/// a value the stream lacks renders as `*`, and so does a value that would make the
+/// message longer than [`MAX_VALUE_BYTES`] (counted as a `too_long` widening), so that one
+/// huge row value never becomes a huge message.
+fn message_text(buf: &mut String, t: &BoundTemplate, change: &Change<'_>) -> (String, Option<Widening>) {
     let side = row_side(change.op);
     let mut owned = String::new();
+    let mut widened = None;
     buf.clear();
     for slot in &t.slots {
         match slot {
             Slot::Literal(s) => buf.push_str(s),
             Slot::Value(b, filters) => match value_of(*b, change, side) {
-                Lookup::Known(v) => buf.push_str(filtered(v, filters, &mut owned)),
+                Lookup::Known(v) => {
+                    let v = filtered(v, filters, &mut owned);
+                    if buf.len() + v.len() > MAX_VALUE_BYTES {
+                        buf.push('*');
+                        widened = Some(Widening::TooLong);
+                    } else {
+                        buf.push_str(v);
+                    }
+                }
                 Lookup::Null | Lookup::Unknown(_) => buf.push('*'),
             },
         }
     }
-    buf.clone()
+    (buf.clone(), widened)
 }
 
 /// `{"keys":[...],"op":"update","rule":"...","table":"schema.table"}`, keys being what the
@@ -815,6 +826,27 @@ patterns = ["profile_{bio}_*"]
 
     fn row(id: &str, org: &str, bio: &str) -> Tuple {
         tuple(&[Some(id), Some(org), Some(bio)])
+    }
+
+    #[test]
+    fn a_publish_message_rendered_from_a_huge_value_stays_under_the_value_cap() {
+        let rules = "[[rule]]\nname = \"r\"\ntable = \"members\"\nkeys = [\"k:{id}\"]\n\
+                     publish = [{ channel = \"bios\", message = \"{id}:{bio}\" }]\n";
+        let rules = RuleSet::from_sources(&[(PathBuf::from("r.toml"), rules.into())]).unwrap().rules;
+        let mut router = Router::new(Arc::new(rules));
+        let rel = relation();
+        router.bind(&rel);
+        for (bio, message, widened) in [
+            ("x".repeat(MAX_VALUE_BYTES + 1), "1:*".to_string(), Some(Widening::TooLong)),
+            ("short".to_string(), "1:short".to_string(), None),
+        ] {
+            let new = row("1", "o", &bio);
+            let mut out = Vec::new();
+            router.route(&Change { relation: &rel, op: Op::Insert, old: None, new: Some(&new) }, &mut out);
+            let publish = out.iter().find(|r| matches!(r.action, Action::Publish { .. })).expect("a publish");
+            assert_eq!(publish.action, Action::Publish { channel: "bios".into(), message });
+            assert_eq!(publish.widened, widened);
+        }
     }
 
     #[test]
