@@ -675,8 +675,8 @@ fn redact_password_values(text: &str) -> String {
 
 /// True when `pem` holds at least one certificate rustls can use as a root.
 fn holds_a_certificate(pem: &[u8]) -> bool {
-    let mut reader = pem;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut reader).filter_map(Result::ok).collect();
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem).filter_map(Result::ok).collect();
     rustls::RootCertStore::empty().add_parsable_certificates(certs).0 > 0
 }
 

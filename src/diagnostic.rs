@@ -1,5 +1,6 @@
 //! Problems found in user files, each pinned to `file:line:col`, errors kept apart from warnings.
 
+pub use crate::spelling::did_you_mean;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -240,31 +241,6 @@ pub fn plural(n: impl Into<u64>, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-/// The candidate closest to `word` by edit distance, when it is close enough to be a typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .into_iter()
-        .map(|c| (edit_distance(word, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
-}
-
-/// Levenshtein distance over characters.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,12 +279,6 @@ mod tests {
         assert_eq!(plural(1u64, "rule", "rules"), "1 rule");
         assert_eq!(plural(0u64, "rule", "rules"), "0 rules");
         assert_eq!(plural(2u64, "message", "messages"), "2 messages");
-    }
-
-    #[test]
-    fn suggests_close_names_only() {
-        assert_eq!(did_you_mean("kyes", ["name", "table", "keys"]), Some("keys"));
-        assert_eq!(did_you_mean("zzzzzz", ["name", "table", "keys"]), None);
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub mod ruletest;
 pub mod setup;
 pub mod sink;
 pub mod source;
+pub mod spelling;
 pub mod status;
 pub mod throwaway;
 pub mod user_file;

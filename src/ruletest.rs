@@ -1331,70 +1331,33 @@ pub fn totals(results: &[SuiteResult]) -> (usize, usize) {
 
 /// JUnit XML: a testsuite per file, a testcase per test, the failure report in each failure.
 pub fn junit(results: &[SuiteResult]) -> String {
-    let (passed, failed) = totals(results);
-    let seconds = |d: Duration| format!("{:.3}", d.as_secs_f64());
-    let total: Duration = results.iter().flat_map(|s| &s.cases).map(|c| c.duration).sum();
-    let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    let _ = writeln!(
-        x,
-        "<testsuites name=\"walbust\" tests=\"{}\" failures=\"{failed}\" time=\"{}\">",
-        passed + failed,
-        seconds(total)
-    );
+    use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+    let mut report = Report::new("walbust");
+    report.set_time(results.iter().flat_map(|s| &s.cases).map(|c| c.duration).sum());
     for s in results.iter().filter(|s| !s.cases.is_empty()) {
-        let file = xml_escape(&s.file.display().to_string());
-        let time: Duration = s.cases.iter().map(|c| c.duration).sum();
-        let _ = writeln!(
-            x,
-            "  <testsuite name=\"{file}\" tests=\"{}\" failures=\"{}\" errors=\"0\" skipped=\"0\" time=\"{}\">",
-            s.cases.len(),
-            s.failures(),
-            seconds(time)
-        );
+        let file = s.file.display().to_string();
+        let mut suite = TestSuite::new(file.as_str());
+        suite.set_time(s.cases.iter().map(|c| c.duration).sum());
         for c in &s.cases {
-            let name = xml_escape(&c.name);
-            let open = format!("    <testcase name=\"{name}\" classname=\"{file}\" time=\"{}\"", seconds(c.duration));
-            if c.passed() {
-                let _ = writeln!(x, "{open}/>");
-                continue;
-            }
-            let failing = c.txs.iter().filter(|t| !t.passed()).count();
-            let message = match (c.problems.first(), failing) {
-                (Some(p), _) => p.clone(),
-                (None, n) => format!("{n} of {} transactions produced other actions than expected", c.txs.len()),
+            let status = if c.passed() {
+                TestCaseStatus::success()
+            } else {
+                let failing = c.txs.iter().filter(|t| !t.passed()).count();
+                let message = match (c.problems.first(), failing) {
+                    (Some(p), _) => p.clone(),
+                    (None, n) => format!("{n} of {} transactions produced other actions than expected", c.txs.len()),
+                };
+                let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                status.set_message(message).set_type("mismatch").set_description(failure_report(&s.file, c));
+                status
             };
-            let _ = writeln!(x, "{open}>");
-            let _ = writeln!(
-                x,
-                "      <failure message=\"{}\" type=\"mismatch\">{}</failure>",
-                xml_escape(&message),
-                xml_escape(&failure_report(&s.file, c))
-            );
-            let _ = writeln!(x, "    </testcase>");
+            let mut case = TestCase::new(c.name.as_str(), status);
+            case.set_classname(file.as_str()).set_time(c.duration);
+            suite.add_test_case(case);
         }
-        let _ = writeln!(x, "  </testsuite>");
+        report.add_test_suite(suite);
     }
-    x.push_str("</testsuites>\n");
-    x
-}
-
-/// Escapes text for XML attributes and content; characters XML 1.0 cannot hold become U+FFFD.
-fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            '\n' | '\t' => out.push(c),
-            '\r' => out.push_str("&#13;"),
-            c if (c as u32) < 0x20 || matches!(c, '\u{FFFE}' | '\u{FFFF}') => out.push('\u{FFFD}'),
-            c => out.push(c),
-        }
-    }
-    out
+    report.to_string().expect("a JUnit report of strings serializes")
 }
 
 #[cfg(test)]
@@ -1636,9 +1599,15 @@ refresh = [{ key = "card:{id}", columns = ["id", "active", "bio"] }]
     fn junit_escapes_names_and_reports() {
         let r = run_one(&one_tx("{ message = { keys = [\"a<&>\\\"'\"] } }", "\"UNLINK b\""));
         let xml = junit(&[SuiteResult { file: PathBuf::from("x&y.test.toml"), cases: vec![r] }]);
-        assert!(xml.contains("<testsuite name=\"x&amp;y.test.toml\" tests=\"1\" failures=\"1\""), "{xml}");
+        assert!(
+            xml.contains("<testsuite name=\"x&amp;y.test.toml\" tests=\"1\" skipped=\"0\" errors=\"0\" failures=\"1\""),
+            "{xml}"
+        );
         assert!(xml.contains("+ UNLINK a&lt;&amp;&gt;&quot;&apos;"), "{xml}");
         assert!(xml.contains("<failure message=\"1 of 1 transactions produced other actions than expected\""), "{xml}");
-        assert_eq!(xml_escape("a\u{1}b\r"), "a\u{FFFD}b&#13;");
+        let mut r = run_one(&one_tx("{ message = { keys = [\"a\"] } }", "\"UNLINK b\""));
+        r.name = "a\u{1}b".into();
+        let xml = junit(&[SuiteResult { file: PathBuf::from("x.test.toml"), cases: vec![r] }]);
+        assert!(!xml.contains('\u{1}'), "a character XML cannot hold is dropped or replaced: {xml}");
     }
 }

@@ -90,40 +90,19 @@ impl RecordingCase {
     }
 }
 
-/// The lines that differ between `expected` and `actual`, marked `-` and `+`, in order:
-/// a longest-common-subsequence diff of the part between the common head and tail.
+/// The lines that differ between `expected` and `actual`, marked `-` and `+`, in order.
 pub fn line_diff(expected: &str, actual: &str) -> Vec<String> {
-    let a: Vec<&str> = expected.lines().collect();
-    let b: Vec<&str> = actual.lines().collect();
-    let head = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let tail = a[head..].iter().rev().zip(b[head..].iter().rev()).take_while(|(x, y)| x == y).count();
-    let (a, b) = (&a[head..a.len() - tail], &b[head..b.len() - tail]);
-    let mut out = Vec::new();
-    if a.len().saturating_mul(b.len()) > 4_000_000 {
-        out.extend(a.iter().map(|l| format!("- {l}")));
-        out.extend(b.iter().map(|l| format!("+ {l}")));
-        return out;
-    }
-    // lcs[i][j]: the longest common subsequence of a[i..] and b[j..].
-    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
-    for i in (0..a.len()).rev() {
-        for j in (0..b.len()).rev() {
-            lcs[i][j] = if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
-        }
-    }
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() || j < b.len() {
-        if i < a.len() && j < b.len() && a[i] == b[j] {
-            (i, j) = (i + 1, j + 1);
-        } else if j == b.len() || (i < a.len() && lcs[i + 1][j] >= lcs[i][j + 1]) {
-            out.push(format!("- {}", a[i]));
-            i += 1;
-        } else {
-            out.push(format!("+ {}", b[j]));
-            j += 1;
-        }
-    }
-    out
+    similar::TextDiff::from_lines(expected, actual)
+        .iter_all_changes()
+        .filter_map(|change| {
+            let mark = match change.tag() {
+                similar::ChangeTag::Equal => return None,
+                similar::ChangeTag::Delete => '-',
+                similar::ChangeTag::Insert => '+',
+            };
+            Some(format!("{mark} {}", change.value().trim_end_matches(['\n', '\r'])))
+        })
+        .collect()
 }
 
 #[cfg(test)]

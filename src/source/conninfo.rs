@@ -436,41 +436,7 @@ fn suggest(key: &str) -> Option<&'static str> {
     if let Some((_, k)) = ALIASES.iter().find(|(alias, _)| *alias == lower) {
         return Some(k);
     }
-    let limit = match lower.chars().count() {
-        0..=4 => 1,
-        5..=11 => 2,
-        _ => 3,
-    };
-    KEYS.iter()
-        .map(|k| (edit_distance(&lower, k), *k))
-        .filter(|(d, _)| *d <= limit)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-/// Optimal string alignment distance: insertions, deletions, substitutions and
-/// adjacent transpositions each cost one.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                best = best.min(d[i - 2][j - 2] + 1);
-            }
-            d[i][j] = best;
-        }
-    }
-    d[a.len()][b.len()]
+    crate::spelling::did_you_mean(&lower, KEYS.iter().copied())
 }
 
 /// Splits a libpq `key=value` string into pairs, with libpq's quoting: values
@@ -942,12 +908,5 @@ mod tests {
         }
         assert!(SslMode::VerifyCa.requires_tls());
         assert!(!SslMode::Prefer.requires_tls());
-    }
-
-    #[test]
-    fn edit_distance_counts_transpositions_once() {
-        assert_eq!(edit_distance("sslmdoe", "sslmode"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("host", "host"), 0);
     }
 }

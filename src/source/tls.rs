@@ -12,7 +12,6 @@
 //! tokio-rustls) and [`connect_sql`](super::connect_sql) (through
 //! `tokio_postgres_rustls::MakeRustlsConnect`).
 
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -20,6 +19,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::hash::HashAlgorithm;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -132,7 +132,7 @@ fn load_roots(info: &ConnInfo, mode: SslMode) -> Result<RootCertStore, SourceErr
 fn load_certs(path: &str, key: &str) -> Result<Vec<CertificateDer<'static>>, SourceError> {
     let hint = if key == "sslrootcert" { format!("; {ROOTCERT_HINT}") } else { String::new() };
     let bytes = read_pem(path, key, &hint)?;
-    let certs = rustls_pemfile::certs(&mut BufReader::new(bytes.as_slice()))
+    let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| config_error(&format!("{key} file `{path}` is not valid PEM{hint}"), Some(e.into())))?;
     if certs.is_empty() {
@@ -151,9 +151,10 @@ fn read_pem(path: &str, key: &str, hint: &str) -> Result<Vec<u8>, SourceError> {
 
 fn load_key(path: &str) -> Result<PrivateKeyDer<'static>, SourceError> {
     let bytes = read_pem(path, "sslkey", "")?;
-    rustls_pemfile::private_key(&mut BufReader::new(bytes.as_slice()))
-        .map_err(|e| config_error(&format!("sslkey file `{path}` is not valid PEM"), Some(e.into())))?
-        .ok_or_else(|| config_error(&format!("sslkey file `{path}` holds no PEM private key"), None))
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        pem::Error::NoItemsFound => config_error(&format!("sslkey file `{path}` holds no PEM private key"), None),
+        e => config_error(&format!("sslkey file `{path}` is not valid PEM"), Some(e.into())),
+    })
 }
 
 /// Encrypts without authenticating the server (libpq's `prefer`/`require`):

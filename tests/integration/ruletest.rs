@@ -78,7 +78,10 @@ fn an_altered_expectation_fails_with_a_side_by_side_diff() {
     assert!(stdout.ends_with("7 passed, 1 failed\n"), "{stdout}");
 
     let xml = std::fs::read_to_string(&junit).expect("the JUnit report is written");
-    assert!(xml.contains("<testsuite name=\"plans.test.toml\" tests=\"8\" failures=\"1\""), "{xml}");
+    assert!(
+        xml.contains("<testsuite name=\"plans.test.toml\" tests=\"8\" skipped=\"0\" errors=\"0\" failures=\"1\""),
+        "{xml}"
+    );
     assert!(xml.contains("- UNLINK providers_list_acme_eu"), "{xml}");
 
     let out = walbust_test(&["plans.test.toml", "--run", "^repricing"], dir.path());
