@@ -1,5 +1,6 @@
 //! Invalidation actions: what the router asks the sink to do, in a canonical text form.
 
+use serde::Deserialize;
 use std::fmt;
 
 /// The longest key or pattern walbust sends. A rendered key longer than this (a huge row
@@ -46,6 +47,43 @@ pub enum Action {
         /// Expiry in seconds.
         ttl: Option<u64>,
     },
+}
+
+/// Keys, patterns and tags to invalidate by hand, in one shape wherever a person names
+/// them: the body of a manual invalidation message, the `flush` of a recreated slot, and
+/// `walbust invalidate`'s arguments.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Invalidation {
+    /// Exact keys, `UNLINK`ed.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Globs, as written: every match is `UNLINK`ed.
+    #[serde(default)]
+    pub patterns: Vec<String>,
+    /// Index sets, busted with their members.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+impl Invalidation {
+    /// What the first empty entry is (`key`, `pattern` or `tag`): an empty key or pattern
+    /// would do nothing or everything, so it is refused.
+    pub fn empty_entry(&self) -> Option<&'static str> {
+        [(&self.keys, "key"), (&self.patterns, "pattern"), (&self.tags, "tag")]
+            .into_iter()
+            .find(|(list, _)| list.iter().any(String::is_empty))
+            .map(|(_, what)| what)
+    }
+
+    /// `UNLINK` for the keys, `SCAN-UNLINK` for the patterns, `BUST-TAG` for the tags, in
+    /// that order.
+    pub fn into_actions(self) -> Vec<Action> {
+        let keys = self.keys.into_iter().map(Action::Unlink);
+        let patterns = self.patterns.into_iter().map(Action::ScanUnlink);
+        let tags = self.tags.into_iter().map(Action::BustTag);
+        keys.chain(patterns).chain(tags).collect()
+    }
 }
 
 impl Action {
@@ -151,6 +189,19 @@ pub fn glob_escape_into(out: &mut String, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_invalidation_names_its_first_empty_entry_and_orders_keys_patterns_tags() {
+        let asked: Invalidation = serde_json::from_str(r#"{"tags":["t"],"patterns":["p:*"],"keys":["k"]}"#).unwrap();
+        assert_eq!(asked.empty_entry(), None);
+        assert_eq!(
+            asked.into_actions(),
+            [Action::Unlink("k".into()), Action::ScanUnlink("p:*".into()), Action::BustTag("t".into())]
+        );
+        let with_empty = Invalidation { patterns: vec!["p:*".into(), String::new()], ..Invalidation::default() };
+        assert_eq!(with_empty.empty_entry(), Some("pattern"));
+        assert!(serde_json::from_str::<Invalidation>(r#"{"kyes":["k"]}"#).is_err(), "unknown fields are refused");
+    }
 
     #[test]
     fn canonical_text_form_round_trips() {

@@ -126,17 +126,6 @@ struct RawMetrics {
     listen: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFlush {
-    #[serde(default)]
-    keys: Vec<String>,
-    #[serde(default)]
-    patterns: Vec<String>,
-    #[serde(default)]
-    tags: Vec<String>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSource {
@@ -162,7 +151,7 @@ struct RawSource {
     #[serde(default)]
     on_slot_lost: Option<Spanned<String>>,
     #[serde(default)]
-    flush: Option<RawFlush>,
+    flush: Option<crate::action::Invalidation>,
     #[serde(default)]
     heartbeat_interval: Option<Spanned<String>>,
 }
@@ -385,12 +374,7 @@ impl Validator<'_> {
                 OnSlotLost::Error
             }
         };
-        let flush = raw.flush.map(|f| {
-            let keys = f.keys.into_iter().map(crate::action::Action::Unlink);
-            let patterns = f.patterns.into_iter().map(crate::action::Action::ScanUnlink);
-            let tags = f.tags.into_iter().map(crate::action::Action::BustTag);
-            keys.chain(patterns).chain(tags).collect::<Vec<_>>()
-        });
+        let flush = raw.flush.map(crate::action::Invalidation::into_actions);
         if on_slot_lost == OnSlotLost::Recreate && flush.as_ref().is_none_or(Vec::is_empty) {
             let at = raw.on_slot_lost.as_ref().map_or(span.clone(), |s| s.span());
             self.problems.push(

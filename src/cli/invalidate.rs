@@ -2,24 +2,20 @@
 
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use std::path::Path;
-use walbust::action::Action;
+use walbust::action::Invalidation;
 use walbust::pipeline::error_chain;
 use walbust::sink::{RedisSink, Sink};
 
 /// Applies the given keys, patterns and tags to the config's Redis; returns the exit code.
 pub async fn invalidate(config_path: &Path, keys: Vec<String>, patterns: Vec<String>, tags: Vec<String>) -> u8 {
-    let actions: Vec<Action> = keys
-        .into_iter()
-        .map(Action::Unlink)
-        .chain(patterns.into_iter().map(Action::ScanUnlink))
-        .chain(tags.into_iter().map(Action::BustTag))
-        .collect();
-    if actions.is_empty() {
-        eprintln!("error: nothing to invalidate; give at least one --key, --pattern or --tag");
+    let asked = Invalidation { keys, patterns, tags };
+    if let Some(what) = asked.empty_entry() {
+        eprintln!("error: an empty --{what}; an empty key or pattern does nothing or everything");
         return EXIT_USAGE;
     }
-    if let Some(empty) = actions.iter().find(|a| a.to_string().split_once(' ').is_none_or(|(_, arg)| arg.is_empty())) {
-        eprintln!("error: empty argument in `{empty}`; an empty key or pattern does nothing or everything");
+    let actions = asked.into_actions();
+    if actions.is_empty() {
+        eprintln!("error: nothing to invalidate; give at least one --key, --pattern or --tag");
         return EXIT_USAGE;
     }
     let config = match super::load_config(config_path) {

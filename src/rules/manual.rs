@@ -5,20 +5,7 @@
 //! SELECT pg_logical_emit_message(true, 'walbust', '{"keys":["admin:defaults"]}');
 //! ```
 
-use crate::action::{Action, MAX_KEY_BYTES};
-use serde::Deserialize;
-
-/// The JSON body of a manual invalidation message.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Body {
-    #[serde(default)]
-    keys: Vec<String>,
-    #[serde(default)]
-    patterns: Vec<String>,
-    #[serde(default)]
-    tags: Vec<String>,
-}
+use crate::action::{Action, Invalidation, MAX_KEY_BYTES};
 
 /// Why a message body was skipped.
 #[derive(Debug, thiserror::Error)]
@@ -34,16 +21,11 @@ pub enum ManualError {
 /// The actions a message body asks for: `UNLINK` keys, `SCAN-UNLINK` patterns (taken as
 /// globs, as written), `BUST-TAG` tags.
 pub fn actions(body: &[u8]) -> Result<Vec<Action>, ManualError> {
-    let body: Body = serde_json::from_slice(body).map_err(ManualError::Json)?;
-    for (list, what) in [(&body.keys, "key"), (&body.patterns, "pattern"), (&body.tags, "tag")] {
-        if list.iter().any(|s| s.is_empty()) {
-            return Err(ManualError::Empty(what));
-        }
+    let body: Invalidation = serde_json::from_slice(body).map_err(ManualError::Json)?;
+    if let Some(what) = body.empty_entry() {
+        return Err(ManualError::Empty(what));
     }
-    let keys = body.keys.into_iter().map(Action::Unlink);
-    let patterns = body.patterns.into_iter().map(Action::ScanUnlink);
-    let tags = body.tags.into_iter().map(Action::BustTag);
-    Ok(keys.chain(patterns).chain(tags).collect())
+    Ok(body.into_actions())
 }
 
 /// Which manual invalidations are applied. Any role that may execute
