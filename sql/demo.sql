@@ -17,3 +17,11 @@ CREATE TABLE plans (
 ALTER TABLE plans REPLICA IDENTITY FULL;
 
 CREATE PUBLICATION walbust FOR TABLE user_settings, plans;
+
+-- The rows the application has been serving from its cache.
+INSERT INTO user_settings VALUES
+    (1, 'theme', 'dark'), (1, 'locale', 'fr'), (1, 'timezone', 'Europe/Paris'),
+    (2, 'theme', 'light'), (2, 'locale', 'de');
+INSERT INTO plans (org_slug, provider, name) VALUES
+    ('acme', 'stripe', 'Basic'), ('acme', 'stripe', 'Pro'), ('acme', 'stripe', 'Enterprise'),
+    ('acme', 'paddle', 'Team'), ('globex', 'stripe', 'Growth'), ('initech', 'paddle', 'Starter');
