@@ -7,7 +7,7 @@
 //! known from the database itself, whatever the client saw when a fault broke its
 //! connection. At the end every such marker must be gone. See bench/README.md.
 
-use super::{connect, parse_lsn};
+use crate::env::{connect, parse_lsn};
 use anyhow::{Context, bail, ensure};
 use clap::ValueEnum;
 use redis::AsyncCommands as _;
