@@ -189,12 +189,35 @@ impl<'a> LineIndex<'a> {
 
 /// Turns a TOML parse or schema error into a diagnostic at the place it names.
 pub fn from_toml(file: &Path, source: &str, err: &toml::de::Error) -> Diagnostic {
+    from_toml_in(file, &LineIndex::new(source), source, 0, err)
+}
+
+/// Turns a TOML error found in `piece`, the part of a file's text that starts at byte `base`,
+/// into a diagnostic placed in the whole text, which `lines` indexes.
+pub fn from_toml_in(file: &Path, lines: &LineIndex<'_>, piece: &str, base: usize, err: &toml::de::Error) -> Diagnostic {
     let message = err.message().trim_end().to_string();
-    let hint = unknown_field_hint(&message).or_else(|| value_hint(&message, source, err.span()));
-    let d = Diagnostic::error(file, source, err.span(), message);
+    let hint = unknown_field_hint(&message).or_else(|| value_hint(&message, piece, err.span()));
+    let d = Diagnostic::error_in(file, lines, err.span().map(|s| s.start + base..s.end + base), message);
     match hint {
         Some(h) => d.with_hint(h),
         None => d,
+    }
+}
+
+/// An unknown key at byte `span` of the text `lines` indexes, worded as serde words it
+/// ("unknown field `tabel`, expected one of `name`, `table`, ..."), with a suggestion.
+pub fn unknown_field(
+    file: &Path,
+    lines: &LineIndex<'_>,
+    span: Range<usize>,
+    field: &str,
+    expected: &'static [&'static str],
+) -> Diagnostic {
+    let message = <serde::de::value::Error as serde::de::Error>::unknown_field(field, expected).to_string();
+    let d = Diagnostic::error_in(file, lines, Some(span), message);
+    match did_you_mean(field, expected.iter().copied()) {
+        Some(s) => d.with_hint(format!("did you mean `{s}`?")),
+        None => d.with_hint("remove the key, or rename it to one of the expected fields"),
     }
 }
 

@@ -280,19 +280,25 @@ impl RuleSet {
     pub fn from_sources(sources: &[(PathBuf, String)]) -> Result<Loaded, Diagnostics> {
         let mut problems = Vec::new();
         let mut rules: Vec<Arc<Rule>> = Vec::new();
-        let mut names: BTreeMap<Arc<str>, String> = BTreeMap::new();
+        // Names are checked as written, so a duplicate shows beside the rules' other errors.
+        let mut names: BTreeMap<String, String> = BTreeMap::new();
         for (path, text) in sources {
-            for rule in raw::parse_file(path, text, &mut problems) {
-                if let Some(first) = names.get(&rule.name) {
-                    let mut d = Diagnostic::error(path, text, None, format!("duplicate rule name `{}`", rule.name))
-                        .with_hint(format!("the name is already used at {first}; rule names must be unique"));
-                    (d.line, d.col) = (rule.line, 1);
-                    problems.push(d);
-                    continue;
+            let first_problem = problems.len();
+            for written in raw::parse_file(path, text, &mut problems) {
+                if let Some(name) = written.name {
+                    if let Some(first) = names.get(&name) {
+                        let mut d = Diagnostic::error(path, "", None, format!("duplicate rule name `{name}`"))
+                            .with_hint(format!("the name is already used at {first}; rule names must be unique"));
+                        (d.line, d.col) = (written.line, 1);
+                        problems.push(d);
+                        continue;
+                    }
+                    names.insert(name, format!("{}:{}", path.display(), written.line));
                 }
-                names.insert(rule.name.clone(), rule.origin());
-                rules.push(Arc::new(rule));
+                rules.extend(written.rule.map(Arc::new));
             }
+            // Top to bottom within a file, whichever check found each problem.
+            problems[first_problem..].sort_by_key(|d| (d.line, d.col));
         }
         let diagnostics = Diagnostics(problems);
         if diagnostics.has_errors() {
@@ -347,6 +353,122 @@ mod tests {
         let sep = if one_line { ", " } else { ",\n  " };
         let keys: Vec<String> = (0..n).map(|i| format!("\"k:{{id}}:{i}\"")).collect();
         format!("[[rule]]\nname = \"big\"\ntable = \"t\"\nkeys = [\n  {}\n]\n", keys.join(sep))
+    }
+
+    /// Every problem found in `files`, one `file:line:col: message` line each, hints indented.
+    fn problems(files: &[(&str, &str)]) -> String {
+        let sources: Vec<(PathBuf, String)> = files.iter().map(|(p, t)| (PathBuf::from(p), t.to_string())).collect();
+        match RuleSet::from_sources(&sources) {
+            Ok(loaded) => panic!("loaded, with warnings:\n{}", loaded.warnings),
+            Err(problems) => problems.to_string(),
+        }
+    }
+
+    /// Asserts `shown` holds each of `expected` and no other error.
+    fn assert_errors(shown: &str, expected: &[impl AsRef<str>]) {
+        for want in expected {
+            assert!(shown.contains(want.as_ref()), "missing:\n{}\nin:\n{shown}", want.as_ref());
+        }
+        assert_eq!(shown.matches("error: ").count(), expected.len(), "{shown}");
+    }
+
+    const EXPECTED_RULE_KEYS: &str = "expected one of `name`, `table`, `on`, `when`, `changed`, `keys`, `patterns`, `tags`, `bump`, `publish`, `refresh`";
+
+    #[test]
+    fn a_rule_with_two_unknown_fields_reports_both() {
+        let text = "[[rule]]\nname = \"users\"\ntabel = \"users\"\nkyes = [\"user:{id}\"]\npatterns = [\"user:{id\"]\n";
+        let shown = problems(&[("r.toml", text)]);
+        let expected = [
+            "error: r.toml:1:1: missing field `table` in rule `users`\n  hint: add the required `table` key to the table that starts here".to_string(),
+            format!("error: r.toml:3:1: unknown field `tabel`, {EXPECTED_RULE_KEYS}\n  hint: did you mean `table`?"),
+            format!("error: r.toml:4:1: unknown field `kyes`, {EXPECTED_RULE_KEYS}\n  hint: did you mean `keys`?"),
+            // The rest of the rule is still validated.
+            "error: r.toml:5:19: unclosed `{` in template `user:{id` in patterns of rule `users`".to_string(),
+        ];
+        assert_errors(&shown, &expected);
+    }
+
+    #[test]
+    fn unknown_keys_at_every_level_are_all_reported() {
+        let text = "[[rules]]\nname = \"x\"\n\n[[rule]]\nname = \"r\"\ntable = \"t\"\nkeys = [\"k\"]\n\
+                    publish = [{ channel = \"c\", mesage = \"m\" }]\n\
+                    refresh = [{ key = \"k\", colums = [\"a\"] }, { key = \"k2\", tl = \"5s\" }]\n";
+        let shown = problems(&[("r.toml", text)]);
+        assert_errors(
+            &shown,
+            &[
+                "r.toml:1:3: unknown field `rules`, expected `rule`\n  hint: did you mean `rule`?",
+                "r.toml:8:29: unknown field `mesage`, expected `channel` or `message`\n  hint: did you mean `message`?",
+                "r.toml:9:25: unknown field `colums`, expected one of `key`, `columns`, `ttl`\n  hint: did you mean `columns`?",
+                "r.toml:9:57: unknown field `tl`, expected one of `key`, `columns`, `ttl`\n  hint: did you mean `ttl`?",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_rule_with_two_values_of_the_wrong_type_reports_both() {
+        let text = "[[rule]]\nname = \"users\"\ntable = \"users\"\non = \"insert\"\nkeys = \"user:{id}\"\nbump = [\"v:{id\"]\n";
+        let shown = problems(&[("r.toml", text)]);
+        assert_errors(
+            &shown,
+            &[
+                "r.toml:4:6: invalid type: string \"insert\", expected a sequence",
+                "r.toml:5:8: invalid type: string \"user:{id}\", expected a sequence",
+                "r.toml:6:12: unclosed `{` in template `v:{id` in bump of rule `users`",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_duplicate_name_is_reported_beside_another_rules_errors() {
+        let a = "[[rule]]\nname = \"users\"\ntable = \"users\"\nkeys = [\"user:{id\"]\n";
+        let b = "[[rule]]\nname = \"users\"\ntable = \"users\"\nkyes = [\"user:{id}\"]\non = [\"updte\"]\n";
+        let shown = problems(&[("a.toml", a), ("b.toml", b)]);
+        assert_errors(
+            &shown,
+            &[
+                "error: a.toml:4:15: unclosed `{` in template `user:{id` in keys of rule `users`",
+                "error: b.toml:1:1: duplicate rule name `users`\n  hint: the name is already used at a.toml:1; rule names must be unique",
+                "error: b.toml:4:1: unknown field `kyes`",
+                "error: b.toml:5:7: unknown op `updte` in rule `users`",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_does_not_hide_problems_in_other_rules_of_the_file() {
+        let text = "\
+# users and their settings
+[[rule]]
+name = \"usérs\"
+tabel = \"users\"
+keys = [\"user:{id}\"]
+
+[[rule]]
+name = \"settings
+table = \"user_settings\"
+keys = [\"settings:{user_id}\"]
+
+  [[ rule ]]  # a third
+name = \"usérs\"
+table = \"users\"
+on = [\"updte\"]
+keys = [\"é:{id\"]
+";
+        let shown = problems(&[("r.toml", text)]);
+        // The syntax error is reported once, though both the file and its piece hold it.
+        assert_errors(
+            &shown,
+            &[
+                "error: r.toml:2:1: missing field `table` in rule `usérs`",
+                "error: r.toml:4:1: unknown field `tabel`",
+                "error: r.toml:8:17: invalid basic string",
+                "error: r.toml:12:1: duplicate rule name `usérs`\n  hint: the name is already used at r.toml:2; rule names must be unique",
+                "error: r.toml:15:7: unknown op `updte` in rule `usérs`",
+                // Columns count characters, in the pieces parsed apart too.
+                "error: r.toml:16:12: unclosed `{` in template `é:{id` in keys of rule `usérs`",
+            ],
+        );
     }
 
     #[test]

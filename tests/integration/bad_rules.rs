@@ -5,7 +5,7 @@
 //! marks a file that loads with warnings; every other file must fail to load. Files named
 //! `NN-what.<part>.toml` are loaded together with `NN-what.toml` (duplicate names across
 //! files). Every diagnostic must be pinned to `file:line:col` with line and column from 1.
-//! No servers are needed.
+//! No servers are needed; `walbust check` itself runs over a few of the same mistakes.
 
 use std::path::{Path, PathBuf};
 use walbust::diagnostic::Diagnostics;
@@ -134,4 +134,45 @@ fn the_catalogue_covers_both_failures_and_warnings() {
     assert!(warnings >= 5, "only {warnings} warning cases");
     assert!(cases.len() - warnings >= 20, "only {} failing cases", cases.len() - warnings);
     assert!(cases.iter().any(|c| c.files.len() > 1), "no case spans two files");
+}
+
+#[test]
+fn walbust_check_shows_every_problem_of_every_rule_file_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    // Two unknown keys, then a syntax error in the file's next rule.
+    let a = "[[rule]]\nname = \"users\"\ntabel = \"users\"\nkyes = [\"user:{id}\"]\n\n\
+             [[rule]]\nname = \"settings\ntable = \"user_settings\"\nkeys = [\"settings:{user_id}\"]\n";
+    // A duplicate of the broken rule's name, with an error of its own.
+    let b = "[[rule]]\nname = \"users\"\ntable = \"users\"\non = [\"updte\"]\nkeys = [\"user:{id}\"]\n";
+    std::fs::write(rules.join("a.toml"), a).unwrap();
+    std::fs::write(rules.join("b.toml"), b).unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "rules = [\"rules/*.toml\"]\n[source]\nurl = \"postgres://u@127.0.0.1:1/db\"\n\
+         [redis]\nurl = \"redis://127.0.0.1:1/0\"\n[metrics]\nlisten = \"off\"\n",
+    )
+    .unwrap();
+    let out = super::config_files::walbust(&["check", "--config", config.to_str().unwrap()]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), super::config_files::stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let (a, b) = (rules.join("a.toml"), rules.join("b.toml"));
+    let (a, b) = (a.display(), b.display());
+    for file in [&a, &b] {
+        assert!(stdout.contains(&format!("FAIL {file}\n")), "{stdout}");
+    }
+    let expected = [
+        format!("error: {a}:1:1: missing field `table` in rule `users`"),
+        format!("error: {a}:3:1: unknown field `tabel`"),
+        format!("error: {a}:4:1: unknown field `kyes`"),
+        format!("error: {a}:7:17: invalid basic string"),
+        format!("error: {b}:1:1: duplicate rule name `users`\n  hint: the name is already used at {a}:1"),
+        format!("error: {b}:4:7: unknown op `updte` in rule `users`"),
+    ];
+    for want in &expected {
+        assert!(stderr.contains(want.as_str()), "missing:\n{want}\nin:\n{stderr}");
+    }
+    assert_eq!(stderr.matches("error: ").count(), expected.len(), "{stderr}");
 }

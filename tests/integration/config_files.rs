@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Runs walbust with `args`, killing it if it has not finished within 60 s.
-fn walbust(args: &[&str]) -> Output {
+pub(super) fn walbust(args: &[&str]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_walbust"))
         .args(args)
         .stdin(Stdio::null())
@@ -25,7 +25,7 @@ fn walbust(args: &[&str]) -> Output {
     child.wait_with_output().expect("walbust output")
 }
 
-fn stderr(out: &Output) -> String {
+pub(super) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
