@@ -1,20 +1,32 @@
-//! Prometheus metrics: counters, gauges and histograms rendered in the text format (0.0.4).
+//! Prometheus metrics, kept in a `prometheus-client` registry and rendered in the text
+//! format (version 0.0.4), which every Prometheus version scrapes.
 //!
 //! One [`Metrics`] is shared by the pipeline, the slot monitor and the HTTP server
-//! ([`crate::health`]). Every update is an atomic operation; labelled counters keep one
-//! atomic per label set in a map, and [`Counter`] handles can be cached by the caller (per
-//! relation or rule binding) so the per-change path never touches the map. Labels carry
-//! only rule names, table names, ops, action kinds and widening reasons, never keys or row
-//! values, so the number of series stays small and nothing private leaks into scrapes.
+//! ([`crate::health`]). Every update is an atomic operation or a short lock; labelled
+//! counters are [`Counter`] handles (an `Arc` around one atomic) that the caller caches per
+//! relation or rule binding in a [`CounterCache`], so the per-change path never hashes label
+//! strings or takes the registry's lock. Labels carry only rule names, table names, ops,
+//! action kinds and widening reasons, never keys or row values, so the number of series
+//! stays small and nothing private leaks into scrapes.
 
 use crate::lsn::Lsn;
 use crate::status::WalStatus;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, prometheus_text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::hash::{BuildHasherDefault, DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A monotonically increasing count; cheap to clone and to increment from any thread.
+pub type Counter = prometheus_client::metrics::counter::Counter;
+/// The content type of what [`Metrics::render`] writes.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Gauge: the end of the last WAL record received from the server, as a byte position.
 pub const RECEIVED_LSN: &str = "walbust_received_lsn_bytes";
@@ -31,7 +43,8 @@ pub const RECEIVE_LAG: &str = "walbust_receive_lag_seconds";
 pub const CHANGES: &str = "walbust_changes_total";
 /// Counter: commits seen on the stream.
 pub const COMMITS: &str = "walbust_commits_total";
-/// Counter, labels `rule` and `kind`: actions produced, before deduplication.
+/// Counter, labels `rule` and `kind`: actions produced, before deduplication; those of manual
+/// invalidation messages under the rule `(manual message)`.
 pub const ACTIONS: &str = "walbust_actions_total";
 /// Counter, labels `rule` and `reason`: actions widened to a pattern because a value was missing.
 pub const WIDENED: &str = "walbust_widened_actions_total";
@@ -55,7 +68,13 @@ pub const SLOT_RETAINED_WAL: &str = "walbust_slot_retained_wal_bytes";
 pub const SLOT_WAL_STATUS: &str = "walbust_slot_wal_status";
 /// Gauge: WAL that can still be written before the slot is in danger of being lost.
 pub const SLOT_SAFE_WAL_SIZE: &str = "walbust_slot_safe_wal_size_bytes";
-/// Gauge: Unix time of the last message (data or keepalive) received on the replication stream.
+/// Counter: manual invalidation messages read from the stream, malformed ones included.
+pub const MANUAL_MESSAGES: &str = "walbust_manual_messages_total";
+/// Counter: rule sets swapped in after a reload.
+pub const RELOADS: &str = "walbust_rule_reloads_total";
+/// Counter: heartbeats this process wrote that came back through the replication stream.
+pub const HEARTBEATS: &str = "walbust_heartbeats_total";
+/// Gauge: Unix time carried by the last heartbeat that came back through the replication stream.
 pub const LAST_HEARTBEAT: &str = "walbust_last_heartbeat_timestamp_seconds";
 
 /// Bucket bounds of [`ACK_LAG`] and [`RECEIVE_LAG`], in seconds.
@@ -127,123 +146,6 @@ impl Hasher for MixHasher {
     }
 }
 
-/// A monotonically increasing count; cheap to clone and to increment from any thread.
-#[derive(Debug, Clone, Default)]
-pub struct Counter(Arc<AtomicU64>);
-
-impl Counter {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    /// Adds `n`.
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// The current count.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// The series sharing one hash: label values and their counter.
-type Bucket<const N: usize> = Vec<([Box<str>; N], Counter)>;
-
-/// Counters of one metric, one per label set, created on first use.
-#[derive(Debug)]
-struct Family<const N: usize> {
-    labels: [&'static str; N],
-    // Keyed by a hash of the label values so a lookup needs no allocation; collisions
-    // share the bucket and are told apart by comparing the values.
-    series: RwLock<HashMap<u64, Bucket<N>>>,
-}
-
-impl<const N: usize> Family<N> {
-    fn new(labels: [&'static str; N]) -> Self {
-        Family { labels, series: RwLock::new(HashMap::new()) }
-    }
-
-    fn counter(&self, values: [&str; N]) -> Counter {
-        let mut h = DefaultHasher::new();
-        values.hash(&mut h);
-        let hash = h.finish();
-        let same = |stored: &[Box<str>; N]| stored.iter().zip(values).all(|(a, b)| **a == *b);
-        {
-            let series = self.series.read().unwrap_or_else(|e| e.into_inner());
-            if let Some((_, c)) = series.get(&hash).and_then(|bucket| bucket.iter().find(|(v, _)| same(v))) {
-                return c.clone();
-            }
-        }
-        let mut series = self.series.write().unwrap_or_else(|e| e.into_inner());
-        let bucket = series.entry(hash).or_default();
-        if let Some((_, c)) = bucket.iter().find(|(v, _)| same(v)) {
-            return c.clone();
-        }
-        let c = Counter::default();
-        bucket.push((values.map(Box::from), c.clone()));
-        c
-    }
-
-    /// Every series, sorted by label values, with its count.
-    fn snapshot(&self) -> Vec<([Box<str>; N], u64)> {
-        let series = self.series.read().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<_> = series.values().flatten().map(|(v, c)| (v.clone(), c.get())).collect();
-        all.sort();
-        all
-    }
-}
-
-/// A histogram with fixed bucket bounds.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    // Per bucket, not cumulative; the last one is +Inf.
-    counts: Vec<AtomicU64>,
-    // The sum as f64 bits, updated with compare-and-swap.
-    sum: AtomicU64,
-}
-
-impl Histogram {
-    /// A histogram with `bounds` as bucket upper bounds (ascending); +Inf is implied.
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Histogram { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum: AtomicU64::new(0) }
-    }
-
-    /// Records one observation; negative and NaN values count as zero.
-    pub fn observe(&self, value: f64) {
-        let value = if value.is_nan() || value < 0.0 { 0.0 } else { value };
-        let i = self.bounds.iter().position(|&b| value <= b).unwrap_or(self.bounds.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        let _ = self
-            .sum
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| Some((f64::from_bits(bits) + value).to_bits()));
-    }
-
-    /// Records a duration in seconds.
-    pub fn observe_duration(&self, d: Duration) {
-        self.observe(d.as_secs_f64());
-    }
-
-    /// The number of observations.
-    pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
-    }
-
-    fn render(&self, out: &mut String, name: &str) {
-        let mut cumulative = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            cumulative += c.load(Ordering::Relaxed);
-            let le = self.bounds.get(i).map_or_else(|| "+Inf".to_string(), |b| format_float(*b));
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_sum {}", format_float(f64::from_bits(self.sum.load(Ordering::Relaxed))));
-        // The count is the +Inf bucket, so the two always agree within one scrape.
-        let _ = writeln!(out, "{name}_count {cumulative}");
-    }
-}
-
 /// What the slot monitor last read about the replication slot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotHealth {
@@ -255,67 +157,287 @@ pub struct SlotHealth {
     pub safe_wal_size_bytes: Option<i64>,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableOp {
+    table: String,
+    op: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleKind {
+    rule: String,
+    kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleReason {
+    rule: String,
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+/// A gauge read when scraped: no sample, and no HELP or TYPE either, while `read` says `None`.
+struct Computed<N> {
+    read: Box<dyn Fn() -> Option<N> + Send + Sync>,
+}
+
+impl<N> Computed<N> {
+    fn new(read: impl Fn() -> Option<N> + Send + Sync + 'static) -> Self {
+        Computed { read: Box::new(read) }
+    }
+}
+
+impl<N> std::fmt::Debug for Computed<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Computed").finish_non_exhaustive()
+    }
+}
+
+impl<N: prometheus_client::encoding::EncodeGaugeValue> EncodeMetric for Computed<N> {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        match (self.read)() {
+            Some(value) => encoder.encode_gauge(&value),
+            None => Ok(()),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+
+    fn is_empty(&self) -> bool {
+        (self.read)().is_none()
+    }
+}
+
+/// A gauge of what the slot monitor last read; no sample while `field` is unknown.
+fn slot_gauge<N: 'static>(slot: &Arc<Mutex<Option<SlotHealth>>>, field: fn(&SlotHealth) -> Option<N>) -> Computed<N> {
+    let slot = slot.clone();
+    Computed::new(move || slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(field))
+}
+
+/// [`SLOT_WAL_STATUS`]: one series per `wal_status`, in [`WalStatus::ALL`] order, 1 for the
+/// current one; none while the slot's status is unknown.
+#[derive(Debug)]
+struct WalStatusGauge(Arc<Mutex<Option<SlotHealth>>>);
+
+impl WalStatusGauge {
+    fn current(&self) -> Option<WalStatus> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|s| s.wal_status)
+    }
+}
+
+impl EncodeMetric for WalStatusGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let Some(current) = self.current() else { return Ok(()) };
+        for status in WalStatus::ALL {
+            encoder.encode_family(&[("status", status.as_str())])?.encode_gauge(&i64::from(status == current))?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+
+    fn is_empty(&self) -> bool {
+        self.current().is_none()
+    }
+}
+
 /// Every walbust metric. Create one with [`Metrics::new`] and share it.
 #[derive(Debug)]
 pub struct Metrics {
-    received_lsn: AtomicU64,
-    flushed_lsn: AtomicU64,
-    server_wal_end: AtomicU64,
+    registry: Registry,
+    received_lsn: Gauge<u64, AtomicU64>,
+    flushed_lsn: Gauge<u64, AtomicU64>,
+    server_wal_end: Arc<AtomicU64>,
     ack_lag: Histogram,
     receive_lag: Histogram,
-    changes: Family<2>,
+    changes: Family<TableOp, Counter>,
     commits: Counter,
-    actions: Family<2>,
-    widened: Family<2>,
-    dead_letters: Family<2>,
-    manual_refused: Family<1>,
+    actions: Family<RuleKind, Counter>,
+    widened: Family<RuleReason, Counter>,
+    dead_letters: Family<RuleKind, Counter>,
+    manual_messages: Counter,
+    manual_refused: Family<Reason, Counter>,
     batches: Counter,
     redis_errors: Counter,
     redis_apply: Histogram,
     reconnects: Counter,
-    slot: Mutex<Option<SlotHealth>>,
+    reloads: Counter,
+    slot: Arc<Mutex<Option<SlotHealth>>>,
+    heartbeats: Counter,
     // f64 bits of the Unix time; 0 means never.
-    heartbeat: AtomicU64,
+    heartbeat: Arc<AtomicU64>,
+}
+
+/// Lag from the server's WAL end and the flushed position; `None` until both are known.
+fn lag(server_wal_end: u64, flushed: u64) -> Option<u64> {
+    (server_wal_end != 0 && flushed != 0).then(|| server_wal_end.saturating_sub(flushed))
+}
+
+/// Registers `metric` as `name` (the crate adds a counter's `_total` itself) with `help`
+/// (the crate adds the full stop).
+fn register(registry: &mut Registry, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+    let name = match metric.metric_type() {
+        MetricType::Counter => name.strip_suffix("_total").unwrap_or(name),
+        _ => name,
+    };
+    registry.register(name, help.strip_suffix('.').unwrap_or(help), metric);
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            received_lsn: AtomicU64::new(0),
-            flushed_lsn: AtomicU64::new(0),
-            server_wal_end: AtomicU64::new(0),
-            ack_lag: Histogram::new(ACK_LAG_BUCKETS),
-            receive_lag: Histogram::new(ACK_LAG_BUCKETS),
-            changes: Family::new(["table", "op"]),
+        let m = Metrics {
+            registry: Registry::default(),
+            received_lsn: Gauge::default(),
+            flushed_lsn: Gauge::default(),
+            server_wal_end: Arc::default(),
+            ack_lag: Histogram::new(ACK_LAG_BUCKETS.iter().copied()),
+            receive_lag: Histogram::new(ACK_LAG_BUCKETS.iter().copied()),
+            changes: Family::default(),
             commits: Counter::default(),
-            actions: Family::new(["rule", "kind"]),
-            widened: Family::new(["rule", "reason"]),
-            dead_letters: Family::new(["rule", "kind"]),
-            manual_refused: Family::new(["reason"]),
+            actions: Family::default(),
+            widened: Family::default(),
+            dead_letters: Family::default(),
+            manual_messages: Counter::default(),
+            manual_refused: Family::default(),
             batches: Counter::default(),
             redis_errors: Counter::default(),
-            redis_apply: Histogram::new(REDIS_APPLY_BUCKETS),
+            redis_apply: Histogram::new(REDIS_APPLY_BUCKETS.iter().copied()),
             reconnects: Counter::default(),
-            slot: Mutex::new(None),
-            heartbeat: AtomicU64::new(0),
-        }
+            reloads: Counter::default(),
+            slot: Arc::default(),
+            heartbeats: Counter::default(),
+            heartbeat: Arc::default(),
+        };
+        m.registered()
     }
 }
-
 impl Metrics {
     /// A fresh registry, every count at zero.
     pub fn new() -> Arc<Metrics> {
         Arc::new(Metrics::default())
     }
 
+    /// Registers every metric, in the order a scrape lists them.
+    fn registered(mut self) -> Self {
+        let r = &mut self.registry;
+        register(
+            r,
+            RECEIVED_LSN,
+            "End of the last WAL received from the server, as a byte position.",
+            self.received_lsn.clone(),
+        );
+        register(
+            r,
+            FLUSHED_LSN,
+            "Position last reported to the server as flushed: every action before it is applied in Redis.",
+            self.flushed_lsn.clone(),
+        );
+        let (server, flushed) = (self.server_wal_end.clone(), self.flushed_lsn.clone());
+        register(
+            r,
+            LAG,
+            "Server's current WAL end minus the flushed position, in bytes.",
+            Computed::new(move || lag(server.load(Ordering::Relaxed), flushed.get())),
+        );
+        register(r, ACK_LAG, "Seconds from a commit on the server to walbust acknowledging it.", self.ack_lag.clone());
+        register(
+            r,
+            RECEIVE_LAG,
+            "Seconds from a commit on the server to its Commit message reaching walbust.",
+            self.receive_lag.clone(),
+        );
+        register(
+            r,
+            CHANGES,
+            "Row changes routed, by table and op (a TRUNCATE counts once per table).",
+            self.changes.clone(),
+        );
+        register(r, COMMITS, "Commits seen on the replication stream.", self.commits.clone());
+        register(
+            r,
+            ACTIONS,
+            "Invalidation actions produced, by rule and kind, before deduplication; rule \"(manual message)\" for manual invalidation messages.",
+            self.actions.clone(),
+        );
+        register(
+            r,
+            WIDENED,
+            "Actions widened to a pattern because a value was missing, by rule and reason.",
+            self.widened.clone(),
+        );
+        register(
+            r,
+            DEAD_LETTERS,
+            "Actions Redis refused for good (an error reply retrying cannot fix), by rule and kind; the stream went on.",
+            self.dead_letters.clone(),
+        );
+        register(
+            r,
+            MANUAL_MESSAGES,
+            "Manual invalidation messages read from the replication stream, malformed ones included.",
+            self.manual_messages.clone(),
+        );
+        register(
+            r,
+            MANUAL_REFUSED,
+            "Refused parts of manual invalidation messages, by reason.",
+            self.manual_refused.clone(),
+        );
+        register(r, BATCHES, "Batches Redis acknowledged.", self.batches.clone());
+        register(r, REDIS_ERRORS, "Failed batch applies to Redis; each is retried.", self.redis_errors.clone());
+        register(r, REDIS_APPLY, "Seconds one batch apply to Redis took, successful or not.", self.redis_apply.clone());
+        register(r, RECONNECTS, "Replication reconnects.", self.reconnects.clone());
+        register(r, RELOADS, "Rule sets swapped in after a reload.", self.reloads.clone());
+        register(
+            r,
+            SLOT_RETAINED_WAL,
+            "WAL the server keeps for the slot: current position minus restart_lsn.",
+            slot_gauge(&self.slot, |s| s.retained_wal_bytes),
+        );
+        register(
+            r,
+            SLOT_WAL_STATUS,
+            "1 for the slot's wal_status, 0 for the others.",
+            WalStatusGauge(self.slot.clone()),
+        );
+        register(
+            r,
+            SLOT_SAFE_WAL_SIZE,
+            "WAL that can be written before the slot risks being lost; absent when unlimited.",
+            slot_gauge(&self.slot, |s| s.safe_wal_size_bytes),
+        );
+        register(
+            r,
+            HEARTBEATS,
+            "Heartbeats this process wrote that came back through the replication stream.",
+            self.heartbeats.clone(),
+        );
+        let heartbeat = self.heartbeat.clone();
+        register(
+            r,
+            LAST_HEARTBEAT,
+            "Unix time carried by the last heartbeat that came back through the replication stream.",
+            Computed::new(move || Some(f64::from_bits(heartbeat.load(Ordering::Relaxed))).filter(|&t| t > 0.0)),
+        );
+        self
+    }
+
     /// Records the end of the last WAL received; only ever moves forward.
     pub fn set_received(&self, lsn: Lsn) {
-        self.received_lsn.fetch_max(lsn.0, Ordering::Relaxed);
+        self.received_lsn.inner().fetch_max(lsn.0, Ordering::Relaxed);
     }
 
     /// Records the position reported to the server as flushed; only ever moves forward.
     pub fn set_flushed(&self, lsn: Lsn) {
-        self.flushed_lsn.fetch_max(lsn.0, Ordering::Relaxed);
+        self.flushed_lsn.inner().fetch_max(lsn.0, Ordering::Relaxed);
     }
 
     /// Records the server's current WAL end (from a keepalive's or XLogData's `wal_end`,
@@ -326,40 +448,38 @@ impl Metrics {
 
     /// The flushed position recorded so far.
     pub fn flushed(&self) -> Lsn {
-        Lsn(self.flushed_lsn.load(Ordering::Relaxed))
+        Lsn(self.flushed_lsn.get())
     }
 
     /// The received position recorded so far.
     pub fn received(&self) -> Lsn {
-        Lsn(self.received_lsn.load(Ordering::Relaxed))
+        Lsn(self.received_lsn.get())
     }
 
     /// Bytes of WAL the server has written that walbust has not acknowledged; `None`
     /// until both positions are known.
     pub fn lag_bytes(&self) -> Option<u64> {
-        let server = self.server_wal_end.load(Ordering::Relaxed);
-        let flushed = self.flushed_lsn.load(Ordering::Relaxed);
-        (server != 0 && flushed != 0).then(|| server.saturating_sub(flushed))
+        lag(self.server_wal_end.load(Ordering::Relaxed), self.flushed_lsn.get())
     }
 
     /// Records the time from a commit on the server to its acknowledgement.
     pub fn observe_ack_lag(&self, lag: Duration) {
-        self.ack_lag.observe_duration(lag);
+        self.ack_lag.observe(lag.as_secs_f64());
     }
 
     /// Records the time from a commit on the server to its Commit message arriving.
     pub fn observe_receive_lag(&self, lag: Duration) {
-        self.receive_lag.observe_duration(lag);
+        self.receive_lag.observe(lag.as_secs_f64());
     }
 
     /// Counts one routed change of `table` (`schema.table`) by `op` (`insert`, ...).
     pub fn changes(&self, table: &str, op: &str) {
-        self.changes.counter([table, op]).inc();
+        self.changes_counter(table, op).inc();
     }
 
     /// The counter behind [`changes`](Self::changes), to cache per relation and op.
     pub fn changes_counter(&self, table: &str, op: &str) -> Counter {
-        self.changes.counter([table, op])
+        self.changes.get_or_create_owned(&TableOp { table: table.into(), op: op.into() })
     }
 
     /// Counts one commit.
@@ -369,32 +489,37 @@ impl Metrics {
 
     /// Counts `n` actions of `kind` (`unlink`, `scan_unlink`, ...) produced by `rule`.
     pub fn actions(&self, rule: &str, kind: &str, n: u64) {
-        self.actions.counter([rule, kind]).add(n);
+        self.actions_counter(rule, kind).inc_by(n);
     }
 
     /// The counter behind [`actions`](Self::actions), to cache per rule and kind.
     pub fn actions_counter(&self, rule: &str, kind: &str) -> Counter {
-        self.actions.counter([rule, kind])
+        self.actions.get_or_create_owned(&RuleKind { rule: rule.into(), kind: kind.into() })
     }
 
     /// Counts one action of `rule` widened to a pattern for `reason` (`truncate`, `null_value`, ...).
     pub fn widened(&self, rule: &str, reason: &str) {
-        self.widened.counter([rule, reason]).inc();
+        self.widened_counter(rule, reason).inc();
     }
 
     /// The counter behind [`widened`](Self::widened), to cache per rule and reason.
     pub fn widened_counter(&self, rule: &str, reason: &str) -> Counter {
-        self.widened.counter([rule, reason])
+        self.widened.get_or_create_owned(&RuleReason { rule: rule.into(), reason: reason.into() })
     }
 
     /// Counts one action of `rule` and `kind` that Redis refused for good.
     pub fn dead_letter(&self, rule: &str, kind: &str) {
-        self.dead_letters.counter([rule, kind]).inc();
+        self.dead_letters.get_or_create_owned(&RuleKind { rule: rule.into(), kind: kind.into() }).inc();
+    }
+
+    /// Counts one manual invalidation message read, malformed or not.
+    pub fn manual_message(&self) {
+        self.manual_messages.inc();
     }
 
     /// Counts one refused part of a manual invalidation message.
     pub fn manual_refused(&self, reason: &str) {
-        self.manual_refused.counter([reason]).inc();
+        self.manual_refused.get_or_create_owned(&Reason { reason: reason.into() }).inc();
     }
 
     /// Counts one batch Redis acknowledged.
@@ -409,7 +534,7 @@ impl Metrics {
 
     /// Records how long one batch apply took, successful or not.
     pub fn observe_redis_apply(&self, took: Duration) {
-        self.redis_apply.observe_duration(took);
+        self.redis_apply.observe(took.as_secs_f64());
     }
 
     /// Counts one replication reconnect.
@@ -417,15 +542,32 @@ impl Metrics {
         self.reconnects.inc();
     }
 
+    /// Counts one rule set swapped in after a reload.
+    pub fn reload(&self) {
+        self.reloads.inc();
+    }
+
     /// Replaces what is known about the slot.
     pub fn set_slot(&self, slot: SlotHealth) {
         *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
     }
 
-    /// Records a sign of life on the replication stream at `at`.
+    /// Records one of this process's heartbeats back through the stream, written at `at`:
+    /// counts it and sets the last heartbeat's time.
     pub fn set_heartbeat(&self, at: SystemTime) {
+        self.heartbeats.inc();
         let secs = at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         self.heartbeat.store(secs.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Counts the commits so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.get()
+    }
+
+    /// Counts the batches Redis acknowledged so far.
+    pub fn batches(&self) -> u64 {
+        self.batches.get()
     }
 
     /// Counts the failed batch applies so far.
@@ -438,144 +580,29 @@ impl Metrics {
         self.reconnects.get()
     }
 
-    /// Every metric in the Prometheus text format, version 0.0.4.
+    /// Counts the manual invalidation messages read so far, malformed ones included.
+    pub fn manual_messages(&self) -> u64 {
+        self.manual_messages.get()
+    }
+
+    /// Counts the rule sets swapped in so far.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.get()
+    }
+
+    /// Counts this process's heartbeats received back so far.
+    pub fn heartbeats(&self) -> u64 {
+        self.heartbeats.get()
+    }
+
+    /// Every metric in the Prometheus text format, version 0.0.4 ([`CONTENT_TYPE`]).
+    /// Metrics without a sample yet (a labelled counter nothing counted, a gauge not known)
+    /// are left out whole.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let received = self.received_lsn.load(Ordering::Relaxed);
-        let flushed = self.flushed_lsn.load(Ordering::Relaxed);
-        header(&mut out, RECEIVED_LSN, "gauge", "End of the last WAL received from the server, as a byte position.");
-        let _ = writeln!(out, "{RECEIVED_LSN} {received}");
-        header(
-            &mut out,
-            FLUSHED_LSN,
-            "gauge",
-            "Position last reported to the server as flushed: every action before it is applied in Redis.",
-        );
-        let _ = writeln!(out, "{FLUSHED_LSN} {flushed}");
-        header(&mut out, LAG, "gauge", "Server's current WAL end minus the flushed position, in bytes.");
-        if let Some(lag) = self.lag_bytes() {
-            let _ = writeln!(out, "{LAG} {lag}");
-        }
-        header(&mut out, ACK_LAG, "histogram", "Seconds from a commit on the server to walbust acknowledging it.");
-        self.ack_lag.render(&mut out, ACK_LAG);
-        header(
-            &mut out,
-            RECEIVE_LAG,
-            "histogram",
-            "Seconds from a commit on the server to its Commit message reaching walbust.",
-        );
-        self.receive_lag.render(&mut out, RECEIVE_LAG);
-        header(&mut out, CHANGES, "counter", "Row changes routed, by table and op (a TRUNCATE counts once per table).");
-        render_family(&mut out, CHANGES, &self.changes);
-        header(&mut out, COMMITS, "counter", "Commits seen on the replication stream.");
-        let _ = writeln!(out, "{COMMITS} {}", self.commits.get());
-        header(&mut out, ACTIONS, "counter", "Invalidation actions produced, by rule and kind, before deduplication.");
-        render_family(&mut out, ACTIONS, &self.actions);
-        header(
-            &mut out,
-            WIDENED,
-            "counter",
-            "Actions widened to a pattern because a value was missing, by rule and reason.",
-        );
-        render_family(&mut out, WIDENED, &self.widened);
-        header(
-            &mut out,
-            DEAD_LETTERS,
-            "counter",
-            "Actions Redis refused for good (an error reply retrying cannot fix), by rule and kind; the stream went on.",
-        );
-        render_family(&mut out, DEAD_LETTERS, &self.dead_letters);
-        header(&mut out, MANUAL_REFUSED, "counter", "Refused parts of manual invalidation messages, by reason.");
-        render_family(&mut out, MANUAL_REFUSED, &self.manual_refused);
-        header(&mut out, BATCHES, "counter", "Batches Redis acknowledged.");
-        let _ = writeln!(out, "{BATCHES} {}", self.batches.get());
-        header(&mut out, REDIS_ERRORS, "counter", "Failed batch applies to Redis; each is retried.");
-        let _ = writeln!(out, "{REDIS_ERRORS} {}", self.redis_errors.get());
-        header(&mut out, REDIS_APPLY, "histogram", "Seconds one batch apply to Redis took, successful or not.");
-        self.redis_apply.render(&mut out, REDIS_APPLY);
-        header(&mut out, RECONNECTS, "counter", "Replication reconnects.");
-        let _ = writeln!(out, "{RECONNECTS} {}", self.reconnects.get());
-        let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let slot = slot.unwrap_or_default();
-        header(
-            &mut out,
-            SLOT_RETAINED_WAL,
-            "gauge",
-            "WAL the server keeps for the slot: current position minus restart_lsn.",
-        );
-        if let Some(b) = slot.retained_wal_bytes {
-            let _ = writeln!(out, "{SLOT_RETAINED_WAL} {b}");
-        }
-        header(&mut out, SLOT_WAL_STATUS, "gauge", "1 for the slot's wal_status, 0 for the others.");
-        if let Some(current) = slot.wal_status {
-            for status in WalStatus::ALL {
-                let _ = writeln!(
-                    out,
-                    "{SLOT_WAL_STATUS}{{status=\"{}\"}} {}",
-                    status.as_str(),
-                    u8::from(status == current)
-                );
-            }
-        }
-        header(
-            &mut out,
-            SLOT_SAFE_WAL_SIZE,
-            "gauge",
-            "WAL that can be written before the slot risks being lost; absent when unlimited.",
-        );
-        if let Some(b) = slot.safe_wal_size_bytes {
-            let _ = writeln!(out, "{SLOT_SAFE_WAL_SIZE} {b}");
-        }
-        header(&mut out, LAST_HEARTBEAT, "gauge", "Unix time of the last message received on the replication stream.");
-        let heartbeat = f64::from_bits(self.heartbeat.load(Ordering::Relaxed));
-        if heartbeat > 0.0 {
-            let _ = writeln!(out, "{LAST_HEARTBEAT} {}", format_float(heartbeat));
-        }
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail, and no metric here fails on its own.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let help = help.replace('\\', "\\\\").replace('\n', "\\n");
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn render_family<const N: usize>(out: &mut String, name: &str, family: &Family<N>) {
-    for (values, count) in family.snapshot() {
-        out.push_str(name);
-        out.push('{');
-        for (i, (label, value)) in family.labels.iter().zip(values.iter()).enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{label}=\"");
-            escape_label_value(out, value);
-            out.push('"');
-        }
-        let _ = writeln!(out, "}} {count}");
-    }
-}
-
-/// Escapes a label value as the text format requires: backslash, double quote, newline.
-fn escape_label_value(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-}
-
-/// A float as Prometheus writes it: integers without a fraction, `+Inf`, `NaN`.
-fn format_float(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
-    } else {
-        format!("{v}")
     }
 }
 
@@ -588,10 +615,43 @@ mod tests {
         text.lines().filter(|l| !l.starts_with('#') && l.split(['{', ' ']).next() == Some(name)).collect()
     }
 
+    /// [`samples`], sorted: a labelled metric's series come in no particular order.
+    fn sorted<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        let mut lines = samples(text, name);
+        lines.sort_unstable();
+        lines
+    }
+
+    /// A registry where every metric has at least one sample.
+    fn everything_counted() -> Arc<Metrics> {
+        let m = Metrics::new();
+        m.set_received(Lsn(2));
+        m.set_flushed(Lsn(1));
+        m.set_server_wal_end(Lsn(3));
+        m.changes("public.t", "insert");
+        m.commit();
+        m.actions("r", "unlink", 1);
+        m.widened("r", "truncate");
+        m.dead_letter("r", "unlink");
+        m.manual_message();
+        m.manual_refused("malformed");
+        m.batch_applied();
+        m.redis_error();
+        m.reconnect();
+        m.reload();
+        m.set_slot(SlotHealth {
+            retained_wal_bytes: Some(1),
+            wal_status: Some(WalStatus::Reserved),
+            safe_wal_size_bytes: Some(1),
+        });
+        m.set_heartbeat(SystemTime::now());
+        m
+    }
+
     #[test]
     fn every_metric_has_help_and_type_and_a_conventional_name() {
-        let text = Metrics::new().render();
-        for name in [
+        let text = everything_counted().render();
+        let all = [
             RECEIVED_LSN,
             FLUSHED_LSN,
             LAG,
@@ -601,21 +661,50 @@ mod tests {
             COMMITS,
             ACTIONS,
             WIDENED,
+            DEAD_LETTERS,
+            MANUAL_MESSAGES,
+            MANUAL_REFUSED,
             BATCHES,
             REDIS_ERRORS,
             REDIS_APPLY,
             RECONNECTS,
+            RELOADS,
             SLOT_RETAINED_WAL,
             SLOT_WAL_STATUS,
             SLOT_SAFE_WAL_SIZE,
+            HEARTBEATS,
             LAST_HEARTBEAT,
-        ] {
+        ];
+        for name in all {
             assert!(name.starts_with("walbust_"), "{name}");
             assert!(text.contains(&format!("# HELP {name} ")), "{name} has no HELP:\n{text}");
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} has no TYPE:\n{text}");
             let counter = text.contains(&format!("# TYPE {name} counter"));
             assert_eq!(counter, name.ends_with("_total"), "{name}: only counters end in _total");
         }
+        let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+        assert_eq!(helps.len(), all.len(), "a metric not listed here:\n{text}");
+        for help in helps {
+            assert!(help.ends_with('.') && !help.ends_with(".."), "one full stop: {help}");
+        }
+        assert!(
+            text.contains("# HELP walbust_last_heartbeat_timestamp_seconds Unix time carried by the last heartbeat"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_fresh_registry_lists_only_what_it_can_know() {
+        let text = Metrics::new().render();
+        for absent in [LAG, CHANGES, ACTIONS, WIDENED, DEAD_LETTERS, MANUAL_REFUSED, SLOT_RETAINED_WAL, LAST_HEARTBEAT]
+        {
+            assert!(!text.contains(absent), "{absent} before anything was counted:\n{text}");
+        }
+        assert_eq!(samples(&text, COMMITS), ["walbust_commits_total 0"]);
+        assert_eq!(samples(&text, MANUAL_MESSAGES), ["walbust_manual_messages_total 0"]);
+        assert_eq!(samples(&text, RELOADS), ["walbust_rule_reloads_total 0"]);
+        assert_eq!(samples(&text, HEARTBEATS), ["walbust_heartbeats_total 0"]);
+        assert_eq!(samples(&text, "walbust_ack_lag_seconds_count"), ["walbust_ack_lag_seconds_count 0"]);
     }
 
     #[test]
@@ -636,21 +725,24 @@ mod tests {
         assert_eq!(samples(&text, LAG), ["walbust_lag_bytes 700"]);
         m.set_flushed(Lsn(2000));
         assert_eq!(m.lag_bytes(), Some(0), "a flushed position past the last known server end is no lag");
+        assert_eq!(samples(&m.render(), LAG), ["walbust_lag_bytes 0"]);
     }
 
     #[test]
-    fn labelled_counters_are_one_series_per_label_set_sorted() {
+    fn labelled_counters_are_one_series_per_label_set() {
         let m = Metrics::new();
         m.changes("public.users", "update");
         m.changes("public.users", "insert");
         m.changes("public.users", "insert");
         let cached = m.changes_counter("public.orgs", "delete");
-        cached.add(3);
+        cached.inc_by(3);
         m.actions("user settings", "unlink", 4);
         m.widened("user settings", "truncate");
+        m.manual_refused("match_all");
+        m.manual_refused("match_all");
         let text = m.render();
         assert_eq!(
-            samples(&text, CHANGES),
+            sorted(&text, CHANGES),
             [
                 r#"walbust_changes_total{table="public.orgs",op="delete"} 3"#,
                 r#"walbust_changes_total{table="public.users",op="insert"} 2"#,
@@ -662,6 +754,7 @@ mod tests {
             samples(&text, WIDENED),
             [r#"walbust_widened_actions_total{rule="user settings",reason="truncate"} 1"#]
         );
+        assert_eq!(samples(&text, MANUAL_REFUSED), [r#"walbust_manual_refused_total{reason="match_all"} 2"#]);
     }
 
     #[test]
@@ -675,12 +768,17 @@ mod tests {
     #[test]
     fn counters_from_many_threads_add_up() {
         let m = Metrics::new();
+        let cached = m.changes_counter("public.a", "insert");
         std::thread::scope(|s| {
             for t in 0..4 {
-                let m = &m;
+                let (m, cached) = (&m, cached.clone());
                 s.spawn(move || {
                     for i in 0..1000 {
-                        m.changes(if i % 2 == 0 { "public.a" } else { "public.b" }, "insert");
+                        if i % 2 == 0 {
+                            cached.inc();
+                        } else {
+                            m.changes("public.b", "insert");
+                        }
                         m.redis_error();
                         if t == 0 {
                             m.reconnect();
@@ -698,23 +796,21 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_and_count_matches_inf() {
         let m = Metrics::new();
-        for secs in [0.001_f64, 0.004, 0.2, 7.0, 1000.0, -1.0] {
-            m.observe_ack_lag(Duration::from_secs_f64(secs.max(0.0)));
+        for secs in [0.001_f64, 0.004, 0.2, 7.0, 1000.0, 0.0] {
+            m.observe_ack_lag(Duration::from_secs_f64(secs));
         }
-        m.ack_lag.observe(f64::NAN);
         let text = m.render();
         let lines = samples(&text, "walbust_ack_lag_seconds_bucket");
         assert_eq!(lines.len(), ACK_LAG_BUCKETS.len() + 1);
-        assert_eq!(lines[0], r#"walbust_ack_lag_seconds_bucket{le="0.001"} 3"#);
-        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="0.002"} 3"#), "{lines:?}");
-        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="0.005"} 4"#), "{lines:?}");
-        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="0.25"} 5"#), "{lines:?}");
-        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="10"} 6"#), "{lines:?}");
-        assert_eq!(lines.last().copied(), Some(r#"walbust_ack_lag_seconds_bucket{le="+Inf"} 7"#));
-        assert_eq!(samples(&text, "walbust_ack_lag_seconds_count"), ["walbust_ack_lag_seconds_count 7"]);
+        assert_eq!(lines[0], r#"walbust_ack_lag_seconds_bucket{le="0.001"} 2"#);
+        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="0.002"} 2"#), "{lines:?}");
+        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="0.005"} 3"#), "{lines:?}");
+        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="0.25"} 4"#), "{lines:?}");
+        assert!(lines.contains(&r#"walbust_ack_lag_seconds_bucket{le="10"} 5"#), "{lines:?}");
+        assert_eq!(lines.last().copied(), Some(r#"walbust_ack_lag_seconds_bucket{le="+Inf"} 6"#));
+        assert_eq!(samples(&text, "walbust_ack_lag_seconds_count"), ["walbust_ack_lag_seconds_count 6"]);
         let sum = samples(&text, "walbust_ack_lag_seconds_sum")[0].rsplit(' ').next().unwrap();
         assert!((sum.parse::<f64>().unwrap() - 1007.205).abs() < 1e-9, "{sum}");
-        assert_eq!(m.ack_lag.count(), 7);
     }
 
     #[test]
@@ -741,25 +837,30 @@ mod tests {
                 r#"walbust_slot_wal_status{status="lost"} 0"#,
             ]
         );
-        assert!(samples(&text, SLOT_SAFE_WAL_SIZE).is_empty(), "unlimited has no sample");
+        assert!(!text.contains(SLOT_SAFE_WAL_SIZE), "unlimited has no sample");
         assert_eq!(samples(&text, LAST_HEARTBEAT), ["walbust_last_heartbeat_timestamp_seconds 1700000000.5"]);
+        assert_eq!(samples(&text, HEARTBEATS), ["walbust_heartbeats_total 1"]);
+        assert_eq!(m.heartbeats(), 1);
     }
 
     #[test]
     fn the_text_format_is_well_formed() {
-        let m = Metrics::new();
-        m.changes("public.t", "insert");
-        m.observe_redis_apply(Duration::from_millis(3));
-        let text = m.render();
+        let text = everything_counted().render();
         assert!(text.ends_with('\n'));
+        assert!(!text.contains("# EOF"), "the 0.0.4 text format has no end marker");
+        let mut typed = None;
         for line in text.lines() {
             if line.starts_with('#') {
                 let words: Vec<&str> = line.splitn(4, ' ').collect();
                 assert!(matches!(words[1], "HELP" | "TYPE"), "{line}");
+                if words[1] == "TYPE" {
+                    typed = Some(words[2].to_string());
+                }
                 continue;
             }
             let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
-            assert!(series.starts_with("walbust_"), "{line}");
+            let family = typed.as_deref().expect("a TYPE line before every sample");
+            assert!(series.starts_with(family), "{line} under TYPE {family}");
             assert!(value == "+Inf" || value.parse::<f64>().is_ok(), "{line}");
         }
     }
