@@ -43,3 +43,4 @@ pub mod spelling;
 pub mod status;
 pub mod throwaway;
 pub mod user_file;
+pub mod value_text;

@@ -38,14 +38,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use toml::Spanned;
 
-/// Test files are recognised in directories by this suffix.
-pub const SUFFIX: &str = ".test.toml";
-
-/// The text standing for SQL NULL in a row image.
-pub const NULL: &str = "@null";
-
-/// The text standing for an unchanged TOASTed value (pgoutput's `u`) in a row image.
-pub const TOAST: &str = "@toast";
+pub use crate::rules::TEST_SUFFIX as SUFFIX;
+use crate::value_text::{NULL, TOAST};
 
 /// The first OID given to test tables, as Postgres gives the first user objects.
 const FIRST_OID: u32 = 16384;
@@ -981,20 +975,22 @@ fn identity_name(identity: ReplicaIdentity) -> &'static str {
     }
 }
 
-/// One column value from the file: text as Postgres prints it, `@null` or `@toast`.
+/// One column value from the file: text as Postgres prints it, with the markers of
+/// [`value_text`](crate::value_text) (`@null`, `@toast`, ...) that recordings use too.
 fn cell(v: &toml::Value) -> Result<Value, (String, String)> {
     let text = |s: String| Value::Text(bytes::Bytes::from(s));
     match v {
-        toml::Value::String(s) if s == NULL => Ok(Value::Null),
-        toml::Value::String(s) if s == TOAST => Ok(Value::UnchangedToast),
-        toml::Value::String(s) if s.starts_with("@@") => Ok(text(s[1..].to_string())),
-        toml::Value::String(s) if s.starts_with('@') => Err((
-            format!("special value `{s}`"),
-            match did_you_mean(s, [NULL, TOAST]) {
-                Some(m) => format!("did you mean `{m}`? write `@{s}` for the text `{s}` itself"),
-                None => format!("special values are {NULL} and {TOAST}; write `@{s}` for the text `{s}` itself"),
-            },
-        )),
+        toml::Value::String(s) if s.starts_with('@') => crate::value_text::decode_value(s.clone()).map_err(|_| {
+            (
+                format!("special value `{s}`"),
+                match did_you_mean(s, [NULL, TOAST]) {
+                    Some(m) => format!("did you mean `{m}`? write `@{s}` for the text `{s}` itself"),
+                    None => format!(
+                        "special values are {NULL}, {TOAST}, @bytes:<hex> and @binary:<hex>; write `@{s}` for the text `{s}` itself"
+                    ),
+                },
+            )
+        }),
         toml::Value::String(s) => Ok(text(s.clone())),
         toml::Value::Integer(i) => Ok(text(i.to_string())),
         // Postgres prints booleans as t and f.

@@ -26,6 +26,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Rule test files end with this; a rules glob that matches one leaves it out.
+pub const TEST_SUFFIX: &str = ".test.toml";
+
 /// A kind of change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
@@ -236,7 +239,7 @@ impl RuleSet {
                 // Rule tests (`*.test.toml`) sit beside the rules; `rules/*.toml` must not load them.
                 Ok(paths) => paths
                     .filter_map(Result::ok)
-                    .filter(|p| p.is_file() && !p.to_string_lossy().ends_with(crate::ruletest::SUFFIX))
+                    .filter(|p| p.is_file() && !p.to_string_lossy().ends_with(TEST_SUFFIX))
                     .collect(),
                 Err(e) => {
                     problems.push(Diagnostic::error(
