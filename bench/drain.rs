@@ -152,20 +152,17 @@ pub(crate) async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> an
         .rules;
     let sink = RedisSink::new(&config.redis.url, None)?;
     let stats = Arc::new(Stats::default());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<pipeline::StopHandle>();
     let start = Instant::now();
+    // Its own thread and runtime, as `walbust run` has: the bench's polling stays out of its way.
     let handle = std::thread::spawn({
         let stats = stats.clone();
         move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async move {
-                let stop = async {
-                    let _ = stop_rx.await;
-                };
-                let options = Options { stats, ..Default::default() };
-                pipeline::run(&config, Arc::new(rules), sink, stop, options)
-                    .await
-                    .map_err(|e| anyhow::anyhow!(pipeline::error_chain(&e)))
+                let running = pipeline::spawn(config, Arc::new(rules), sink, Options { stats, ..Default::default() });
+                let _ = stop_tx.send(running.stop_handle());
+                running.join().await.map_err(|e| anyhow::anyhow!(pipeline::error_chain(&e)))
             })
         }
     });
@@ -181,7 +178,9 @@ pub(crate) async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> an
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = start.elapsed();
-    let _ = stop_tx.send(());
+    if let Ok(stop) = stop_rx.recv() {
+        stop.stop();
+    }
     tokio::task::spawn_blocking(move || join(handle)).await??;
     Ok(elapsed)
 }

@@ -244,6 +244,68 @@ impl Default for Options {
     }
 }
 
+/// A pipeline running on a task of its own: how `walbust demo`, the tests and the
+/// benchmarks start one. It runs until [`Spawned::stop`] (which stops it as SIGTERM does)
+/// or an error.
+#[derive(Debug)]
+pub struct Spawned {
+    stop: StopHandle,
+    handle: tokio::task::JoinHandle<Result<(), PipelineError>>,
+}
+
+/// Asks a [`Spawned`] pipeline to stop, from any task or thread.
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<watch::Sender<bool>>);
+
+impl StopHandle {
+    /// Asks the pipeline to stop; it finishes as on SIGTERM.
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// Starts [`run`] on a task of the current runtime.
+pub fn spawn<S: Sink + Send + 'static>(config: Config, rules: Arc<RuleSet>, sink: S, options: Options) -> Spawned {
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let handle = tokio::spawn(async move {
+        let stop = async move {
+            // A dropped handle stops nothing: the pipeline runs until asked or failing.
+            if stop_rx.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        run(&config, rules, sink, stop, options).await
+    });
+    Spawned { stop: StopHandle(Arc::new(stop_tx)), handle }
+}
+
+impl Spawned {
+    /// A handle that asks the pipeline to stop.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Whether the pipeline has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Asks the pipeline to stop, as SIGTERM does, and returns how it ended.
+    pub async fn stop(self) -> Result<(), PipelineError> {
+        self.stop.stop();
+        self.join().await
+    }
+
+    /// Waits for the pipeline to stop, by itself or when asked, and returns how it ended.
+    pub async fn join(self) -> Result<(), PipelineError> {
+        match self.handle.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("the pipeline task was cancelled: {e}"),
+        }
+    }
+}
+
 /// Runs the pipeline until `shutdown` resolves or a fatal error occurs.
 pub async fn run<S: Sink>(
     config: &Config,

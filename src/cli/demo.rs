@@ -12,7 +12,7 @@ use walbust::action::Action;
 use walbust::batch::ChangeRecord;
 use walbust::config::Config;
 use walbust::diagnostic::plural;
-use walbust::pipeline::{self, Event, Options, Stats, error_chain};
+use walbust::pipeline::{self, Event, Options, error_chain};
 use walbust::rules::RuleSet;
 use walbust::sink::{DeadLetter, RedisSink, RedisSinkError, Sink};
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
@@ -112,24 +112,8 @@ async fn run_demo() -> anyhow::Result<()> {
         dead: Vec::new(),
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let stats = Arc::new(Stats::default());
-    let pipeline = tokio::spawn({
-        let stats = stats.clone();
-        async move {
-            let stop = async {
-                let _ = stop_rx.await;
-            };
-            pipeline::run(
-                &config,
-                Arc::new(rules),
-                sink,
-                stop,
-                Options { observer: Some(events_tx), stats, ..Options::default() },
-            )
-            .await
-        }
-    });
+    let pipeline =
+        pipeline::spawn(config, Arc::new(rules), sink, Options { observer: Some(events_tx), ..Options::default() });
     loop {
         match events.recv().await {
             Some(Event::Streaming { start }) => {
@@ -195,8 +179,7 @@ async fn run_demo() -> anyhow::Result<()> {
             survivors.push(key.as_str());
         }
     }
-    let _ = stop_tx.send(());
-    pipeline.await??;
+    pipeline.stop().await?;
     println!(
         "{} changes routed; {} of {} cached keys invalidated; untouched: {}",
         routed,
@@ -361,10 +344,9 @@ fn commits_in(sql: &str) -> usize {
     sql.matches("COMMIT").count().max(1)
 }
 
-async fn pipeline_failure(handle: tokio::task::JoinHandle<Result<(), pipeline::PipelineError>>) -> anyhow::Error {
-    match handle.await {
-        Ok(Err(e)) => anyhow::anyhow!("the pipeline stopped: {}", error_chain(&e)),
-        Ok(Ok(())) => anyhow::anyhow!("the pipeline stopped early"),
-        Err(e) => anyhow::anyhow!("the pipeline panicked: {e}"),
+async fn pipeline_failure(pipeline: pipeline::Spawned) -> anyhow::Error {
+    match pipeline.join().await {
+        Err(e) => anyhow::anyhow!("the pipeline stopped: {}", error_chain(&e)),
+        Ok(()) => anyhow::anyhow!("the pipeline stopped early"),
     }
 }

@@ -7,20 +7,18 @@
 //! compares the report with `<name>.expected`. `WALBUST_BLESS=1` rewrites both instead.
 
 use crate::routing::current_lsn;
-use crate::support::{self, Walbust, fresh_db, wait_until, write_config};
+use crate::support::{self, Running, Walbust, fresh_db, wait_until, write_config};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use walbust::config::Config;
 use walbust::lsn::Lsn;
-use walbust::pipeline::{self, Event, Options, Stats};
+use walbust::pipeline::{Event, Stats};
 use walbust::recording::expected::line_diff;
 use walbust::recording::replay::{self, Unit};
 use walbust::rules::RuleSet;
-use walbust::sink::RedisSink;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -318,39 +316,13 @@ async fn golden_a_column_added_mid_stream_and_mid_transaction() {
 
 /// A pipeline in this process that collects every action it applies.
 struct Observed {
-    stats: Arc<Stats>,
+    running: Running,
     applied: Arc<Mutex<BTreeSet<String>>>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    handle: tokio::task::JoinHandle<Result<(), pipeline::PipelineError>>,
 }
 
 impl Observed {
     async fn start(config: &Path) -> Observed {
-        let config = Config::load(config).unwrap_or_else(|e| panic!("config: {e}"));
-        let rules = RuleSet::load(&config.rules).unwrap_or_else(|e| panic!("rules: {e}")).rules;
-        let sink = RedisSink::new(&config.redis.url, None).expect("redis sink");
-        let (tx, mut events) = mpsc::unbounded_channel();
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let stats = Arc::new(Stats::default());
-        let options = Options { observer: Some(tx), stats: stats.clone(), ..Options::default() };
-        let handle = tokio::spawn(async move {
-            let stop = async {
-                let _ = stop_rx.await;
-            };
-            pipeline::run(&config, Arc::new(rules), sink, stop, options).await
-        });
-        let streaming = tokio::time::timeout(WAIT, async {
-            loop {
-                match events.recv().await {
-                    Some(Event::Streaming { .. }) => return true,
-                    Some(_) => {}
-                    None => return false,
-                }
-            }
-        })
-        .await
-        .expect("the pipeline did not start streaming in time");
-        assert!(streaming, "the pipeline stopped before streaming");
+        let (running, mut events) = Running::start_observed(config).await;
         let applied = Arc::new(Mutex::new(BTreeSet::new()));
         let sink = applied.clone();
         tokio::spawn(async move {
@@ -360,16 +332,11 @@ impl Observed {
                 }
             }
         });
-        Observed { stats, applied, stop, handle }
+        Observed { running, applied }
     }
 
     async fn stop(self) -> BTreeSet<String> {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.handle)
-            .await
-            .expect("the pipeline did not stop in time")
-            .expect("pipeline task panicked")
-            .expect("clean stop");
+        self.running.stop().await.expect("clean stop");
         let applied = self.applied.lock().expect("collector lock");
         applied.clone()
     }
@@ -438,7 +405,7 @@ async fn recording_beside_walbust_run_leaves_its_slot_alone_and_replays_to_the_s
         w.await.expect("workload task");
     }
     let target = current_lsn(&db.client).await;
-    let stats = run.stats.clone();
+    let stats = run.running.stats.clone();
     wait_until(Duration::from_secs(60), "walbust run to acknowledge the workload", move || {
         let stats = stats.clone();
         async move { Stats::get(&stats.flushed_lsn) >= target.0 }
@@ -449,7 +416,10 @@ async fn recording_beside_walbust_run_leaves_its_slot_alone_and_replays_to_the_s
     // walbust's slot is held by walbust, and its position is only ever what walbust reported.
     let (pid, confirmed, _) = slot_state(&db.client, n).await.expect("walbust's slot");
     assert_eq!(pid, Some(production_pid), "walbust still holds its slot");
-    assert!(confirmed.0 <= Stats::get(&run.stats.flushed_lsn), "the slot is never ahead of walbust's acknowledgement");
+    assert!(
+        confirmed.0 <= Stats::get(&run.running.stats.flushed_lsn),
+        "the slot is never ahead of walbust's acknowledgement"
+    );
     let slot = recorder.slot.clone();
     let (code, log) = recorder.interrupt().await;
     assert_eq!(code, Some(0), "{log}");
@@ -460,7 +430,7 @@ async fn recording_beside_walbust_run_leaves_its_slot_alone_and_replays_to_the_s
         async move { slot_state(client, &slot).await.is_none() }
     })
     .await;
-    let stats = run.stats.clone();
+    let stats = run.running.stats.clone();
     wait_until(WAIT, "walbust's slot to confirm what walbust acknowledged", move || {
         let stats = stats.clone();
         async move {

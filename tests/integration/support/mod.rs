@@ -175,8 +175,7 @@ pub struct Running {
     pub stats: Arc<Stats>,
     /// Sends a new rule set, as SIGHUP does in `walbust run`.
     pub reload: tokio::sync::watch::Sender<Arc<RuleSet>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<Result<(), PipelineError>>,
+    pipeline: pipeline::Spawned,
 }
 
 impl Running {
@@ -204,25 +203,10 @@ impl Running {
         let rules = RuleSet::load(&config.rules).unwrap_or_else(|e| panic!("rules: {e}")).rules;
         let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).expect("redis sink");
         let (tx, mut events) = mpsc::unbounded_channel();
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let stats = Arc::new(Stats::default());
         let (reload_tx, reload) = tokio::sync::watch::channel(Arc::new(rules.clone()));
-        let handle = tokio::spawn({
-            let stats = stats.clone();
-            async move {
-                let stop = async {
-                    let _ = stop_rx.await;
-                };
-                pipeline::run(
-                    &config,
-                    Arc::new(rules),
-                    sink,
-                    stop,
-                    Options { observer: Some(tx), stats, reload: Some(reload), ..Options::default() },
-                )
-                .await
-            }
-        });
+        let options = Options { observer: Some(tx), stats: stats.clone(), reload: Some(reload), ..Options::default() };
+        let pipeline = pipeline::spawn(config, Arc::new(rules), sink, options);
         let streaming = tokio::time::timeout(Duration::from_secs(60), async {
             loop {
                 match events.recv().await {
@@ -236,29 +220,21 @@ impl Running {
         .await
         .expect("pipeline did not start streaming within 60s");
         if !streaming {
-            let result = handle.await.expect("pipeline task panicked");
-            return Err(result.expect_err("a pipeline that stops before shutdown has failed"));
+            return Err(pipeline.join().await.expect_err("a pipeline that stops before shutdown has failed"));
         }
-        Ok((Running { stats, reload: reload_tx, stop: Some(stop), handle }, events))
+        Ok((Running { stats, reload: reload_tx, pipeline }, events))
     }
 
     /// Waits for the pipeline to stop by itself and returns its result.
     pub async fn stopped_by_itself(self, timeout: Duration) -> Result<(), PipelineError> {
-        tokio::time::timeout(timeout, self.handle)
-            .await
-            .expect("pipeline did not stop by itself in time")
-            .expect("pipeline task panicked")
+        tokio::time::timeout(timeout, self.pipeline.join()).await.expect("pipeline did not stop by itself in time")
     }
 
     /// Asks the pipeline to stop as on SIGTERM and returns its result.
-    pub async fn stop(mut self) -> Result<(), PipelineError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(60), self.handle)
+    pub async fn stop(self) -> Result<(), PipelineError> {
+        tokio::time::timeout(Duration::from_secs(60), self.pipeline.stop())
             .await
             .expect("pipeline did not stop within 60s")
-            .expect("pipeline task panicked")
     }
 }
 
