@@ -21,12 +21,14 @@
 //! the same router and batch (`walbust replay`). [`throwaway`] starts disposable
 //! Postgres and Redis servers for `walbust demo`, the tests and the benchmarks. Every file a
 //! user names is read through [`user_file`], regular files only and with a size cap per kind.
+//! [`exit`] holds the exit codes every subcommand shares.
 
 pub mod action;
 pub mod batch;
 pub mod catalog;
 pub mod config;
 pub mod diagnostic;
+pub mod exit;
 pub mod health;
 pub mod lsn;
 pub mod metrics;

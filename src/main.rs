@@ -1,26 +1,35 @@
-//! The `walbust` binary: parses arguments, dispatches, and turns outcomes into exit codes.
+//! The `walbust` binary: parses arguments, dispatches, and turns outcomes into exit codes;
+//! an error that stops a subcommand is printed here, once ([`cli::report`]).
 
 mod cli;
 
 use clap::Parser;
-use cli::{Cli, Command};
+use cli::{Cli, CliError, Command};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     quiet_on_broken_pipe();
     let cli = Cli::parse();
     cli::init_logging(&cli);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            cli::report(&e);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// Runs the subcommand; the exit code of its outcome, or the error that stopped it.
+fn run(cli: Cli) -> Result<ExitCode, CliError> {
     // One thread: the pipeline is a reader and an applier handing batches to each other,
     // mostly waiting on sockets. On one thread a hand-over is a local wake-up rather than a
     // cross-thread one (a futex call and a second thread's epoll), and walbust leaves the
     // other cores to the database it sits beside.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(cli::EXIT_FAILED);
-        }
-    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failed(anyhow::Error::new(e).context("cannot start the async runtime")))?;
     let code = match cli.command {
         Command::Run { config } => runtime.block_on(cli::run::run(&config)),
         Command::Check { config, online, deny_warnings, app_roles } => {
@@ -45,8 +54,8 @@ fn main() -> ExitCode {
         Command::Invalidate { config, keys, patterns, tags } => {
             runtime.block_on(cli::invalidate::invalidate(&config, keys, patterns, tags))
         }
-    };
-    ExitCode::from(code)
+    }?;
+    Ok(ExitCode::from(code))
 }
 
 /// `walbust check | head -1`: once the reader is gone, printing fails with EPIPE, and

@@ -7,6 +7,7 @@
 //! query for the running daemon and feeds [`crate::metrics::Metrics`].
 
 use crate::config::Config;
+use crate::exit;
 use crate::lsn::Lsn;
 use crate::metrics::{Metrics, SlotHealth};
 use crate::source::slot::quote_literal;
@@ -16,13 +17,6 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Exit code: the slot exists and can be streamed from.
-pub const EXIT_OK: u8 = 0;
-/// Exit code: the slot is missing, unusable or has lost WAL.
-pub const EXIT_FAILED: u8 = 1;
-/// Exit code: the config is bad or the server cannot be reached or queried.
-pub const EXIT_USAGE: u8 = 2;
 
 /// The `wal_status` of a replication slot (Postgres 13 and later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -84,9 +78,9 @@ pub enum StatusError {
 }
 
 impl StatusError {
-    /// The exit code for `walbust status`: always [`EXIT_USAGE`].
+    /// The exit code for `walbust status`: always [`exit::USAGE`], as for a bad config.
     pub fn exit_code(&self) -> u8 {
-        EXIT_USAGE
+        exit::USAGE
     }
 }
 
@@ -201,9 +195,9 @@ impl SlotStatus {
         })
     }
 
-    /// [`EXIT_OK`] when the slot exists and is usable, else [`EXIT_FAILED`].
+    /// [`exit::OK`] when the slot exists and is usable, else [`exit::FAILED`].
     pub fn exit_code(&self) -> u8 {
-        if self.problem().is_some() { EXIT_FAILED } else { EXIT_OK }
+        if self.problem().is_some() { exit::FAILED } else { exit::OK }
     }
 
     /// What the metrics expose about the slot.
@@ -518,7 +512,7 @@ last_heartbeat:      2024-05-01 12:00:00.5+00 (2.0s ago)
     #[test]
     fn a_healthy_slot_exits_0() {
         assert_eq!(healthy().problem(), None);
-        assert_eq!(healthy().exit_code(), EXIT_OK);
+        assert_eq!(healthy().exit_code(), exit::OK);
         let near = SlotStatus { retained_wal_bytes: Some(90), safe_wal_size_bytes: Some(10), ..healthy() };
         assert!(near.near_wal_limit(), "10 of 100 bytes of headroom left");
         let far = SlotStatus { retained_wal_bytes: Some(10), safe_wal_size_bytes: Some(90), ..healthy() };
@@ -527,14 +521,14 @@ last_heartbeat:      2024-05-01 12:00:00.5+00 (2.0s ago)
         assert!(!unlimited.near_wal_limit());
         let unreserved = SlotStatus { wal_status: Some(WalStatus::Unreserved), ..healthy() };
         assert!(unreserved.near_wal_limit());
-        assert_eq!(unreserved.exit_code(), EXIT_OK);
+        assert_eq!(unreserved.exit_code(), exit::OK);
         assert!(unreserved.warning().unwrap().contains("unreserved"));
     }
 
     #[test]
     fn a_missing_slot_exits_1_and_says_how_to_create_it() {
         let s = missing();
-        assert_eq!(s.exit_code(), EXIT_FAILED);
+        assert_eq!(s.exit_code(), exit::FAILED);
         let p = s.problem().unwrap();
         assert!(p.contains("pg_create_logical_replication_slot('walbust', 'pgoutput')"), "{p}");
         assert_eq!(s.render_human(), "slot:     walbust\ndatabase: app\nexists:   no\n");
@@ -543,7 +537,7 @@ last_heartbeat:      2024-05-01 12:00:00.5+00 (2.0s ago)
     #[test]
     fn a_lost_slot_exits_1_and_says_to_drop_it() {
         let s = SlotStatus { wal_status: Some(WalStatus::Lost), ..healthy() };
-        assert_eq!(s.exit_code(), EXIT_FAILED);
+        assert_eq!(s.exit_code(), exit::FAILED);
         let p = s.problem().unwrap();
         assert!(p.contains("wal_status = lost") && p.contains("pg_drop_replication_slot('walbust')"), "{p}");
         assert!(s.render_human().contains("safe_wal_size:       none (lost)"));

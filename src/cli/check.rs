@@ -1,13 +1,13 @@
 //! `walbust check`: the config and every rule file, validated offline, and with `--online`
 //! against the database's catalog too (tables, columns, publication, replica identity).
 
-use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use super::{CliError, Outcome};
 use std::path::Path;
 use std::time::Duration;
 use walbust::catalog;
 use walbust::config::{Config, ConfigError};
 use walbust::diagnostic::{Diagnostic, Diagnostics, plural};
-use walbust::pipeline::error_chain;
+use walbust::exit;
 use walbust::rules::RuleSet;
 use walbust::setup::extra_emitters;
 use walbust::source::connect_sql;
@@ -17,25 +17,19 @@ use walbust::source::slot::{self, ServerSettings};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Prints one status line per file, then the problems; returns the exit code.
-pub async fn check(config_path: &Path, online: bool, deny_warnings: bool, app_roles: &[String]) -> u8 {
+pub async fn check(config_path: &Path, online: bool, deny_warnings: bool, app_roles: &[String]) -> Outcome {
     // Offline, no secret is read: the check runs in CI without production credentials.
     let loaded = if online {
         Config::load(config_path).map(|c| (c, Diagnostics::default()))
     } else {
         Config::load_offline(config_path)
     };
-    let (config, unread) = match loaded {
-        Ok(c) => c,
-        Err(ConfigError::Invalid(d)) => {
+    let (config, unread) = loaded.map_err(|e| {
+        if let ConfigError::Invalid(_) = e {
             println!("FAIL {}", config_path.display());
-            eprintln!("{d}");
-            return EXIT_USAGE;
         }
-        Err(e) => {
-            super::print_config_error(&e);
-            return EXIT_USAGE;
-        }
-    };
+        CliError::usage(e)
+    })?;
     println!("ok   {}", config_path.display());
     if !unread.0.is_empty() {
         // Not counted as warnings: --deny-warnings in CI must not need production secrets.
@@ -57,7 +51,7 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool, app_ro
             // `rules` list at fault, a config error as in `walbust run`; the rule files'
             // own problems are a failed check.
             let config_problem = problems.errors().any(|d| d.line == 0 && !d.file.is_file());
-            return if config_problem { EXIT_USAGE } else { EXIT_FAILED };
+            return Ok(if config_problem { exit::USAGE } else { exit::FAILED });
         }
     };
     let mut diagnostics = loaded.warnings;
@@ -91,10 +85,9 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool, app_ro
                 );
                 diagnostics.0.extend(found.0);
             }
-            Err(message) => {
+            Err(e) => {
                 println!("FAIL database {}", config.source.conninfo.describe());
-                eprintln!("error: {message}");
-                return EXIT_USAGE;
+                return Err(e);
             }
         }
     }
@@ -114,9 +107,9 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool, app_ro
         eprintln!("{diagnostics}");
     }
     if !server_ok || diagnostics.has_errors() || (deny_warnings && !diagnostics.0.is_empty()) {
-        EXIT_FAILED
+        Ok(exit::FAILED)
     } else {
-        EXIT_OK
+        Ok(exit::OK)
     }
 }
 
@@ -127,34 +120,36 @@ async fn check_database(
     config: &Config,
     rules: &RuleSet,
     app_roles: &[String],
-) -> Result<(Diagnostics, ServerSettings), String> {
+) -> Result<(Diagnostics, ServerSettings), CliError> {
     let info = &config.source.conninfo;
     let limit = if info.connect_timeout.is_zero() { CONNECT_TIMEOUT } else { info.connect_timeout * 2 };
     let client = match tokio::time::timeout(limit, connect_sql(info)).await {
         Ok(Ok(client)) => client,
         Ok(Err(e)) => {
-            return Err(format!(
-                "cannot reach the database {} for the online check: {}; check [source] url, the password \
-                 (PGPASSWORD or password_file) and that the server is up, or run check without --online",
-                info.describe(),
-                error_chain(&e)
+            let error = anyhow::Error::new(e)
+                .context(format!("cannot reach the database {} for the online check", info.describe()));
+            return Err(CliError::usage(error).hint(
+                "check [source] url, the password (PGPASSWORD or password_file) and that the server is up, \
+                 or run check without --online",
             ));
         }
         Err(_) => {
-            return Err(format!(
-                "timed out after {limit:?} connecting to the database {} for the online check; check [source] url \
-                 and that the server is reachable, or run check without --online",
+            let error = anyhow::anyhow!(
+                "timed out after {limit:?} connecting to the database {} for the online check",
                 info.describe()
-            ));
+            );
+            return Err(CliError::usage(error)
+                .hint("check [source] url and that the server is reachable, or run check without --online"));
         }
     };
-    let unreadable =
-        |e: catalog::CatalogError| format!("cannot read the catalog of {}: {}", info.describe(), error_chain(&e));
+    let unreadable = |e: catalog::CatalogError| {
+        CliError::usage(anyhow::Error::new(e).context(format!("cannot read the catalog of {}", info.describe())))
+    };
     let settings = catalog::read_server(&client, &config.source.slot).await.map_err(unreadable)?;
     let mut found = catalog::check_online(&client, config, rules).await.map_err(unreadable)?;
-    let extra = extra_emitters(&client, &info.user, app_roles)
-        .await
-        .map_err(|e| format!("cannot read the grants of pg_logical_emit_message: {}", error_chain(&e)))?;
+    let extra = extra_emitters(&client, &info.user, app_roles).await.map_err(|e| {
+        CliError::usage(anyhow::Error::new(e).context("cannot read the grants of pg_logical_emit_message"))
+    })?;
     if !extra.is_empty() {
         found.0.push(Diagnostic::warning(&config.path, "", None, extra.message()).with_hint(format!(
             "name the application roles with --app-role and run walbust setup --apply, or run as a superuser:\n{}",

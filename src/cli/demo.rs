@@ -1,6 +1,6 @@
 //! `walbust demo`: the whole pipeline on throwaway servers, over a scripted series of writes.
 
-use super::{EXIT_FAILED, EXIT_OK};
+use super::{CliError, Outcome};
 use indexmap::IndexMap;
 use redis::AsyncCommands;
 use std::collections::HashMap;
@@ -12,6 +12,7 @@ use walbust::action::Action;
 use walbust::batch::ChangeRecord;
 use walbust::config::Config;
 use walbust::diagnostic::plural;
+use walbust::exit;
 use walbust::pipeline::{self, Event, Options, error_chain};
 use walbust::rules::RuleSet;
 use walbust::sink::{DeadLetter, RedisSink, RedisSinkError, Sink};
@@ -60,17 +61,11 @@ const WRITES: &[Write] = &[
 const UNTOUCHED: &[&str] = &["user:2:settings:locale", "plans_list_acme_paddle_page1"];
 
 /// Runs the demo; returns the exit code.
-pub async fn demo() -> u8 {
+pub async fn demo() -> Outcome {
     match tokio::time::timeout(Duration::from_secs(55), run_demo()).await {
-        Ok(Ok(())) => EXIT_OK,
-        Ok(Err(e)) => {
-            eprintln!("demo failed: {e:#}");
-            EXIT_FAILED
-        }
-        Err(_) => {
-            eprintln!("demo failed: it did not finish within 55 seconds");
-            EXIT_FAILED
-        }
+        Ok(Ok(())) => Ok(exit::OK),
+        Ok(Err(e)) => Err(CliError::failed(e.context("the demo failed"))),
+        Err(_) => Err(CliError::failed(anyhow::anyhow!("the demo failed: it did not finish within 55 seconds"))),
     }
 }
 

@@ -14,29 +14,8 @@ pub mod test;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use walbust::config::{Config, ConfigError};
-
-// Exit codes: the one policy of every subcommand (README, "Exit codes"). A supervisor
-// restarts on 1 and never on 2 or 3 (deploy/walbust.service: RestartPreventExitStatus=2 3),
-// since restarting cannot fix a file, a password or the database's settings: it only buries
-// the message under a restart loop.
-
-/// Exit code for success.
-pub const EXIT_OK: u8 = 0;
-/// Exit code for a failed check or test, or a run stopped by an error that a restart may
-/// clear (a slot another instance holds, a replication message walbust cannot decode).
-pub const EXIT_FAILED: u8 = 1;
-/// Exit code for a usage or config error: bad flags, an invalid config or rule file, a
-/// rules glob matching nothing, a metrics address that cannot be parsed.
-pub const EXIT_USAGE: u8 = 2;
-/// Exit code for a database or credentials problem only a person can fix: authentication
-/// failed, `wal_level` is not `logical`, the server is older than PostgreSQL 14, the
-/// publication is missing or leaves out a rule's table, the slot is missing, unusable or lost.
-pub const EXIT_NEEDS_PERSON: u8 = 3;
-
-/// The exit code of `walbust run` for the error that stopped the pipeline.
-pub fn exit_code(e: &walbust::pipeline::PipelineError) -> u8 {
-    if e.needs_person() { EXIT_NEEDS_PERSON } else { EXIT_FAILED }
-}
+use walbust::diagnostic::Diagnostics;
+use walbust::exit;
 
 /// walbust: invalidates Redis cache keys from Postgres' logical replication stream.
 #[derive(Debug, Parser)]
@@ -202,21 +181,87 @@ pub fn warn_password_on_command_line(flag: &str, env: &str, also: &str, url: Opt
     }
 }
 
-/// Loads the config file; on failure prints why (every problem in the file, or the read
-/// error with the operating system's reason) and returns the exit code.
-pub fn load_config(path: &Path) -> Result<Config, u8> {
-    Config::load(path).map_err(|e| {
-        print_config_error(&e);
-        EXIT_USAGE
-    })
+/// Why a subcommand stopped: the exit code and the error, printed once by [`report`].
+#[derive(Debug)]
+pub struct CliError {
+    /// The exit code, one of [`walbust::exit`].
+    pub code: u8,
+    error: anyhow::Error,
+    /// Lines printed after the error, indented: hints and notes.
+    after: Vec<String>,
 }
 
-/// Prints a config error: each problem with its place, or `error: ` and the whole chain.
-pub fn print_config_error(e: &ConfigError) {
-    match e {
-        ConfigError::Invalid(problems) => eprintln!("{problems}"),
-        other => eprintln!("error: {}", walbust::pipeline::error_chain(other)),
+impl CliError {
+    /// `error`, exiting with `code`.
+    pub fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
+        CliError { code, error: error.into(), after: Vec::new() }
     }
+
+    /// A usage or config error ([`exit::USAGE`]).
+    pub fn usage(error: impl Into<anyhow::Error>) -> Self {
+        CliError::new(exit::USAGE, error)
+    }
+
+    /// A failure a retry may clear ([`exit::FAILED`]).
+    pub fn failed(error: impl Into<anyhow::Error>) -> Self {
+        CliError::new(exit::FAILED, error)
+    }
+
+    /// Adds what to do about it, printed after the error as `  hint: ...`.
+    pub fn hint(self, hint: impl std::fmt::Display) -> Self {
+        self.note(format!("hint: {hint}"))
+    }
+
+    /// Adds a line said after the error, indented.
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.after.push(note.into());
+        self
+    }
+}
+
+/// What a subcommand returns: the exit code of an outcome it has printed itself, or the
+/// error that stopped it.
+pub type Outcome = Result<u8, CliError>;
+
+/// Prints `error: ` and the error with its causes, each once (the operating system's
+/// reason included; see [`chain`]), then the hints and notes. Problems listed with their
+/// places (an invalid config or rule file) print as they are: each carries its own
+/// `error:` and hint.
+pub fn report(e: &CliError) {
+    let problems = match e.error.downcast_ref::<ConfigError>() {
+        Some(ConfigError::Invalid(problems)) => Some(problems),
+        _ => e.error.downcast_ref::<Diagnostics>(),
+    };
+    match problems {
+        Some(problems) => eprintln!("{problems}"),
+        None => eprintln!("error: {}", chain(&e.error)),
+    }
+    for line in &e.after {
+        eprintln!("  {line}");
+    }
+}
+
+/// The error and its causes joined by `: `, leaving out a cause whose text is already
+/// said: many errors (redis-rs', for one) print their source in their own message too, and
+/// the operating system's reason would otherwise appear twice.
+fn chain(error: &anyhow::Error) -> String {
+    let mut said = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if said.contains(&text) {
+            continue;
+        }
+        if !said.is_empty() {
+            said.push_str(": ");
+        }
+        said.push_str(&text);
+    }
+    said
+}
+
+/// Loads the config file; the error is every problem in the file, or the read error.
+pub fn load_config(path: &Path) -> Result<Config, CliError> {
+    Config::load(path).map_err(CliError::usage)
 }
 
 /// Sets up `tracing` from the flags.
@@ -234,5 +279,31 @@ pub fn init_logging(cli: &Cli) {
     match cli.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain;
+
+    /// An error whose message repeats its source's, as redis-rs' errors do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("failed while sending: {source}")]
+    struct Repeats {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_the_message_already_says_is_printed_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let error = anyhow::Error::new(Repeats { source: io }).context("redis at localhost");
+        assert_eq!(chain(&error), "redis at localhost: failed while sending: connection refused");
+    }
+
+    #[test]
+    fn each_cause_is_printed_after_the_error() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let error = anyhow::Error::new(io).context("cannot read config file /missing");
+        assert_eq!(chain(&error), "cannot read config file /missing: No such file or directory (os error 2)");
     }
 }

@@ -1,11 +1,12 @@
 //! `walbust record`: the committed change stream written to a recording file.
 
-use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use super::{CliError, Outcome};
+use anyhow::anyhow;
 use std::path::Path;
 use walbust::config::parse_duration;
 use walbust::diagnostic::plural;
+use walbust::exit;
 use walbust::lsn::Lsn;
-use walbust::pipeline::error_chain;
 use walbust::recording::recorder::{Event, Limits, RecordOptions, Totals};
 
 /// Records from a temporary slot of its own until SIGINT/SIGTERM or a limit; returns the
@@ -17,31 +18,19 @@ pub async fn record(
     duration: Option<&str>,
     max_transactions: Option<u64>,
     until_lsn: Option<&str>,
-) -> u8 {
-    let duration = match duration.map(|d| parse_duration(d).ok_or(d)).transpose() {
-        Ok(d) => d,
-        Err(d) => {
-            eprintln!("error: invalid --duration `{d}`\n  hint: write a number and a unit, as in 30s, 5m or 1h");
-            return EXIT_USAGE;
-        }
-    };
-    let until_lsn = match until_lsn.map(str::parse::<Lsn>).transpose() {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "error: invalid --until-lsn: {e}\n  hint: SELECT pg_current_wal_lsn(); prints the current position"
-            );
-            return EXIT_USAGE;
-        }
-    };
+) -> Outcome {
+    let duration = duration.map(|d| parse_duration(d).ok_or(d)).transpose().map_err(|d| {
+        CliError::usage(anyhow!("invalid --duration `{d}`")).hint("write a number and a unit, as in 30s, 5m or 1h")
+    })?;
+    let until_lsn = until_lsn.map(str::parse::<Lsn>).transpose().map_err(|e| {
+        CliError::usage(anyhow!("invalid --until-lsn: {e}"))
+            .hint("SELECT pg_current_wal_lsn(); prints the current position")
+    })?;
     if max_transactions == Some(0) {
-        eprintln!("error: --max-transactions 0 would record nothing\n  hint: give at least 1, or leave it out");
-        return EXIT_USAGE;
+        return Err(CliError::usage(anyhow!("--max-transactions 0 would record nothing"))
+            .hint("give at least 1, or leave it out"));
     }
-    let config = match super::load_config(config_path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+    let config = super::load_config(config_path)?;
     let options = RecordOptions {
         output: output.to_path_buf(),
         limits: Limits { duration, max_transactions, until_lsn },
@@ -57,31 +46,20 @@ pub async fn record(
         Event::Stopping(reason) => eprintln!("stopping ({reason}); finishing the transaction in hand"),
     };
     let outcome = walbust::recording::record(&config.source, &options, shutdown_signal(), on_event).await;
-    match outcome {
-        Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
-            if e.is_usage() { EXIT_USAGE } else { EXIT_FAILED }
+    let outcome = outcome.map_err(|e| CliError::new(if e.is_usage() { exit::USAGE } else { exit::FAILED }, e))?;
+    let Some(o) = outcome else {
+        eprintln!("stopped before the recording started; nothing was written");
+        return Ok(exit::OK);
+    };
+    if o.dropped_open {
+        eprintln!("warning: the transaction in hand did not commit in time and is not in the recording");
+    }
+    match o.ended {
+        Ok(reason) => {
+            eprintln!("recorded {} into {file} ({reason})", totals(&o.totals));
+            Ok(exit::OK)
         }
-        Ok(None) => {
-            eprintln!("stopped before the recording started; nothing was written");
-            EXIT_OK
-        }
-        Ok(Some(o)) => {
-            if o.dropped_open {
-                eprintln!("warning: the transaction in hand did not commit in time and is not in the recording");
-            }
-            match o.ended {
-                Ok(reason) => {
-                    eprintln!("recorded {} into {file} ({reason})", totals(&o.totals));
-                    EXIT_OK
-                }
-                Err(e) => {
-                    eprintln!("error: {}", error_chain(&e));
-                    eprintln!("  {file} holds the {} before the failure", totals(&o.totals));
-                    EXIT_FAILED
-                }
-            }
-        }
+        Err(e) => Err(CliError::failed(e).note(format!("{file} holds the {} before the failure", totals(&o.totals)))),
     }
 }
 

@@ -1,12 +1,13 @@
 //! `walbust run`: the daemon.
 
-use super::{EXIT_NEEDS_PERSON, EXIT_OK, EXIT_USAGE};
+use super::{CliError, Outcome};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 use walbust::catalog::StartupCheck;
 use walbust::config::{Config, ConfigError};
+use walbust::exit;
 use walbust::health::Health;
 use walbust::metrics::Metrics;
 use walbust::pipeline::{self, Options, Stats, error_chain};
@@ -14,18 +15,9 @@ use walbust::rules::{Loaded, RuleSet};
 use walbust::sink::RedisSink;
 
 /// Runs until SIGINT or SIGTERM; returns the exit code.
-pub async fn run(config_path: &Path) -> u8 {
-    let config = match super::load_config(config_path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let loaded = match RuleSet::load(&config.rules) {
-        Ok(l) => l,
-        Err(problems) => {
-            eprintln!("{problems}");
-            return EXIT_USAGE;
-        }
-    };
+pub async fn run(config_path: &Path) -> Outcome {
+    let config = super::load_config(config_path)?;
+    let loaded = RuleSet::load(&config.rules).map_err(CliError::usage)?;
     for w in loaded.warnings.warnings() {
         warn!("{w}");
     }
@@ -36,17 +28,11 @@ pub async fn run(config_path: &Path) -> u8 {
         if !refused.diagnostics.0.is_empty() {
             eprintln!("{}", refused.diagnostics);
         }
-        // The database needs fixing rather than the files: see EXIT_NEEDS_PERSON.
+        // The database needs fixing rather than the files: see exit::NEEDS_PERSON.
         let database = refused.publication_unfit || !refused.server.is_empty();
-        return if database { EXIT_NEEDS_PERSON } else { EXIT_USAGE };
+        return Ok(if database { exit::NEEDS_PERSON } else { exit::USAGE });
     }
-    let sink = match RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
-            return EXIT_USAGE;
-        }
-    };
+    let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).map_err(CliError::usage)?;
     info!(source = %config.source.conninfo.describe(), redis = %sink.description(), rules = loaded.rules.rules().len(),
         slot = %config.source.slot, "starting");
     let stats = Arc::new(Stats::default());
@@ -80,12 +66,11 @@ pub async fn run(config_path: &Path) -> u8 {
     match result {
         Ok(()) => {
             info!(changes = Stats::get(&stats.changes), commits = Stats::get(&stats.commits), "stopped");
-            EXIT_OK
+            Ok(exit::OK)
         }
         Err(e) => {
             error!("{}", error_chain(&e));
-            eprintln!("error: {}", error_chain(&e));
-            super::exit_code(&e)
+            Err(CliError::new(if e.needs_person() { exit::NEEDS_PERSON } else { exit::FAILED }, e))
         }
     }
 }

@@ -1,9 +1,11 @@
 //! `walbust setup`: prints (or applies) the SQL that prepares a database; the logic is `walbust::setup`.
 
-use super::{EXIT_NEEDS_PERSON, EXIT_OK, EXIT_USAGE};
+use super::{CliError, Outcome};
+use anyhow::anyhow;
 use std::path::Path;
 use std::time::Duration;
 use walbust::config::Config;
+use walbust::exit;
 use walbust::pipeline::error_chain;
 use walbust::rules::RuleSet;
 use walbust::setup::{apply, replica_identity_advice, setup_sql_with};
@@ -15,25 +17,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Prints the setup script, checking replica identities when it can connect (as
 /// `admin_url`, else as `[source] url`); with `apply` it runs everything as that role in
 /// one transaction instead. Returns the exit code.
-pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&str>, run: bool) -> u8 {
+pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&str>, run: bool) -> Outcome {
     // Printing, or applying as another role, never logs in as the walbust role: its
     // password file need not exist yet.
     let loaded =
         if run && admin_url.is_none() { Config::load(config_path) } else { Config::load_without_password(config_path) };
-    let config = match loaded {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let rules = match RuleSet::load(&config.rules) {
-        Ok(loaded) => loaded.rules,
-        Err(problems) => {
-            eprintln!("{problems}");
-            return EXIT_USAGE;
-        }
-    };
+    let config = loaded.map_err(CliError::usage)?;
+    let rules = RuleSet::load(&config.rules).map_err(CliError::usage)?.rules;
     let admin = match admin_url {
         None => config.source.conninfo.clone(),
         Some(url) => match ConnInfo::parse(url, |name| std::env::var(name).ok()) {
@@ -43,10 +33,7 @@ pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&
                 }
                 a
             }
-            Err(e) => {
-                eprintln!("error: invalid --admin-url: {e}");
-                return EXIT_USAGE;
-            }
+            Err(e) => return Err(CliError::usage(anyhow::Error::new(e).context("invalid --admin-url"))),
         },
     };
     let result = if run {
@@ -85,18 +72,12 @@ pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&
         }
     };
     match result {
-        Ok(true) => EXIT_OK,
+        Ok(true) => Ok(exit::OK),
         // The database is set up, but the server needs a setting and a restart first.
-        Ok(false) => {
-            eprintln!(
-                "error: the database is set up, but walbust cannot stream until the server settings above are changed"
-            );
-            EXIT_NEEDS_PERSON
-        }
-        Err(e) => {
-            let code = e.exit_code();
-            eprintln!("error: {:#}", anyhow::Error::from(e));
-            code
-        }
+        Ok(false) => Err(CliError::new(
+            exit::NEEDS_PERSON,
+            anyhow!("the database is set up, but walbust cannot stream until the server settings above are changed"),
+        )),
+        Err(e) => Err(CliError::new(e.exit_code(), e)),
     }
 }

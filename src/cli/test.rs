@@ -1,36 +1,28 @@
 //! `walbust test`: rule tests in `*.test.toml` files, run through the production router.
 
-use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use super::{CliError, Outcome};
+use anyhow::anyhow;
 use std::path::{Path, PathBuf};
 use walbust::diagnostic::plural;
+use walbust::exit;
 use walbust::ruletest::{self, SuiteResult};
 
 /// Runs the tests in `files` (directories are searched for `*.test.toml`) whose names match
 /// `run`, prints one line per test and a diff per failure, writes JUnit XML to `junit` when
 /// asked, and returns the exit code: 0 all passed, 1 a test failed, 2 a usage or file error.
-pub fn test(files: &[PathBuf], run: Option<&str>, junit: Option<&Path>) -> u8 {
-    let filter = match run.map(regex::Regex::new).transpose() {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: invalid --run regex `{}`: {e}", run.unwrap_or_default());
-            eprintln!(
-                "  hint: --run takes a regular expression searched for in test names, as in --run 'reset|defaults'"
-            );
-            return EXIT_USAGE;
-        }
-    };
-    let loaded = match ruletest::discover(files).and_then(|paths| ruletest::load(&paths)) {
-        Ok(l) => l,
-        Err(problems) => {
-            eprintln!("{problems}");
-            let errors = problems.errors().count();
-            eprintln!(
-                "error: {errors} problem{} in test or rule files; no test was run",
-                if errors == 1 { "" } else { "s" }
-            );
-            return EXIT_USAGE;
-        }
-    };
+pub fn test(files: &[PathBuf], run: Option<&str>, junit: Option<&Path>) -> Outcome {
+    let filter = run.map(regex::Regex::new).transpose().map_err(|e| {
+        CliError::usage(anyhow::Error::new(e).context(format!("invalid --run regex `{}`", run.unwrap_or_default())))
+            .hint("--run takes a regular expression searched for in test names, as in --run 'reset|defaults'")
+    })?;
+    let loaded = ruletest::discover(files).and_then(|paths| ruletest::load(&paths)).map_err(|problems| {
+        eprintln!("{problems}");
+        let errors = problems.errors().count();
+        CliError::usage(anyhow!(
+            "{errors} problem{} in test or rule files; no test was run",
+            if errors == 1 { "" } else { "s" }
+        ))
+    })?;
     if !loaded.warnings.0.is_empty() {
         eprintln!("{}", loaded.warnings);
     }
@@ -38,16 +30,14 @@ pub fn test(files: &[PathBuf], run: Option<&str>, junit: Option<&Path>) -> u8 {
     let (passed, failed) = ruletest::totals(&results);
     let total: usize = loaded.suites.iter().map(|s| s.cases.len()).sum();
     if passed + failed == 0 {
-        match run {
-            Some(r) => {
-                eprintln!("error: no test name matches --run `{r}` ({} in all)", plural(total as u64, "test", "tests"));
-                eprintln!(
-                    "  hint: --run is a regular expression searched for in test names; leave it out to run every test"
-                );
-            }
-            None => eprintln!("error: the test files hold no tests"),
-        }
-        return EXIT_USAGE;
+        return Err(match run {
+            Some(r) => CliError::usage(anyhow!(
+                "no test name matches --run `{r}` ({} in all)",
+                plural(total as u64, "test", "tests")
+            ))
+            .hint("--run is a regular expression searched for in test names; leave it out to run every test"),
+            None => CliError::usage(anyhow!("the test files hold no tests")),
+        });
     }
     print_results(&results);
     let skipped = total - passed - failed;
@@ -59,11 +49,10 @@ pub fn test(files: &[PathBuf], run: Option<&str>, junit: Option<&Path>) -> u8 {
     if let Some(path) = junit
         && let Err(e) = std::fs::write(path, ruletest::junit(&results))
     {
-        eprintln!("error: cannot write the JUnit report `{}`: {e}", path.display());
-        eprintln!("  hint: check that its directory exists and is writable");
-        return EXIT_USAGE;
+        let error = anyhow::Error::new(e).context(format!("cannot write the JUnit report `{}`", path.display()));
+        return Err(CliError::usage(error).hint("check that its directory exists and is writable"));
     }
-    if failed > 0 { EXIT_FAILED } else { EXIT_OK }
+    Ok(if failed > 0 { exit::FAILED } else { exit::OK })
 }
 
 fn print_results(results: &[SuiteResult]) {

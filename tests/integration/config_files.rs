@@ -30,22 +30,50 @@ pub(super) fn stderr(out: &Output) -> String {
 }
 
 #[test]
-fn a_missing_config_under_run_prints_error_with_the_os_reason() {
-    for command in ["run", "check", "status", "record", "invalidate"] {
-        let mut args = vec![command, "--config", "/missing/config.toml"];
-        match command {
-            "record" => args.extend(["--output", "/dev/null"]),
-            "invalidate" => args.extend(["--key", "k"]),
-            _ => {}
-        }
+fn a_missing_config_prints_one_error_line_with_the_os_reason_once_under_every_subcommand() {
+    for command in [
+        &["run"][..],
+        &["check"],
+        &["check", "--online"],
+        &["status"],
+        &["health"],
+        &["setup"],
+        &["setup", "--apply"],
+        &["record", "--output", "/dev/null"],
+        &["invalidate", "--key", "k"],
+    ] {
+        let mut args = command.to_vec();
+        args.extend(["--config", "/missing/config.toml"]);
         let out = walbust(&args);
-        assert_eq!(out.status.code(), Some(2), "{command}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {}", stderr(&out));
         assert_eq!(
             stderr(&out).trim_end(),
             "error: cannot read config file /missing/config.toml: No such file or directory (os error 2)",
-            "{command}"
+            "{command:?}"
         );
+        assert!(out.stdout.is_empty(), "{command:?}: {}", String::from_utf8_lossy(&out.stdout));
     }
+}
+
+#[test]
+fn an_unreachable_redis_under_invalidate_names_the_os_reason_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "rules = [\"rules/*.toml\"]\n[source]\nurl = \"postgres://u@127.0.0.1:1/db\"\n\
+             [redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n"
+        ),
+    )
+    .unwrap();
+    let out = walbust(&["invalidate", "--config", config.to_str().unwrap(), "--key", "k"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.starts_with(&format!("error: redis at redis://127.0.0.1:{port}/0 failed")), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use crate::support::{self, Running, TestDb, cache, connect, existing, fresh_db, 
 use std::path::PathBuf;
 use std::time::Duration;
 use walbust::config::Config;
+use walbust::exit;
 use walbust::metrics::Metrics;
 use walbust::pipeline::Stats;
 use walbust::rules::RuleSet;
@@ -56,7 +57,7 @@ async fn status_of_a_missing_slot_exits_1_and_says_how_to_create_it() {
     let st = slot_status(&load(&files)).await.expect("status reads a missing slot");
     assert!(!st.exists, "{st:?}");
     assert_eq!(st.database, db.name);
-    assert_eq!(st.exit_code(), status::EXIT_FAILED);
+    assert_eq!(st.exit_code(), exit::FAILED);
     let problem = st.problem().expect("a missing slot is a problem");
     assert!(problem.contains(&format!("pg_create_logical_replication_slot('{}', 'pgoutput')", db.name)), "{problem}");
     assert!(st.render_human().contains("exists:   no\n"), "{}", st.render_human());
@@ -86,7 +87,7 @@ async fn status_of_an_idle_slot_reports_positions_lag_and_retained_wal_and_feeds
     assert_eq!(st.lag_bytes, Some((current.0 - confirmed.0) as i64), "lag is current minus confirmed, read at once");
     assert_eq!(st.retained_wal_bytes, Some((current.0 - restart.0) as i64));
     assert!(st.lag_bytes.unwrap() >= (written.0 - confirmed.0) as i64, "the insert is not acknowledged: {st:?}");
-    assert_eq!(st.exit_code(), status::EXIT_OK, "{:?}", st.problem());
+    assert_eq!(st.exit_code(), exit::OK, "{:?}", st.problem());
     let human = st.render_human();
     assert!(
         human.contains("plugin:              pgoutput\n") && human.contains("active:              no\n"),
@@ -148,7 +149,7 @@ async fn status_while_walbust_streams_shows_the_walsender_and_its_last_heartbeat
         .expect("slot")
         .get(0);
     assert_eq!(st.active_pid, pid);
-    assert_eq!(st.exit_code(), status::EXIT_OK);
+    assert_eq!(st.exit_code(), exit::OK);
     run.stop().await.expect("clean stop");
     wait_until(WAIT, "the slot to be released", || {
         let config = config.clone();
@@ -173,7 +174,7 @@ async fn status_of_an_unreachable_server_is_an_error_with_exit_code_2() {
     let config = Config::load(&path).expect("config parses");
     let err = tokio::time::timeout(WAIT, slot_status(&config)).await.expect("fails fast").expect_err("no server");
     assert!(matches!(err, StatusError::Connect { .. }), "{err:?}");
-    assert_eq!(err.exit_code(), status::EXIT_USAGE);
+    assert_eq!(err.exit_code(), exit::USAGE);
     assert!(err.to_string().contains("slot `walbust`"), "{err}");
 }
 
@@ -208,7 +209,7 @@ async fn status_of_a_slot_that_lost_its_wal_exits_1_and_says_to_drop_it() {
     })
     .await;
     let st = slot_status(&config).await.expect("status");
-    assert_eq!(st.exit_code(), status::EXIT_FAILED);
+    assert_eq!(st.exit_code(), exit::FAILED);
     let problem = st.problem().expect("a lost slot is a problem");
     assert!(problem.contains("wal_status = lost"), "{problem}");
     assert!(problem.contains(&format!("pg_drop_replication_slot('{}')", db.name)), "{problem}");
@@ -337,7 +338,7 @@ async fn setup_apply_names_missing_tables_and_changes_nothing() {
     let admin = ConnInfo::parse(&db.url, |_| None).expect("admin url");
     let err = setup::apply(&admin, &load(&files), &rule_set(&text), &[]).await.expect_err("a table is missing");
     assert!(matches!(&err, ApplyError::MissingTables { tables, .. } if tables == &["public.nope"]), "{err:?}");
-    assert_eq!(err.exit_code(), 1);
+    assert_eq!(err.exit_code(), exit::FAILED);
     assert!(err.to_string().contains(&format!("in database `{n}` does not exist")), "{err}");
     let role_row = db.client.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role]).await.unwrap();
     assert!(role_row.is_none(), "nothing was created");
