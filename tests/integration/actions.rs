@@ -321,7 +321,9 @@ async fn invalidation_goes_on_while_sighup_reloads_a_large_rule_set() {
     let log_has = |needle: &'static str| log_has(&log, needle);
     wait_until(Duration::from_secs(60), "walbust to stream", log_has("streaming")).await;
     // 600,000 keys in 40 files (11 MB): seconds of work to read and compile, which must not
-    // hold up the stream.
+    // hold up the stream. A last file with an error makes the reload end in a rejection
+    // logged as soon as reading and compiling are done, with nothing to wait on in between:
+    // on the runtime's thread, the load would let no change through before that line.
     let rules_dir = files.path.with_file_name("rules");
     for f in 0..40 {
         let mut text = format!("[[rule]]\nname = \"big {f}\"\ntable = \"items\"\nkeys = [\n");
@@ -331,6 +333,8 @@ async fn invalidation_goes_on_while_sighup_reloads_a_large_rule_set() {
         text.push_str("]\n");
         std::fs::write(rules_dir.join(format!("big{f}.toml")), text).unwrap();
     }
+    let broken = rules_dir.join("zz_broken.toml");
+    std::fs::write(&broken, "[[rule]]\nname = \"broken\"\ntable = \"items\"\nkeys = [\"{id\"]\n").unwrap();
     let mut redis = redis_conn(&s.redis.url()).await;
     let key = vec![format!("{n}:item:1")];
     cache(&mut redis, &key).await;
@@ -343,7 +347,11 @@ async fn invalidation_goes_on_while_sighup_reloads_a_large_rule_set() {
     })
     .await;
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(!text.contains("new rules accepted"), "the reload was over before the invalidation:\n{text}");
+    assert!(!text.contains("reload rejected"), "the stream waited for the reload to be over:\n{text}");
+    wait_until(Duration::from_secs(300), "the large broken rule set to be rejected", log_has("reload rejected")).await;
+
+    std::fs::remove_file(&broken).unwrap();
+    walbust.signal(libc::SIGHUP);
     wait_until(Duration::from_secs(300), "the large rule set to be accepted", log_has("new rules accepted")).await;
     assert_eq!(walbust.terminate(), Some(0));
 }
