@@ -33,6 +33,6 @@ $walbust$;
 -- Replica identity: old-row columns the rules read.
 -- public.plans: rule "plan lists" reads org_slug, provider from old rows, which REPLICA IDENTITY DEFAULT (primary key plans_pkey: id) leaves out of UPDATE and
 -- DELETE; without FULL walbust widens those keys to pattern deletes.
-ALTER TABLE "public"."plans" REPLICA IDENTITY FULL;
+ALTER TABLE public.plans REPLICA IDENTITY FULL;
 
 COMMIT;

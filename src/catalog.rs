@@ -21,12 +21,14 @@
 
 use crate::config::Config;
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity, did_you_mean};
+use crate::fix;
 use crate::rules::template::{Image, Template};
 use crate::rules::{Op, OpSet, Rule, RuleSet, TableName};
 use crate::source::is_transient_sqlstate;
-use crate::source::slot::{ServerSettings, add_tables_sql, create_publication_sql, sql_ident, sql_table};
+use crate::source::slot::ServerSettings;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use tokio_postgres::GenericClient;
 
 /// Why the catalog could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -300,11 +302,22 @@ pub async fn read_catalog(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    catalog.publication = read_publication(client, publication).await?;
+    Ok(catalog)
+}
+
+/// Reads `publication`'s settings and tables; `None` when it does not exist. The one
+/// reader of a publication for `check --online`, `run`'s start-up gate and `setup`.
+pub async fn read_publication(
+    client: &impl GenericClient,
+    publication: &str,
+) -> Result<Option<Publication>, CatalogError> {
+    let query = |doing: &'static str| move |source| CatalogError::Query { doing, source };
     let row = client
         .query_opt(PUBLICATION_QUERY, &[&publication])
         .await
         .map_err(query("reading the publication from pg_publication"))?;
-    let Some(row) = row else { return Ok(catalog) };
+    let Some(row) = row else { return Ok(None) };
     let json = parse_json(row.get(0), "pg_publication row")?;
     let flag = |name: &str| json.get(name).and_then(serde_json::Value::as_bool).unwrap_or(false);
     let mut publishes = OpSet::NONE;
@@ -339,8 +352,7 @@ pub async fn read_catalog(
             .map(|names| names.iter().filter_map(serde_json::Value::as_str).map(str::to_string).collect::<Vec<_>>());
         found.tables.insert(TableName { schema, table }, columns);
     }
-    catalog.publication = Some(found);
-    Ok(catalog)
+    Ok(Some(found))
 }
 
 fn parse_json(text: String, what: &'static str) -> Result<serde_json::Value, CatalogError> {
@@ -627,7 +639,7 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
                     None if relation.columns.len() <= 30 => {
                         format!("`{}` has columns {}", rule.table, ticked(&relation.columns))
                     }
-                    None => format!("see \\d {} in psql for its columns", sql_table(&rule.table)),
+                    None => format!("see \\d {} in psql for its columns", fix::sql_table(&rule.table)),
                 };
                 self.push(
                     Severity::Error,
@@ -649,9 +661,9 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
                         c.name, rule.name, rule.table
                     ),
                     format!(
-                        "add it to the list (published now: {}), or drop the column list: ALTER PUBLICATION {} SET TABLE ...;",
+                        "add it to the list (published now: {}), or drop the column list: {}",
                         ticked(list),
-                        sql_ident(name)
+                        fix::set_tables_outline(name)
                     ),
                 );
             }
@@ -668,7 +680,7 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
             let source = t.lines().position(|l| l.trim() == "[source]")? + 1;
             key_position(t, source, "publication").or(Some((source, 1)))
         });
-        let create = format!("create it with: {}", create_publication_sql(name, &self.rules.tables()));
+        let create = format!("create it with: {}", fix::create_publication(name, &self.rules.tables()));
         let hint = match did_you_mean(name, self.catalog.publications.iter().map(String::as_str)) {
             Some(m) => format!("did you mean `{m}`? Otherwise {create}"),
             None => create,
@@ -700,11 +712,7 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
                     "`{t}` of rule `{}` is partitioned, and publication `{name}` publishes changes under each partition's name, which the rule does not match",
                     rule.name
                 ),
-                format!(
-                    "run ALTER PUBLICATION {} SET (publish_via_partition_root = true); and make sure it includes {}",
-                    sql_ident(name),
-                    sql_table(t)
-                ),
+                format!("run {} and make sure it includes {}", fix::publish_via_root(name), fix::sql_table(t)),
             );
             return;
         }
@@ -718,7 +726,7 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
                     "table `{t}` of rule `{}` is not in publication `{name}`, so its changes never reach walbust",
                     rule.name
                 ),
-                format!("run {}", add_tables_sql(name, &[t])),
+                format!("run {}", fix::add_tables(name, &[t])),
             );
         }
     }
@@ -729,12 +737,6 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
         if missing.is_empty() {
             return;
         }
-        // The fix keeps what is published and adds what any rule needs.
-        let wanted: Vec<&str> = Op::ALL
-            .into_iter()
-            .filter(|&op| p.publishes.contains(op) || self.rules.rules().iter().any(|r| r.on.contains(op)))
-            .map(Op::as_str)
-            .collect();
         let at = self.position(rule, "on");
         let ops = ops_text(&missing);
         self.push(
@@ -745,7 +747,7 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
                 "publication `{name}` does not publish {ops}, but rule `{}` fires on {ops}; those changes never reach walbust",
                 rule.name
             ),
-            format!("run ALTER PUBLICATION {} SET (publish = '{}');", sql_ident(name), wanted.join(", ")),
+            format!("run {}", fix::publish_every_op(name)),
         );
     }
 
@@ -766,7 +768,7 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
                 "`{t}` has {}; while publication `{name}` publishes it, Postgres rejects every {verbs} on it",
                 relation.identity.describe()
             ),
-            format!("run ALTER TABLE {} REPLICA IDENTITY FULL; (or give it a primary key)", sql_table(t)),
+            format!("run {} (or give it a primary key)", fix::replica_identity_full(t)),
         );
     }
 
@@ -868,10 +870,7 @@ impl<'a, F: Fn(&Path) -> Option<String>> Checker<'a, F> {
                 relation.identity.describe(),
                 consequences.join("; ")
             ),
-            format!(
-                "run ALTER TABLE {} REPLICA IDENTITY FULL; so updates and deletes carry the whole old row",
-                sql_table(t)
-            ),
+            format!("run {} so updates and deletes carry the whole old row", fix::replica_identity_full(t)),
         );
     }
 }
@@ -1143,15 +1142,6 @@ keys = ["plans"]
         assert!(w.contains("`when` on `email` cannot be tested on delete, so the rule fires on every delete"), "{w}");
         assert!(w.contains("`changed` cannot tell whether `org_id` changed, so the rule fires on every update"), "{w}");
         assert!(!w.contains("widened"), "{w}");
-    }
-
-    #[test]
-    fn identifiers_are_quoted_only_when_needed() {
-        assert_eq!(sql_ident("user_settings"), "user_settings");
-        assert_eq!(sql_ident("user"), "\"user\"");
-        assert_eq!(sql_ident("Users"), "\"Users\"");
-        assert_eq!(sql_ident("1x"), "\"1x\"");
-        assert_eq!(sql_table(&TableName { schema: "App".into(), table: "order".into() }), "\"App\".\"order\"");
     }
 
     #[test]

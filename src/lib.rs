@@ -15,7 +15,10 @@
 //! after failures and owns shutdown. [`config`] reads `config.toml`, reporting every
 //! problem with [`diagnostic`]s at `file:line:col`. [`catalog`] checks the rules against the
 //! live catalog (tables, columns, publication, replica identity) for `walbust check --online`
-//! and before the pipeline starts. [`ruletest`] runs `*.test.toml`
+//! and before the pipeline starts; [`setup`] writes (or applies) the SQL that prepares a
+//! database. Every statement a user is shown to fix the database (the publication, replica
+//! identity, the role and its grants) comes from [`fix`], so `run`, `check --online` and
+//! `setup` give the same advice; SQL quoting is [`source::quote`]. [`ruletest`] runs `*.test.toml`
 //! rule tests offline through the same router and batch. [`recording`] captures the change
 //! stream to a file from a temporary slot of its own (`walbust record`) and replays it through
 //! the same router and batch (`walbust replay`). [`throwaway`] starts disposable
@@ -29,6 +32,7 @@ pub mod catalog;
 pub mod config;
 pub mod diagnostic;
 pub mod exit;
+pub mod fix;
 pub mod health;
 pub mod lsn;
 pub mod metrics;

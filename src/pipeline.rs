@@ -722,7 +722,13 @@ impl Reader<'_> {
         };
         let connect = async {
             let mut conn = ReplicationConn::connect(&source.conninfo, true).await?;
-            let position = slot::prepare(&mut conn, source, &rules, policy).await?;
+            let target = slot::Target {
+                slot: &source.slot,
+                publication: &source.publication,
+                dbname: &source.conninfo.dbname,
+                create_publication: crate::fix::create_publication(&source.publication, &rules.tables()),
+            };
+            let position = slot::prepare(&mut conn, &target, policy).await?;
             Ok::<_, PipelineError>((conn, position))
         };
         let (conn, position) = tokio::select! {
@@ -736,7 +742,7 @@ impl Reader<'_> {
         self.slot = SlotState { held: true, replace_lost: false, timeline: Some(position.timeline) };
         let start = self.progress.flushed().max(position.start);
         self.progress.flush(start);
-        let publication = slot::quote_ident(&source.publication);
+        let publication = crate::source::quote::quote_ident(&source.publication);
         let options = crate::source::pgoutput_options(&publication);
         let mut stream = conn.start_replication(&source.slot, start, &options).await.map_err(|e| match &e {
             // The slot exists but its WAL is gone (invalidated between the check and the start).

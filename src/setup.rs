@@ -6,14 +6,17 @@
 //! the tables the rules name with TRUNCATE published, keeps `pg_logical_emit_message` (the
 //! manual invalidation channel) to the named application roles, and sets `REPLICA IDENTITY
 //! FULL` where rules read old-row columns the table's replica identity leaves out. The
-//! last part needs the live catalog: [`replica_identity_advice`] reads it, and
+//! last part needs the live catalog: [`read_live`] reads it (and the publication as it is,
+//! so an existing one gets the tables it lacks added instead of created again), and
 //! [`setup_sql_with`] includes its statements. [`apply`] does all of it in one transaction,
-//! skipping what already exists.
+//! skipping what already exists. Every statement comes from [`crate::fix`], as
+//! `check --online`'s and `run`'s advice does.
 
+use crate::catalog::{CatalogError, Publication, read_publication};
 use crate::config::Config;
-use crate::rules::{RuleSet, TableName};
-pub use crate::source::slot::PUBLISH;
-use crate::source::slot::{add_tables_sql, create_publication_sql, quote_ident, quote_literal};
+use crate::fix;
+use crate::rules::{Op, RuleSet, TableName};
+use crate::source::quote::{quote_ident, quote_literal};
 use crate::source::{ConnInfo, SourceError, connect_sql};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -34,6 +37,9 @@ pub enum ApplyError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A catalog value did not have the expected shape.
+    #[error("{0}; nothing was changed")]
+    Catalog(#[source] CatalogError),
     /// Tables the rules name do not exist.
     #[error(
         "{}",
@@ -61,6 +67,15 @@ pub enum ApplyError {
         /// `[source] url`'s database.
         configured: String,
     },
+}
+
+impl From<CatalogError> for ApplyError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::Query { doing, source } => ApplyError::Query { doing: doing.to_string(), source },
+            other => ApplyError::Catalog(other),
+        }
+    }
 }
 
 impl ApplyError {
@@ -106,14 +121,14 @@ impl ReplicaIdentityAdvice {
         format!(
             "-- {}: rule{} {} read{} {} from old rows, which REPLICA IDENTITY {} leaves out of UPDATE and\n\
              -- DELETE; without FULL walbust widens those keys to pattern deletes.\n\
-             ALTER TABLE {} REPLICA IDENTITY FULL;\n",
+             {}\n",
             comment_safe(&self.table.to_string()),
             plural(self.rules.len()),
             self.rules.iter().map(|r| format!("\"{}\"", comment_safe(r))).collect::<Vec<_>>().join(", "),
             if self.rules.len() == 1 { "s" } else { "" },
             comment_safe(&self.columns.join(", ")),
             comment_safe(&self.identity),
-            qualified(&self.table),
+            fix::replica_identity_full(&self.table),
         )
     }
 }
@@ -121,77 +136,6 @@ impl ReplicaIdentityAdvice {
 /// Text safe inside a `--` comment: control characters (a newline would end it) become spaces.
 fn comment_safe(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
-}
-
-/// `"schema"."table"`.
-fn qualified(t: &TableName) -> String {
-    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table))
-}
-
-/// The statements that create the role.
-fn role_sql(role: &str, database: &str) -> String {
-    format!(
-        "CREATE ROLE {r} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n\
-         GRANT CONNECT ON DATABASE {d} TO {r};\n",
-        r = quote_ident(role),
-        d = quote_ident(database),
-    )
-}
-
-/// `CREATE PUBLICATION` over `tables`, publishing every op walbust routes, as a script line.
-pub fn publication_sql(publication: &str, tables: &[&TableName]) -> String {
-    format!("{}\n", create_publication_sql(publication, tables))
-}
-
-/// The roles that keep `pg_logical_emit_message`: walbust's own (it writes heartbeats with
-/// it), then the application roles, without repeats.
-fn emitters(role: &str, app_roles: &[String]) -> Vec<String> {
-    let mut all = vec![role.to_string()];
-    for r in app_roles {
-        if !all.contains(r) {
-            all.push(r.clone());
-        }
-    }
-    all
-}
-
-/// A `DO` block revoking every overload of `pg_logical_emit_message` from PUBLIC and granting
-/// it to `roles`. Overloads are looked up at run time: Postgres 13 to 16 have
-/// `(boolean, text, text)` and `(boolean, text, bytea)`; 17 adds a `flush` argument to both.
-pub fn emit_message_sql(roles: &[String]) -> String {
-    emit_message_sql_revoking(roles, &[])
-}
-
-/// [`emit_message_sql`] that also revokes the function from the roles in `revoke`.
-fn emit_message_sql_revoking(roles: &[String], revoke: &[String]) -> String {
-    let mut body = String::from(
-        "DECLARE f regprocedure;\nBEGIN\n  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p\n           \
-         WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace\n  LOOP\n    \
-         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);\n",
-    );
-    if !revoke.is_empty() {
-        let revoke: Vec<String> = revoke.iter().map(|r| quote_ident(r)).collect();
-        let _ = writeln!(
-            body,
-            "    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', f, {});",
-            quote_literal(&revoke.join(", "))
-        );
-    }
-    if !roles.is_empty() {
-        let roles: Vec<String> = roles.iter().map(|r| quote_ident(r)).collect();
-        let _ = writeln!(
-            body,
-            "    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, {});",
-            quote_literal(&roles.join(", "))
-        );
-    }
-    body.push_str("  END LOOP;\nEND\n");
-    // A dollar-quote tag that the body (role names included) cannot end early.
-    let mut tag = String::from("walbust");
-    while body.contains(&format!("${tag}$")) {
-        tag.push('_');
-    }
-    format!("DO ${tag}$\n{body}${tag}$;\n")
 }
 
 // Direct grants of EXECUTE on every overload; grantee 0 is PUBLIC. Superusers can always
@@ -237,7 +181,7 @@ impl ExtraEmitters {
 
     /// The statement that leaves it to walbust's `role` and `app_roles` only.
     pub fn fix_sql(&self, role: &str, app_roles: &[String]) -> String {
-        emit_message_sql_revoking(&emitters(role, app_roles), &self.roles)
+        fix::emit_message_grants(&fix::emitters(role, app_roles), &self.roles)
     }
 }
 
@@ -248,7 +192,7 @@ pub async fn extra_emitters(
     role: &str,
     app_roles: &[String],
 ) -> Result<ExtraEmitters, tokio_postgres::Error> {
-    let allowed = emitters(role, app_roles);
+    let allowed = fix::emitters(role, app_roles);
     let mut extra = ExtraEmitters::default();
     for row in client.query(EMIT_GRANTEES_QUERY, &[]).await? {
         match row.get::<_, Option<String>>(0) {
@@ -262,21 +206,68 @@ pub async fn extra_emitters(
     Ok(extra)
 }
 
+/// What setup reads from the live catalog (see [`read_live`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Live {
+    /// The tables whose replica identity leaves out old-row columns the rules read.
+    pub replica_identity: Vec<ReplicaIdentityAdvice>,
+    /// The config's publication as it is; `None` when it does not exist.
+    pub publication: Option<Publication>,
+}
+
+/// Reads what the script and [`apply`] need from the catalog: the replica identity advice
+/// (failing when a table the rules name does not exist) and `publication` as it is.
+pub async fn read_live<C: GenericClient + Sync>(
+    client: &C,
+    publication: &str,
+    rules: &RuleSet,
+) -> Result<Live, ApplyError> {
+    let replica_identity = replica_identity_advice(client, rules).await?;
+    let publication = read_publication(client, publication).await?;
+    Ok(Live { replica_identity, publication })
+}
+
+/// What the publication needs for `tables`: created when it does not exist; otherwise the
+/// tables it lacks added, and whether it publishes every op walbust routes.
+struct PublicationNeeds<'a> {
+    exists: bool,
+    lacking: Vec<&'a TableName>,
+    every_op: bool,
+}
+
+impl<'a> PublicationNeeds<'a> {
+    fn of(found: Option<&Publication>, tables: &[&'a TableName]) -> Self {
+        match found {
+            None => PublicationNeeds { exists: false, lacking: tables.to_vec(), every_op: true },
+            Some(p) => PublicationNeeds {
+                exists: true,
+                lacking: tables.iter().copied().filter(|t| !p.includes(t)).collect(),
+                every_op: Op::ALL.into_iter().all(|op| p.publishes.contains(op)),
+            },
+        }
+    }
+}
+
+/// The warning for a publication that does not publish every op, with its fix.
+fn publish_warning(publication: &str) -> String {
+    format!(
+        "publication {} does not publish every op walbust routes; run {}",
+        quote_ident(publication),
+        fix::publish_every_op(publication)
+    )
+}
+
 /// The setup script for `config` and `rules`, without replica identity statements (those
-/// need the live catalog: see [`setup_sql_with`] and [`replica_identity_advice`]).
+/// need the live catalog: see [`setup_sql_with`] and [`read_live`]).
 pub fn setup_sql(config: &Config, rules: &RuleSet, app_roles: &[String]) -> String {
     setup_sql_with(config, rules, app_roles, Err("no database connection was made"))
 }
 
-/// The setup script, with the statements of `replica_identity` when the catalog was read
-/// (`Ok(&[])` says every table's identity was checked and is enough), or with why it was
-/// not (`Err`), so the reader knows what to check by hand.
-pub fn setup_sql_with(
-    config: &Config,
-    rules: &RuleSet,
-    app_roles: &[String],
-    replica_identity: Result<&[ReplicaIdentityAdvice], &str>,
-) -> String {
+/// The setup script, with what the catalog says when it was read: the replica identity
+/// statements (none says every table's identity was checked and is enough), and for an
+/// existing publication the tables it lacks instead of `CREATE PUBLICATION`. When it was
+/// not read (`Err`), the script says why, so the reader knows what to check by hand.
+pub fn setup_sql_with(config: &Config, rules: &RuleSet, app_roles: &[String], live: Result<&Live, &str>) -> String {
     let source = &config.source;
     let role = &source.conninfo.user;
     let database = &source.conninfo.dbname;
@@ -297,13 +288,32 @@ pub fn setup_sql_with(
          -- through the publication, so it needs no SELECT on the tables. Give it a password with\n\
          -- \\password {} (or another method in pg_hba.conf); keep it out of config.toml.\n{}\n",
         comment_safe(&quote_ident(role)),
-        role_sql(role, database),
+        fix::create_role(role, database),
     );
-    let _ = write!(
-        out,
-        "-- The publication: the tables the rules name, with TRUNCATE published.\n{}\n",
-        publication_sql(&source.publication, &rules.tables()),
-    );
+    let publication = &source.publication;
+    let tables = rules.tables();
+    let needs = PublicationNeeds::of(live.ok().and_then(|l| l.publication.as_ref()), &tables);
+    if !needs.exists {
+        let _ = write!(
+            out,
+            "-- The publication: the tables the rules name, with TRUNCATE published.\n{}\n\n",
+            fix::create_publication(publication, &tables),
+        );
+    } else if needs.lacking.is_empty() {
+        out.push_str("-- The publication exists and publishes every table the rules name.\n");
+    } else {
+        let _ = write!(
+            out,
+            "-- The publication exists: the tables the rules name that it lacks.\n{}\n",
+            fix::add_tables(publication, &needs.lacking),
+        );
+    }
+    if needs.exists {
+        if !needs.every_op {
+            let _ = writeln!(out, "-- Warning: {}", comment_safe(&publish_warning(publication)));
+        }
+        out.push('\n');
+    }
     let granted = if app_roles.is_empty() {
         "none named (superusers always can)".to_string()
     } else {
@@ -316,9 +326,9 @@ pub fn setup_sql_with(
          -- for its heartbeats. Revokes EXECUTE from PUBLIC on every overload ((boolean, text, text)\n\
          -- and (boolean, text, bytea), each with a flush argument on Postgres 17 and later).\n{sql}\n",
         prefix = comment_safe(&quote_literal(&source.message_prefix)),
-        sql = emit_message_sql(&emitters(role, app_roles)),
+        sql = fix::emit_message_grants(&fix::emitters(role, app_roles), &[]),
     );
-    match replica_identity {
+    match live.map(|l| l.replica_identity.as_slice()) {
         Err(why) => {
             let _ = write!(
                 out,
@@ -493,7 +503,8 @@ pub async fn apply(
         return Err(ApplyError::MissingRoles { roles: missing_roles });
     }
     // Checks every table first, so a missing one is named before anything runs.
-    let advice = replica_identity_advice(&tx, rules).await?;
+    let publication = &source.publication;
+    let live = read_live(&tx, publication, rules).await?;
 
     let role = &source.conninfo.user;
     let existing = tx
@@ -502,7 +513,7 @@ pub async fn apply(
         .map_err(query("looking up the walbust role"))?;
     match existing {
         None => {
-            let sql = role_sql(role, &database);
+            let sql = fix::create_role(role, &database);
             tx.batch_execute(&sql).await.map_err(query(&format!("creating role {role}")))?;
             applied.done.push(format!("created role {} with LOGIN REPLICATION", quote_ident(role)));
         }
@@ -517,77 +528,43 @@ pub async fn apply(
                 ));
             } else if !(login && replication) {
                 applied.warnings.push(format!(
-                    "role {0} lacks LOGIN or REPLICATION; run ALTER ROLE {0} LOGIN REPLICATION;",
-                    quote_ident(role)
+                    "role {} lacks LOGIN or REPLICATION; run {}",
+                    quote_ident(role),
+                    fix::role_login_replication(role)
                 ));
             }
         }
     }
 
-    let publication = &source.publication;
-    let existing = tx
-        .query_opt(
-            "SELECT puballtables, pubinsert AND pubupdate AND pubdelete AND pubtruncate \
-             FROM pg_publication WHERE pubname = $1",
-            &[publication],
-        )
-        .await
-        .map_err(query("looking up the publication"))?;
     let tables = rules.tables();
-    match existing {
-        None => {
-            tx.batch_execute(&publication_sql(publication, &tables))
-                .await
-                .map_err(query(&format!("creating publication {publication}")))?;
-            applied.done.push(format!("created publication {} over {} tables", quote_ident(publication), tables.len()));
+    let needs = PublicationNeeds::of(live.publication.as_ref(), &tables);
+    if !needs.exists {
+        tx.batch_execute(&fix::create_publication(publication, &tables))
+            .await
+            .map_err(query(&format!("creating publication {publication}")))?;
+        applied.done.push(format!("created publication {} over {} tables", quote_ident(publication), tables.len()));
+    } else {
+        applied.skipped.push(format!("publication {} exists", quote_ident(publication)));
+        if !needs.every_op {
+            applied.warnings.push(publish_warning(publication));
         }
-        Some(r) => {
-            let (all_tables, every_op): (bool, bool) = (r.get(0), r.get(1));
-            applied.skipped.push(format!("publication {} exists", quote_ident(publication)));
-            if !every_op {
-                applied.warnings.push(format!(
-                    "publication {0} does not publish every op walbust routes; \
-                     run ALTER PUBLICATION {0} SET (publish = {1});",
-                    quote_ident(publication),
-                    quote_literal(PUBLISH)
-                ));
-            }
-            if !all_tables {
-                let rows = tx
-                    .query(
-                        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-                        &[publication],
-                    )
-                    .await
-                    .map_err(query("listing the publication's tables"))?;
-                let published: BTreeSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-                let lacking: Vec<&TableName> = tables
-                    .iter()
-                    .copied()
-                    .filter(|t| !published.contains(&(t.schema.clone(), t.table.clone())))
-                    .collect();
-                if !lacking.is_empty() {
-                    let names: Vec<String> = lacking.iter().map(|t| qualified(t)).collect();
-                    let sql = add_tables_sql(publication, &lacking);
-                    tx.batch_execute(&sql)
-                        .await
-                        .map_err(query(&format!("adding tables to publication {publication}")))?;
-                    applied.done.push(format!(
-                        "added {} to publication {}",
-                        names.join(", "),
-                        quote_ident(publication)
-                    ));
-                }
-            }
+        if !needs.lacking.is_empty() {
+            tx.batch_execute(&fix::add_tables(publication, &needs.lacking))
+                .await
+                .map_err(query(&format!("adding tables to publication {publication}")))?;
+            let names: Vec<String> = needs.lacking.iter().map(|t| fix::sql_table(t)).collect();
+            applied.done.push(format!("added {} to publication {}", names.join(", "), quote_ident(publication)));
         }
     }
 
-    let emitters = emitters(role, app_roles);
-    tx.batch_execute(&emit_message_sql(&emitters)).await.map_err(query("restricting pg_logical_emit_message"))?;
+    let emitters = fix::emitters(role, app_roles);
+    tx.batch_execute(&fix::emit_message_grants(&emitters, &[]))
+        .await
+        .map_err(query("restricting pg_logical_emit_message"))?;
     let names: Vec<String> = emitters.iter().map(|r| quote_ident(r)).collect();
     applied.done.push(format!("revoked pg_logical_emit_message from PUBLIC, granted it to {}", names.join(", ")));
 
-    for a in &advice {
+    for a in &live.replica_identity {
         tx.batch_execute(&a.sql()).await.map_err(query(&format!("setting the replica identity of {}", a.table)))?;
         applied.done.push(format!("set REPLICA IDENTITY FULL on {} (rules read {})", a.table, a.columns.join(", ")));
     }
@@ -598,6 +575,8 @@ pub async fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{Catalog, Identity, RelKind, Relation, check_catalog, startup_diagnostics};
+    use crate::rules::OpSet;
     use std::path::{Path, PathBuf};
 
     fn config(user: &str, publication: &str) -> Config {
@@ -653,17 +632,6 @@ keys = ["odd:{id}"]
     }
 
     #[test]
-    fn emit_message_is_revoked_from_public_on_every_overload_and_granted_to_app_roles() {
-        let sql = emit_message_sql(&["app".into(), "Jobs \"runner\"".into()]);
-        assert!(sql.starts_with("DO $walbust$\n") && sql.ends_with("$walbust$;\n"), "{sql}");
-        assert!(sql.contains("proname = 'pg_logical_emit_message'"), "{sql}");
-        assert!(sql.contains("REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC"), "{sql}");
-        assert!(sql.contains(r#"GRANT EXECUTE ON FUNCTION %s TO %s', f, '"app", "Jobs ""runner"""');"#), "{sql}");
-        let none = emit_message_sql(&[]);
-        assert!(!none.contains("GRANT"), "{none}");
-    }
-
-    #[test]
     fn extra_emitters_name_public_and_roles_and_the_fix_revokes_from_them() {
         let extra = ExtraEmitters { public: true, roles: vec!["reporting".into()] };
         assert_eq!(
@@ -680,13 +648,6 @@ keys = ["odd:{id}"]
     }
 
     #[test]
-    fn a_role_name_cannot_end_the_dollar_quote_or_the_literal() {
-        let sql = emit_message_sql(&["x$walbust$'; DROP TABLE t; --".into()]);
-        assert!(sql.starts_with("DO $walbust_$\n") && sql.ends_with("$walbust_$;\n"), "{sql}");
-        assert!(sql.contains(r#"'"x$walbust$''; DROP TABLE t; --"'"#), "{sql}");
-    }
-
-    #[test]
     fn names_with_newlines_cannot_escape_comments() {
         let a = ReplicaIdentityAdvice {
             table: TableName { schema: "public".into(), table: "t\nDROP TABLE x;".into() },
@@ -700,19 +661,20 @@ keys = ["odd:{id}"]
             assert!(line.starts_with("-- "), "{line:?} in\n{sql}");
         }
         assert_eq!(statement.matches(';').count(), 2, "only the quoted name's and the statement's: {sql}");
-        assert!(sql.ends_with("ALTER TABLE \"public\".\"t\nDROP TABLE x;\" REPLICA IDENTITY FULL;\n"), "{sql}");
+        assert!(sql.ends_with("ALTER TABLE public.\"t\nDROP TABLE x;\" REPLICA IDENTITY FULL;\n"), "{sql}");
     }
 
     #[test]
     fn replica_identity_statements_are_included_when_given() {
-        let advice = [ReplicaIdentityAdvice {
+        let advice = vec![ReplicaIdentityAdvice {
             table: TableName { schema: "public".into(), table: "user_settings".into() },
             identity: "DEFAULT (primary key user_settings_pkey: id)".into(),
             columns: vec!["user_id".into()],
             rules: vec!["user settings".into()],
         }];
         let cfg = config("walbust", "walbust");
-        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Ok(&advice));
+        let live = Live { replica_identity: advice, publication: None };
+        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Ok(&live));
         assert!(
             sql.contains(
                 "-- public.user_settings: rule \"user settings\" reads user_id from old rows, which REPLICA IDENTITY \
@@ -720,10 +682,92 @@ keys = ["odd:{id}"]
             ),
             "{sql}"
         );
-        assert!(sql.contains("ALTER TABLE \"public\".\"user_settings\" REPLICA IDENTITY FULL;\n"), "{sql}");
-        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Ok(&[]));
+        assert!(sql.contains("ALTER TABLE public.user_settings REPLICA IDENTITY FULL;\n"), "{sql}");
+        let sql = setup_sql_with(&cfg, &rules(RULES), &[], Ok(&Live::default()));
         assert!(sql.contains("every table already sends"), "{sql}");
         assert!(!sql.contains("ALTER TABLE"), "{sql}");
+    }
+
+    /// The catalog of `check --online` and `run`'s start-up gate: `public.plans` and
+    /// `public.users` (with `identity`), and the publication `walbust` as given.
+    fn catalog(identity: Identity, publication: Option<Publication>) -> Catalog {
+        let relation = |columns: &[&str], identity| Relation {
+            kind: RelKind::Table,
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            identity,
+        };
+        let pk = || Identity::Default { index: Some("pkey".into()), columns: vec!["id".into()] };
+        let relations = BTreeMap::from([
+            (table("plans"), relation(&["id"], pk())),
+            (table("users"), relation(&["id", "org_id"], identity)),
+        ]);
+        Catalog {
+            database: "app".into(),
+            relations,
+            names: vec![table("plans"), table("users")],
+            publications: publication.iter().map(|_| "walbust".to_string()).collect(),
+            publication,
+        }
+    }
+
+    fn table(name: &str) -> TableName {
+        TableName { schema: "public".into(), table: name.into() }
+    }
+
+    #[test]
+    fn run_check_online_and_setup_show_one_statement_for_one_publication_or_identity_problem() {
+        let text = "[[rule]]\nname = \"users\"\ntable = \"users\"\nkeys = [\"org:{org_id}\"]\n\n\
+                    [[rule]]\nname = \"plans\"\ntable = \"plans\"\nkeys = [\"plan:{id}\"]\n";
+        let (config, rules) = (config("walbust", "walbust"), rules(text));
+        let run = |c: &Catalog| -> Vec<String> {
+            startup_diagnostics(c, &config, &rules).diagnostics.0.iter().map(ToString::to_string).collect()
+        };
+        let online = |c: &Catalog| -> Vec<String> {
+            check_catalog(c, &config, &rules).0.iter().map(ToString::to_string).collect()
+        };
+        let script = |publication: Option<Publication>, replica_identity| {
+            setup_sql_with(&config, &rules, &[], Ok(&Live { replica_identity, publication }))
+        };
+        let hinted = |found: &[String], statement: &str| found.iter().any(|d| d.contains(&format!("run {statement}")));
+
+        // A rule's table left out of the publication.
+        let p = Publication {
+            all_tables: false,
+            publishes: OpSet::ALL,
+            via_root: false,
+            tables: BTreeMap::from([(table("users"), None)]),
+        };
+        let add = fix::add_tables("walbust", &[&table("plans")]);
+        let found = catalog(Identity::Full, Some(p.clone()));
+        assert!(hinted(&run(&found), &add), "run: {:#?}", run(&found));
+        assert!(hinted(&online(&found), &add), "check --online: {:#?}", online(&found));
+        let setup = script(Some(p), Vec::new());
+        assert!(setup.contains(&format!("\n{add}\n")), "setup: {setup}");
+        assert!(!setup.contains("CREATE PUBLICATION"), "the publication exists: {setup}");
+
+        // No publication at all.
+        let create = fix::create_publication("walbust", &[&table("plans"), &table("users")]);
+        let created = |found: &[String]| found.iter().any(|d| d.ends_with(&format!("create it with: {create}")));
+        let missing = catalog(Identity::Full, None);
+        assert!(created(&run(&missing)), "run: {:#?}", run(&missing));
+        assert!(created(&online(&missing)), "check --online: {:#?}", online(&missing));
+        assert!(script(None, Vec::new()).contains(&format!("\n{create}\n")), "setup");
+
+        // A replica identity that leaves out an old-row column a rule reads.
+        let full = fix::replica_identity_full(&table("users"));
+        let every_table =
+            Publication { all_tables: true, publishes: OpSet::ALL, via_root: false, tables: BTreeMap::new() };
+        let pk = Identity::Default { index: Some("users_pkey".into()), columns: vec!["id".into()] };
+        let narrow = catalog(pk, Some(every_table));
+        assert!(hinted(&online(&narrow), &full), "check --online: {:#?}", online(&narrow));
+        let advice = ReplicaIdentityAdvice {
+            table: table("users"),
+            identity: "DEFAULT (primary key users_pkey: id)".into(),
+            columns: vec!["org_id".into()],
+            rules: vec!["users".into()],
+        };
+        let setup = script(None, vec![advice]);
+        assert!(setup.contains(&format!("\n{full}\n")), "setup: {setup}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::exit;
 use crate::lsn::Lsn;
 use crate::metrics::{Metrics, SlotHealth};
-use crate::source::slot::quote_literal;
+use crate::source::quote::quote_literal;
 use crate::source::{SourceError, connect_sql};
 use serde::Serialize;
 use std::fmt::Write as _;

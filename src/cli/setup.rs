@@ -8,13 +8,13 @@ use walbust::config::Config;
 use walbust::exit;
 use walbust::pipeline::error_chain;
 use walbust::rules::RuleSet;
-use walbust::setup::{apply, replica_identity_advice, setup_sql_with};
+use walbust::setup::{apply, read_live, setup_sql_with};
 use walbust::source::{ConnInfo, connect_sql};
 
 /// How long printing the script waits for the database before printing it unchecked.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Prints the setup script, checking replica identities when it can connect (as
+/// Prints the setup script, checking replica identities and the publication when it can connect (as
 /// `admin_url`, else as `[source] url`); with `apply` it runs everything as that role in
 /// one transaction instead. Returns the exit code.
 pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&str>, run: bool) -> Outcome {
@@ -55,8 +55,8 @@ pub async fn setup(config_path: &Path, app_roles: &[String], admin_url: Option<&
     } else {
         let who = if admin_url.is_some() { "--admin-url" } else { "[source] url" };
         match tokio::time::timeout(CONNECT_TIMEOUT, connect_sql(&admin)).await {
-            Ok(Ok(client)) => replica_identity_advice(&client, &rules).await.map(|advice| {
-                print!("{}", setup_sql_with(&config, &rules, app_roles, Ok(&advice)));
+            Ok(Ok(client)) => read_live(&client, &config.source.publication, &rules).await.map(|live| {
+                print!("{}", setup_sql_with(&config, &rules, app_roles, Ok(&live)));
                 true
             }),
             Ok(Err(e)) => {

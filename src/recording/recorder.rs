@@ -17,7 +17,7 @@ use crate::pgoutput::{
     DecodeError, Decoder, LogicalMessage, OldTuple, Relation, RelationCache, ReplicaIdentity, Tuple,
 };
 use crate::pipeline::HEARTBEAT_PREFIX;
-use crate::source::slot::{quote_ident, quote_literal};
+use crate::source::quote::{quote_ident, quote_literal};
 use crate::source::{ReplicationConn, ReplicationFrame, SourceError};
 use std::collections::HashMap;
 use std::future::Future;
@@ -229,7 +229,7 @@ pub async fn record(
     let start = header.start_lsn;
     let relations = header.relations.len();
     let writer = Writer::create(&options.output, header)?;
-    let publication = crate::source::slot::quote_ident(&source.publication);
+    let publication = quote_ident(&source.publication);
     let stream_options = crate::source::pgoutput_options(&publication);
     let mut stream = conn
         .start_replication(&slot, start, &stream_options)
@@ -269,9 +269,10 @@ async fn prepare(conn: &mut ReplicationConn, source: &SourceConfig, slot: &str) 
         .map_err(source_error("identifying the database"))?;
     let database = rows.first().and_then(|r| r.get("db")).unwrap_or_default().to_string();
     let version_num: u32 = rows.first().and_then(|r| r.get("num")).and_then(|n| n.parse().ok()).unwrap_or(0);
-    let sql = format!("SELECT 1 AS found FROM pg_publication WHERE pubname = {}", quote_literal(&source.publication));
-    let rows = conn.simple_query(&sql).await.map_err(source_error("looking up the publication"))?;
-    if rows.is_empty() {
+    let found = crate::source::slot::publication_exists(conn, &source.publication)
+        .await
+        .map_err(source_error("looking up the publication"))?;
+    if !found {
         return Err(RecordError::MissingPublication { publication: source.publication.clone(), database });
     }
     let sql = format!("CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')", quote_ident(slot));

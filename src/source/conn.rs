@@ -26,6 +26,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
 use super::conninfo::{ConnInfo, SslMode, is_unix_host, socket_path};
+use super::quote::{quote_ident, quote_literal};
 use super::stream::ReplicationStream;
 use super::tls;
 use super::{SESSION_SETTINGS, SourceError};
@@ -709,16 +710,6 @@ pub(crate) fn start_replication_sql(slot: &str, start: Lsn, options: &[(&str, &s
         sql.push(')');
     }
     sql
-}
-
-/// Quotes an identifier for SQL or the replication grammar.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes a string literal (standard-conforming: backslashes are literal).
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 async fn connect_host(

@@ -16,6 +16,8 @@
 //!   `START_REPLICATION` (XLogData, primary keepalives, standby status updates).
 //! - [`sql`]: [`connect_sql`], an ordinary tokio-postgres client built from the
 //!   same [`ConnInfo`] with the same TLS and session settings.
+//! - [`quote`]: SQL quoting of identifiers and literals, for every statement
+//!   walbust runs or shows.
 //! - [`slot`]: checks the publication and slot before streaming (the
 //!   project's own file; this module only declares it).
 //!
@@ -31,6 +33,7 @@
 
 pub mod conn;
 pub mod conninfo;
+pub mod quote;
 pub mod slot;
 pub mod sql;
 pub mod stream;

@@ -1,14 +1,13 @@
 //! The slot and the publication: checked, and the slot created, before streaming starts.
 //!
-//! This module also owns SQL quoting and the fix statements users are shown
-//! ([`create_publication_sql`], [`add_tables_sql`]), and the server settings walbust
-//! needs ([`requirements`]), so `walbust check --online`, `walbust setup` and `walbust run`
-//! give the same advice.
+//! This module also owns the server settings walbust needs ([`requirements`]), so
+//! `walbust check --online`, `walbust setup` and `walbust run` give the same advice. The
+//! statements that fix the publication come from the caller (see `crate::fix`), which
+//! knows the rules.
 
+use super::quote::{quote_ident, quote_literal};
 use super::{ReplicationConn, SourceError};
-use crate::config::SourceConfig;
 use crate::lsn::Lsn;
-use crate::rules::{RuleSet, TableName};
 
 /// Why the database is not ready for walbust, with the statement or setting that fixes it.
 #[derive(Debug, thiserror::Error)]
@@ -137,25 +136,33 @@ pub struct SlotPolicy {
     pub held_before: bool,
 }
 
-/// Quotes a string literal for SQL (standard_conforming_strings is on since Postgres 9.1).
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// What [`prepare`] checks: the slot and the publication, by name.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    /// The replication slot.
+    pub slot: &'a str,
+    /// The publication.
+    pub publication: &'a str,
+    /// The database the connection string names, for messages when the server does not say.
+    pub dbname: &'a str,
+    /// The statement that creates the publication, shown when it does not exist.
+    pub create_publication: String,
 }
 
-/// Quotes an identifier for SQL.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
+/// True when `publication` exists in the database `conn` is connected to.
+pub async fn publication_exists(conn: &mut ReplicationConn, publication: &str) -> Result<bool, SourceError> {
+    let sql = format!("SELECT 1 AS found FROM pg_publication WHERE pubname = {}", quote_literal(publication));
+    Ok(!conn.simple_query(&sql).await?.is_empty())
 }
 
 /// Checks wal_level and the publication, creates the slot when allowed, and returns where to start.
 pub async fn prepare(
     conn: &mut ReplicationConn,
-    config: &SourceConfig,
-    rules: &RuleSet,
+    target: &Target<'_>,
     policy: SlotPolicy,
 ) -> Result<SlotPosition, SetupError> {
     let query = |doing: &'static str| move |source| SetupError::Query { doing, source };
-    let lost = |reason: String| SetupError::SlotLost { slot: config.slot.clone(), reason };
+    let lost = |reason: String| SetupError::SlotLost { slot: target.slot.to_string(), reason };
     let rows = conn.simple_query("IDENTIFY_SYSTEM").await.map_err(query("identifying the server"))?;
     let timeline = rows.first().and_then(|r| r.get("timeline")).and_then(|t| t.parse().ok()).unwrap_or(0);
     let mut replace = false;
@@ -178,29 +185,27 @@ pub async fn prepare(
     if wal_level != "logical" {
         return Err(SetupError::WalLevel { actual: wal_level });
     }
-    let sql = format!("SELECT pubname FROM pg_publication WHERE pubname = {}", quote_literal(&config.publication));
-    let rows = conn.simple_query(&sql).await.map_err(query("looking up the publication"))?;
-    if rows.is_empty() {
-        let database = conn.parameter("database").map(str::to_string).unwrap_or_else(|| config.conninfo.dbname.clone());
+    if !publication_exists(conn, target.publication).await.map_err(query("looking up the publication"))? {
+        let database = conn.parameter("database").unwrap_or(target.dbname).to_string();
         return Err(SetupError::MissingPublication {
-            publication: config.publication.clone(),
+            publication: target.publication.to_string(),
             database,
-            fix: create_publication_sql(&config.publication, &rules.tables()),
+            fix: target.create_publication.clone(),
         });
     }
     let sql = format!(
         "SELECT plugin, slot_type, database, active_pid, confirmed_flush_lsn, wal_status, current_database() AS current \
          FROM pg_replication_slots WHERE slot_name = {}",
-        quote_literal(&config.slot)
+        quote_literal(target.slot)
     );
     let rows = conn.simple_query(&sql).await.map_err(query("looking up the replication slot"))?;
     let mut slot = rows.first();
     if let Some(existing) = slot {
         let is_lost = existing.get("wal_status") == Some("lost");
         if (is_lost || replace) && policy.replace_lost && existing.get("active_pid").is_none() {
-            let sql = format!("SELECT pg_drop_replication_slot({})", quote_literal(&config.slot));
+            let sql = format!("SELECT pg_drop_replication_slot({})", quote_literal(target.slot));
             conn.simple_query(&sql).await.map_err(query("dropping the lost replication slot"))?;
-            tracing::warn!(slot = %config.slot, "dropped the lost replication slot to recreate it");
+            tracing::warn!(slot = %target.slot, "dropped the lost replication slot to recreate it");
             slot = None;
         } else if is_lost {
             return Err(lost("it has lost required WAL (wal_status = lost, max_slot_wal_keep_size exceeded)".into()));
@@ -211,20 +216,20 @@ pub async fn prepare(
             return Err(lost("it no longer exists (it was dropped while walbust held it)".into()));
         }
         if !policy.may_create && !policy.replace_lost {
-            return Err(SetupError::MissingSlot { slot: config.slot.clone() });
+            return Err(SetupError::MissingSlot { slot: target.slot.to_string() });
         }
-        let sql =
-            format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')", quote_ident(&config.slot));
+        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')", quote_ident(target.slot));
         let rows = conn.simple_query(&sql).await.map_err(query("creating the replication slot"))?;
         let start =
             rows.first().and_then(|r| r.get("consistent_point")).and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
-        tracing::info!(slot = %config.slot, lsn = %start, "created replication slot");
+        tracing::info!(slot = %target.slot, lsn = %start, "created replication slot");
         return Ok(SlotPosition { start, created: true, timeline });
     };
-    let unusable = |problem: String, fix: String| SetupError::UnusableSlot { slot: config.slot.clone(), problem, fix };
+    let unusable =
+        |problem: String, fix: String| SetupError::UnusableSlot { slot: target.slot.to_string(), problem, fix };
     let drop_hint = format!(
         "drop it with SELECT pg_drop_replication_slot({}); and let walbust create it, or pick another `slot` in config.toml",
-        quote_literal(&config.slot)
+        quote_literal(target.slot)
     );
     if slot.get("slot_type") != Some("logical") || slot.get("plugin") != Some("pgoutput") {
         let plugin = slot.get("plugin").unwrap_or("none");
@@ -238,57 +243,11 @@ pub async fn prepare(
         ));
     }
     if let Some(pid) = slot.get("active_pid") {
-        return Err(SetupError::SlotBusy { slot: config.slot.clone(), pid: pid.to_string() });
+        return Err(SetupError::SlotBusy { slot: target.slot.to_string(), pid: pid.to_string() });
     }
     let start = slot.get("confirmed_flush_lsn").and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
     Ok(SlotPosition { start, created: false, timeline })
 }
-
-/// The ops a publication must publish for walbust.
-pub const PUBLISH: &str = "insert, update, delete, truncate";
-
-/// `CREATE PUBLICATION` over `tables` (every table when there are none), publishing every
-/// op walbust routes: the one statement every command shows or runs.
-pub fn create_publication_sql(publication: &str, tables: &[&TableName]) -> String {
-    let target = if tables.is_empty() {
-        "ALL TABLES".to_string()
-    } else {
-        format!("TABLE {}", tables.iter().map(|t| sql_table(t)).collect::<Vec<_>>().join(", "))
-    };
-    format!("CREATE PUBLICATION {} FOR {target} WITH (publish = {});", sql_ident(publication), quote_literal(PUBLISH))
-}
-
-/// `ALTER PUBLICATION ... ADD TABLE` for `tables` the publication lacks.
-pub fn add_tables_sql(publication: &str, tables: &[&TableName]) -> String {
-    let names: Vec<String> = tables.iter().map(|t| sql_table(t)).collect();
-    format!("ALTER PUBLICATION {} ADD TABLE {};", sql_ident(publication), names.join(", "))
-}
-
-/// An identifier as SQL: bare when it is a plain lowercase name, quoted otherwise.
-pub fn sql_ident(s: &str) -> String {
-    let plain = s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !RESERVED.split_whitespace().any(|k| k == s);
-    if plain { s.to_string() } else { quote_ident(s) }
-}
-
-/// `schema.table` as SQL.
-pub fn sql_table(t: &TableName) -> String {
-    format!("{}.{}", sql_ident(&t.schema), sql_ident(&t.table))
-}
-
-/// Keywords that cannot name a table or column unquoted (reserved, and reserved but
-/// allowed as function or type names).
-const RESERVED: &str = "\
-     all analyse analyze and any array as asc asymmetric authorization binary both case cast check \
-     collate collation column concurrently constraint create cross current_catalog current_date \
-     current_role current_schema current_time current_timestamp current_user default deferrable desc \
-     distinct do else end except false fetch for foreign freeze from full grant group having ilike \
-     in initially inner intersect into is isnull join lateral leading left like limit localtime \
-     localtimestamp natural not notnull null offset on only or order outer overlaps placing primary \
-     references returning right select session_user similar some symmetric system_user table \
-     tablesample then to trailing true union unique user using variadic verbose when where window \
-     with";
 
 /// The oldest server walbust supports: PostgreSQL 14 (`server_version_num` 140000), the
 /// first with pgoutput's streaming and logical decoding messages.
@@ -450,26 +409,5 @@ mod tests {
         // walbust's own slot and walsender need no room of their own.
         let running = ServerSettings { slot_exists: true, slot_active: true, ..s };
         assert_eq!(requirements(&running, "walbust").len(), 2);
-    }
-
-    #[test]
-    fn one_create_publication_statement_quotes_only_what_needs_it() {
-        let t = |schema: &str, table: &str| TableName { schema: schema.into(), table: table.into() };
-        let (a, b) = (t("public", "users"), t("App", "order"));
-        assert_eq!(
-            create_publication_sql("walbust", &[&a, &b]),
-            "CREATE PUBLICATION walbust FOR TABLE public.users, \"App\".\"order\" WITH (publish = 'insert, update, delete, truncate');"
-        );
-        assert_eq!(
-            create_publication_sql("Pub", &[]),
-            "CREATE PUBLICATION \"Pub\" FOR ALL TABLES WITH (publish = 'insert, update, delete, truncate');"
-        );
-        assert_eq!(add_tables_sql("walbust", &[&a]), "ALTER PUBLICATION walbust ADD TABLE public.users;");
-    }
-
-    #[test]
-    fn quoting_doubles_the_quote_character() {
-        assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
     }
 }

@@ -12,7 +12,7 @@ use walbust::exit;
 use walbust::metrics::Metrics;
 use walbust::pipeline::Stats;
 use walbust::rules::RuleSet;
-use walbust::setup::{self, ApplyError, replica_identity_advice, setup_sql_with};
+use walbust::setup::{self, ApplyError, read_live, replica_identity_advice, setup_sql_with};
 use walbust::source::ConnInfo;
 use walbust::status::{self, StatusError, WalStatus, slot_status};
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres};
@@ -446,16 +446,17 @@ async fn the_generated_setup_script_runs_as_is_with_odd_names() {
     let role = format!("{n}_walbust");
     let app = format!("{n} app \"x'y\" $walbust$");
     db.client
-        .batch_execute(&format!("DROP PUBLICATION {n}; CREATE ROLE {};", walbust::source::slot::quote_ident(&app)))
+        .batch_execute(&format!("DROP PUBLICATION {n}; CREATE ROLE {};", walbust::source::quote::quote_ident(&app)))
         .await
         .expect("app role");
     let rules_text = "[[rule]]\nname = \"odd\"\ntable = 'public.Odd \"Table'\nkeys = [\"odd:{org}\"]\n";
     let as_role = as_user(&db, &role).await;
     let files = write_config(&as_role, &s.redis.url(), rules_text, "");
     let rules = rule_set(rules_text);
-    let advice = replica_identity_advice(&db.client, &rules).await.expect("advice");
-    assert_eq!(advice.len(), 1, "{advice:?}");
-    let script = setup_sql_with(&load(&files), &rules, std::slice::from_ref(&app), Ok(&advice));
+    let live = read_live(&db.client, &n, &rules).await.expect("advice");
+    assert_eq!(live.replica_identity.len(), 1, "{live:?}");
+    assert_eq!(live.publication, None);
+    let script = setup_sql_with(&load(&files), &rules, std::slice::from_ref(&app), Ok(&live));
     db.client.batch_execute(&script).await.unwrap_or_else(|e| panic!("the script fails: {e}\n{script}"));
     assert!(may_emit(&db.client, &app).await && may_emit(&db.client, &role).await, "{script}");
     let published: i64 = db

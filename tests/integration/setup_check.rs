@@ -5,7 +5,7 @@ use crate::support::{self, fresh_db, write_config};
 use std::path::Path;
 use walbust::config::Config;
 use walbust::rules::RuleSet;
-use walbust::setup::{replica_identity_advice, setup_sql_with};
+use walbust::setup::{read_live, setup_sql_with};
 
 /// The demo schema's tables, without the publication and replica identity `setup` provides.
 fn tables_only() -> String {
@@ -54,8 +54,8 @@ async fn sql_setup_sql_is_what_walbust_setup_prints_for_the_example_config_and_h
     let db = fresh_db(&s.pg, &tables_only()).await;
     let config = Config::load_without_password(Path::new("config.toml")).expect("the example config loads");
     let rules = RuleSet::load(&config.rules).expect("the example rules load").rules;
-    let advice = replica_identity_advice(&db.client, &rules).await.expect("the demo tables exist");
-    let expected = setup_sql_with(&config, &rules, &["app".to_string()], Ok(&advice));
+    let live = read_live(&db.client, &config.source.publication, &rules).await.expect("the demo tables exist");
+    let expected = setup_sql_with(&config, &rules, &["app".to_string()], Ok(&live));
     let file = std::fs::read_to_string("sql/setup.sql").expect("sql/setup.sql");
     assert!(file == expected, "sql/setup.sql differs from what walbust setup prints; it should read:\n{expected}");
     assert!(!file.to_uppercase().contains("PASSWORD '"), "{file}");
@@ -105,5 +105,5 @@ async fn setup_prints_the_script_without_the_password_file_and_says_why_identity
 
     let (code, out) = walbust(&["setup", "--config", config.to_str().unwrap(), "--admin-url", &db.url]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("ALTER TABLE \"public\".\"plans\" REPLICA IDENTITY FULL;"), "{out}");
+    assert!(out.contains("ALTER TABLE public.plans REPLICA IDENTITY FULL;"), "{out}");
 }

@@ -65,9 +65,13 @@ async fn run_refuses_to_start_when_a_rule_table_is_not_in_the_publication() {
         )),
         "{out}"
     );
-    // The same advice as check --online.
+    // The same advice as check --online, and the statement setup's script runs.
     let check = walbust(&["check", "--online"], &files.path).await;
     assert!(check.stderr.contains(&format!("hint: run ALTER PUBLICATION {n} ADD TABLE public.plans;")), "{check}");
+    let setup = walbust(&["setup"], &files.path).await;
+    assert_eq!(setup.code, Some(0), "{setup}");
+    assert!(setup.stdout.contains(&format!("\nALTER PUBLICATION {n} ADD TABLE public.plans;\n")), "{setup}");
+    assert!(!setup.stdout.contains("CREATE PUBLICATION"), "the publication exists: {setup}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
