@@ -6,7 +6,8 @@
 //! connection (`replication=database`) built on `postgres-protocol`, checks the slot and
 //! publication ([`source::slot`]) and yields CopyBoth frames. [`pgoutput`] decodes each
 //! frame into a typed logical replication message, purely and without panicking on any
-//! input. [`rules`] loads the DBA's rule files and its [`rules::Router`] turns each
+//! input; [`source::LogicalStream`] holds the stream's transaction rules and turns frames
+//! into Begin, change, message, Commit and keepalive events for `run` and `record` alike. [`rules`] loads the DBA's rule files and its [`rules::Router`] turns each
 //! change into [`action::Action`]s, widening a key to a pattern whenever the stream
 //! lacks a value it needs. [`batch`] deduplicates actions and records the commit
 //! position they complete; [`sink`] applies batches to Redis (or to memory in tests).

@@ -20,12 +20,15 @@ use crate::config::OnSlotLost;
 use crate::health::Health;
 use crate::lsn::Lsn;
 use crate::metrics::{CounterCache, Metrics};
-use crate::pgoutput::{self, DecodeError, Decoder, LogicalMessage, RelationCache};
+use crate::pgoutput::{self, DecodeError, Relation};
 use crate::progress::Progress;
 use crate::rules::{Change, Op, Routed, Router, RuleSet, manual};
 use crate::sink::{DeadLetter, Sink};
 use crate::source::slot::{self, SetupError, SlotPolicy};
-use crate::source::{ReplicationConn, ReplicationFrame, ReplicationStream, SourceError};
+use crate::source::{
+    LogicalStream, ReplicationConn, ReplicationFrame, ReplicationStream, RowChange, SourceError, StreamError,
+    StreamEvent,
+};
 use futures_util::FutureExt;
 use futures_util::future::FusedFuture;
 use std::future::Future;
@@ -103,6 +106,16 @@ pub enum PipelineError {
 impl From<SetupError> for PipelineError {
     fn from(e: SetupError) -> Self {
         PipelineError::Setup(Box::new(e))
+    }
+}
+
+impl From<StreamError> for PipelineError {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::Decode { lsn, source } => PipelineError::Decode { lsn, source },
+            StreamError::Unexpected { lsn, what } => PipelineError::Unexpected { lsn, what },
+            StreamError::Silent(silent) => PipelineError::Silent(silent),
+        }
     }
 }
 
@@ -590,26 +603,20 @@ struct SlotState {
     timeline: Option<u32>,
 }
 
-/// The state of one replication session: what is open and what is batched.
+/// The state of one replication session: the stream's transaction state and what is batched.
 struct Session {
-    decoder: Decoder,
-    relations: RelationCache,
-    open: Option<(u32, i64)>,
+    logical: LogicalStream,
     batch: Batch,
     routed: Vec<Routed>,
-    last_received: Instant,
 }
 
 impl Session {
     fn new() -> Self {
-        Session {
-            decoder: Decoder::new(crate::source::PGOUTPUT_VERSION),
-            relations: RelationCache::default(),
-            open: None,
-            batch: Batch::new(),
-            routed: Vec::new(),
-            last_received: Instant::now(),
-        }
+        Session { logical: LogicalStream::new(), batch: Batch::new(), routed: Vec::new() }
+    }
+
+    fn in_transaction(&self) -> bool {
+        self.logical.in_open_transaction()
     }
 }
 
@@ -821,7 +828,7 @@ impl Reader<'_> {
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let full = |batch: &Batch| batch.len() >= batch_config.max_actions || batch.bytes() >= MAX_BATCH_BYTES;
         loop {
-            if session.open.is_none()
+            if !session.in_transaction()
                 && let Some(rules) = self.pending_rules.take()
             {
                 self.swap_rules(session, rules);
@@ -834,7 +841,8 @@ impl Reader<'_> {
             // batch that holds a commit goes even when the next transaction has begun to arrive,
             // so a steady stream never keeps a committed transaction waiting on the next one.
             let applier_idle = self.applied_seq == self.sent_seq;
-            let settled = !stream.has_buffered_frame() && (session.open.is_none() || !session.batch.commits.is_empty());
+            let settled =
+                !stream.has_buffered_frame() && (!session.in_transaction() || !session.batch.commits.is_empty());
             if applier_idle
                 && !session.batch.is_empty()
                 && (full(&session.batch) || settled || session.batch.older_than(batch_config.max_delay))
@@ -846,7 +854,7 @@ impl Reader<'_> {
             // A batch held back only by an open transaction still goes once it is old.
             let batch_due = match session.batch.opened() {
                 // Checked: a delay past the clock's range means the age alone never sends it.
-                Some(opened) if applier_idle && session.open.is_some() => {
+                Some(opened) if applier_idle && session.in_transaction() => {
                     opened.checked_add(batch_config.max_delay).map(tokio::time::Instant::from_std)
                 }
                 _ => None,
@@ -873,16 +881,12 @@ impl Reader<'_> {
                 Wake::BatchDue => {}
                 Wake::StatusDue => self.send_status(stream, false).await?,
                 Wake::StatusTick => {
-                    let silent = session.last_received.elapsed();
-                    if silent > self.config.source.read_timeout {
-                        return Err(PipelineError::Silent(silent));
-                    }
+                    let silent = session.logical.silence(self.config.source.read_timeout)?;
                     // Ask for a reply when the server has been quiet, so a dead link shows up.
                     self.send_status(stream, silent >= status_interval).await?;
                 }
                 Wake::Reload(rules) => self.pending_rules = Some(rules),
                 Wake::Frame(frame) => {
-                    session.last_received = Instant::now();
                     if let Some(end) = self.on_frame(stream, session, frame).await? {
                         return Ok(end);
                     }
@@ -899,7 +903,7 @@ impl Reader<'_> {
                             return Ok(end);
                         }
                     }
-                    if session.open.is_some() && stream.caught_up() && !stream.has_buffered_frame() {
+                    if session.in_transaction() && stream.caught_up() && !stream.has_buffered_frame() {
                         // A blocking wait on purpose: an await would wake for the very next
                         // message. The applier shares this thread and loses at most this long.
                         std::thread::sleep(MID_TRANSACTION_PAUSE);
@@ -926,80 +930,71 @@ impl Reader<'_> {
     /// The part of [`Reader::on_frame`] that needs no connection; true when the server
     /// asked for a status update.
     fn take_frame(&mut self, session: &mut Session, frame: ReplicationFrame) -> Result<bool, PipelineError> {
-        match frame {
-            ReplicationFrame::XLogData { wal_start, wal_end, data, .. } => {
-                self.progress.receive(wal_start);
-                self.metrics.set_received(wal_start);
-                self.metrics.set_server_wal_end(wal_end);
-                self.on_message(session, wal_start, data)?;
-                Ok(false)
-            }
-            ReplicationFrame::Keepalive { wal_end, reply_requested, .. } => {
-                self.metrics.set_server_wal_end(wal_end);
-                self.on_keepalive(session, wal_end);
-                Ok(reply_requested)
-            }
+        if let ReplicationFrame::XLogData { wal_start, wal_end, .. } = frame {
+            self.progress.receive(wal_start);
+            self.metrics.set_received(wal_start);
+            self.metrics.set_server_wal_end(wal_end);
         }
+        let Session { logical, batch, routed } = session;
+        let event = logical.frame(frame)?;
+        self.on_event(batch, routed, event)
     }
 
-    /// A keepalive's position is safe to report only with no transaction open and
-    /// everything received applied; otherwise it rides on the batch in hand.
-    fn on_keepalive(&mut self, session: &mut Session, wal_end: Lsn) {
-        self.progress.receive(wal_end);
-        if session.open.is_some() {
-            return;
-        }
-        if session.batch.is_empty() && self.applied_seq == self.sent_seq {
-            self.flushed(wal_end);
-        } else {
-            session.batch.acknowledge_through(wal_end);
-        }
-    }
-
-    fn on_message(&mut self, session: &mut Session, lsn: Lsn, data: bytes::Bytes) -> Result<(), PipelineError> {
-        let message = session.decoder.decode(data).map_err(|source| PipelineError::Decode { lsn, source })?;
-        let unexpected = |what: &str| PipelineError::Unexpected { lsn, what: what.to_string() };
-        match message {
-            LogicalMessage::Begin(b) => {
-                if session.open.is_some() {
-                    return Err(unexpected("Begin inside an open transaction"));
+    /// Acts on one event of the stream; true when the server asked for a status update.
+    fn on_event(
+        &mut self,
+        batch: &mut Batch,
+        routed: &mut Vec<Routed>,
+        event: StreamEvent<'_>,
+    ) -> Result<bool, PipelineError> {
+        match event {
+            StreamEvent::Keepalive { wal_end, acknowledge, reply_requested } => {
+                self.metrics.set_server_wal_end(wal_end);
+                self.progress.receive(wal_end);
+                if let Some(lsn) = acknowledge {
+                    self.on_keepalive(batch, lsn);
                 }
-                session.open = Some((b.xid, b.commit_time));
+                return Ok(reply_requested);
             }
-            LogicalMessage::Commit(c) => {
-                let Some((xid, _)) = session.open.take() else { return Err(unexpected("Commit without Begin")) };
+            StreamEvent::Begin { .. } | StreamEvent::Other { .. } => {}
+            StreamEvent::Commit { xid, commit, .. } => {
                 Stats::add(&self.stats.commits, 1);
                 self.metrics.commit();
-                let commit_time = pgoutput::pg_time_to_system(c.commit_time);
+                let commit_time = pgoutput::pg_time_to_system(commit.commit_time);
                 // A server clock ahead of this one counts as no lag, as for the acknowledgement.
                 self.metrics.observe_receive_lag(SystemTime::now().duration_since(commit_time).unwrap_or_default());
-                session.batch.commit(CommitRecord { xid, end_lsn: c.end_lsn, commit_time });
+                batch.commit(CommitRecord { xid, end_lsn: commit.end_lsn, commit_time });
             }
-            LogicalMessage::Relation(r) => {
+            StreamEvent::Relation { lsn, relation } => {
                 // A Relation message after RENAME or SET SCHEMA brings a new name for a known
                 // OID: counters resolved under the old name must be looked up again.
                 self.change_counters.clear();
-                let relation = session.relations.insert(r);
-                for m in self.router.bind(&relation) {
+                for m in self.router.bind(relation) {
                     error!(rule = %m.rule, table = %m.table, column = %m.column, lsn = %lsn,
                         "rule names a column the table does not have; its keys are widened to patterns");
                 }
             }
-            LogicalMessage::Insert(i) => self.route(session, lsn, i.relation, Op::Insert, None, Some(&i.new))?,
-            LogicalMessage::Update(u) => {
-                self.route(session, lsn, u.relation, Op::Update, u.old.as_ref(), Some(&u.new))?
-            }
-            LogicalMessage::Delete(d) => self.route(session, lsn, d.relation, Op::Delete, Some(&d.old), None)?,
-            LogicalMessage::Truncate(t) => {
-                for oid in &t.relations {
-                    self.route(session, lsn, *oid, Op::Truncate, None, None)?;
+            StreamEvent::Change { lsn, xid, change } => match change {
+                RowChange::Insert { relation, new } => {
+                    self.route(batch, routed, lsn, xid, relation, Op::Insert, None, Some(&new))
                 }
+                RowChange::Update { relation, old, new } => {
+                    self.route(batch, routed, lsn, xid, relation, Op::Update, old.as_ref(), Some(&new))
+                }
+                RowChange::Delete { relation, old } => {
+                    self.route(batch, routed, lsn, xid, relation, Op::Delete, Some(&old), None)
+                }
+                RowChange::Truncate(truncated) => {
+                    for relation in truncated.relations() {
+                        self.route(batch, routed, lsn, xid, relation, Op::Truncate, None, None);
+                    }
+                }
+            },
+            StreamEvent::Message { lsn, xid, message } if message.prefix == self.config.source.message_prefix => {
+                self.manual(batch, xid.unwrap_or(0), lsn, &message.content);
             }
-            LogicalMessage::Message(m) if m.prefix == self.config.source.message_prefix => {
-                self.manual(session, lsn, &m.content);
-            }
-            LogicalMessage::Message(m) if m.prefix == HEARTBEAT_PREFIX => {
-                let sent = heartbeat_time(self.heartbeat_nonce, &m.content);
+            StreamEvent::Message { lsn, message, .. } if message.prefix == HEARTBEAT_PREFIX => {
+                let sent = heartbeat_time(self.heartbeat_nonce, &message.content);
                 if sent.is_none() {
                     debug!(lsn = %lsn, "ignoring a heartbeat message this process did not write");
                 }
@@ -1011,40 +1006,40 @@ impl Reader<'_> {
                     debug!(lsn = %lsn, lag = ?lag, "heartbeat");
                 }
             }
-            LogicalMessage::Message(m) => {
-                debug!(prefix = %m.prefix, lsn = %lsn, "logical decoding message for another consumer");
-            }
-            LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
-            other => {
-                // walbust requests neither streaming nor two-phase decoding.
-                return Err(unexpected(&format!("{other:?}").chars().take(120).collect::<String>()));
+            StreamEvent::Message { lsn, message, .. } => {
+                debug!(prefix = %message.prefix, lsn = %lsn, "logical decoding message for another consumer");
             }
         }
-        Ok(())
+        Ok(false)
     }
 
+    /// A keepalive between transactions: its position is reported at once when nothing
+    /// received is unapplied; otherwise it rides on the batch in hand.
+    fn on_keepalive(&mut self, batch: &mut Batch, wal_end: Lsn) {
+        if batch.is_empty() && self.applied_seq == self.sent_seq {
+            self.flushed(wal_end);
+        } else {
+            batch.acknowledge_through(wal_end);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn route(
         &mut self,
-        session: &mut Session,
+        batch: &mut Batch,
+        routed: &mut Vec<Routed>,
         lsn: Lsn,
-        oid: u32,
+        xid: u32,
+        relation: &Relation,
         op: Op,
         old: Option<&pgoutput::OldTuple>,
         new: Option<&pgoutput::Tuple>,
-    ) -> Result<(), PipelineError> {
-        let Session { relations, open, batch, routed, .. } = session;
-        let Some(relation) = relations.get(oid) else {
-            return Err(PipelineError::Unexpected {
-                lsn,
-                what: format!("{op} for relation OID {oid}, which no Relation message announced"),
-            });
-        };
-        let Some((xid, _)) = *open else {
-            return Err(PipelineError::Unexpected { lsn, what: format!("{op} outside a transaction") });
-        };
+    ) {
         Stats::add(&self.stats.changes, 1);
         let metrics = &self.metrics;
-        self.change_counters.get((oid, op), || metrics.changes_counter(&relation.qualified_name(), op.as_str())).inc();
+        self.change_counters
+            .get((relation.oid, op), || metrics.changes_counter(&relation.qualified_name(), op.as_str()))
+            .inc();
         let change = Change { relation, op, old, new };
         routed.clear();
         self.router.route(&change, routed);
@@ -1072,12 +1067,11 @@ impl Reader<'_> {
             }
             batch.push_from(r.action, Some(Origin { rule: r.rule, lsn }));
         }
-        Ok(())
     }
 
     /// A manual invalidation: applied in order with the transaction's row changes; a
     /// malformed body is logged with its LSN and skipped.
-    fn manual(&mut self, session: &mut Session, lsn: Lsn, body: &[u8]) {
+    fn manual(&mut self, batch: &mut Batch, xid: u32, lsn: Lsn, body: &[u8]) {
         let mut actions = match manual::actions(body) {
             Ok(a) => a,
             Err(e) => {
@@ -1100,8 +1094,7 @@ impl Reader<'_> {
         Stats::add(&self.stats.manual_messages, 1);
         Stats::add(&self.stats.actions, actions.len() as u64);
         if self.observer.is_some() {
-            let xid = session.open.map_or(0, |(x, _)| x);
-            session.batch.changes.push(ChangeRecord {
+            batch.changes.push(ChangeRecord {
                 xid,
                 table: "(message)".into(),
                 op: "message",
@@ -1110,7 +1103,7 @@ impl Reader<'_> {
         }
         let rule: Arc<str> = Arc::from(MANUAL_RULE);
         for a in actions {
-            session.batch.push_from(a, Some(Origin { rule: rule.clone(), lsn }));
+            batch.push_from(a, Some(Origin { rule: rule.clone(), lsn }));
         }
     }
 
@@ -1119,7 +1112,7 @@ impl Reader<'_> {
         let count = rules.rules().len();
         self.router.replace_rules(rules);
         self.counters.clear();
-        for relation in session.relations.iter() {
+        for relation in session.logical.relations().iter() {
             for m in self.router.bind(relation) {
                 error!(rule = %m.rule, table = %m.table, column = %m.column,
                     "rule names a column the table does not have; its keys are widened to patterns");
@@ -1162,9 +1155,8 @@ impl Reader<'_> {
 /// The reader's frame handling without a connection, an applier task or timers, for the
 /// fuzz targets in `fuzz/` and for tests.
 ///
-/// Each CopyData payload goes through the same frame parser, decoder, transaction rules
-/// (no Begin inside an open transaction, no Commit without Begin, no change outside a
-/// transaction), keepalive rule, router and batch as in [`run`]. When batches are handed
+/// Each CopyData payload goes through the same frame parser, [`LogicalStream`] (decoder,
+/// transaction rules, keepalive rule), router and batch as in [`run`]. When batches are handed
 /// over, status updates sent and reconnects made depends on time and the socket, so that
 /// part is not here: [`FrameHarness::apply`] stands in for an applier that takes the batch in
 /// hand and has Redis acknowledge it at once.
@@ -1216,7 +1208,7 @@ impl<'a> FrameHarness<'a> {
 
     /// The xid of the open transaction, if a Begin has arrived without its Commit.
     pub fn open_transaction(&self) -> Option<u32> {
-        self.session.open.map(|(xid, _)| xid)
+        self.session.logical.open().map(|t| t.xid)
     }
 
     /// Distinct actions in the batch in hand.
@@ -1228,6 +1220,7 @@ impl<'a> FrameHarness<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::logical::messages::{begin, commit, insert, relation};
     use bytes::{BufMut, Bytes, BytesMut};
     use std::path::Path;
 
@@ -1236,30 +1229,25 @@ mod tests {
         Config::parse(Path::new("config.toml"), text, &|_| None).expect("test config")
     }
 
+    impl Reader<'_> {
+        /// Takes a pgoutput message as the payload of an XLogData frame at `lsn`.
+        fn on_message(&mut self, session: &mut Session, lsn: Lsn, data: Bytes) -> Result<(), PipelineError> {
+            let frame = ReplicationFrame::XLogData { wal_start: lsn, wal_end: lsn, send_time: 0, data };
+            self.take_frame(session, frame).map(|_| ())
+        }
+
+        /// Takes a keepalive reporting `wal_end`.
+        fn keepalive(&mut self, session: &mut Session, wal_end: Lsn) {
+            let frame = ReplicationFrame::Keepalive { wal_end, send_time: 0, reply_requested: false };
+            self.take_frame(session, frame).expect("a keepalive breaks no rule");
+        }
+    }
+
     fn reader(config: &Config) -> (Reader<'_>, mpsc::Receiver<Sealed>, watch::Sender<Applied>) {
         let (mut reader, rx, applied_tx) =
             Reader::detached(config, Arc::new(RuleSet::default()), Progress::starting_at(Lsn(100)));
         reader.heartbeat_nonce = 7;
         (reader, rx, applied_tx)
-    }
-
-    fn begin(xid: u32) -> Bytes {
-        let mut b = BytesMut::new();
-        b.put_u8(b'B');
-        b.put_u64(500);
-        b.put_i64(0);
-        b.put_u32(xid);
-        b.freeze()
-    }
-
-    fn commit(end: u64) -> Bytes {
-        let mut b = BytesMut::new();
-        b.put_u8(b'C');
-        b.put_u8(0);
-        b.put_u64(end - 10);
-        b.put_u64(end);
-        b.put_i64(0);
-        b.freeze()
     }
 
     #[test]
@@ -1293,7 +1281,7 @@ mod tests {
         let (mut r, _rx, _applied) = reader(&config);
         let mut s = Session::new();
         r.on_message(&mut s, Lsn(200), begin(7)).unwrap();
-        r.on_keepalive(&mut s, Lsn(900));
+        r.keepalive(&mut s, Lsn(900));
         assert_eq!(r.progress.flushed(), Lsn(100));
         assert_eq!(s.batch.ack, None);
         r.on_message(&mut s, Lsn(210), commit(950)).unwrap();
@@ -1325,35 +1313,7 @@ mod tests {
         let sealed = sealed.expect("transaction 7's batch was not handed over within 60 s").expect("channel open");
         assert_eq!(sealed.ack, Some(Lsn(600)));
         assert_eq!(sealed.commits.iter().map(|c| c.xid).collect::<Vec<_>>(), [7]);
-        assert_eq!(session.open.map(|(xid, _)| xid), Some(8), "transaction 8 is still open");
-    }
-
-    fn relation(oid: u32, name: &str) -> Bytes {
-        let mut b = BytesMut::new();
-        b.put_u8(b'R');
-        b.put_u32(oid);
-        b.put_slice(b"public\0");
-        b.put_slice(name.as_bytes());
-        b.put_u8(0);
-        b.put_u8(b'd');
-        b.put_u16(1);
-        b.put_u8(1);
-        b.put_slice(b"id\0");
-        b.put_u32(23);
-        b.put_i32(-1);
-        b.freeze()
-    }
-
-    fn insert(oid: u32) -> Bytes {
-        let mut b = BytesMut::new();
-        b.put_u8(b'I');
-        b.put_u32(oid);
-        b.put_u8(b'N');
-        b.put_u16(1);
-        b.put_u8(b't');
-        b.put_u32(1);
-        b.put_u8(b'1');
-        b.freeze()
+        assert_eq!(session.logical.open().map(|t| t.xid), Some(8), "transaction 8 is still open");
     }
 
     #[test]
@@ -1444,10 +1404,10 @@ mod tests {
         let config = config();
         let (mut r, _rx, _applied) = reader(&config);
         let mut s = Session::new();
-        r.on_keepalive(&mut s, Lsn(400));
+        r.keepalive(&mut s, Lsn(400));
         assert_eq!(r.progress.flushed(), Lsn(400));
         s.batch.push(Action::Unlink("k".into()));
-        r.on_keepalive(&mut s, Lsn(800));
+        r.keepalive(&mut s, Lsn(800));
         assert_eq!(r.progress.flushed(), Lsn(400), "an unapplied action holds the position back");
         assert_eq!(s.batch.ack, Some(Lsn(800)));
     }

@@ -13,18 +13,18 @@ use super::format::{
 };
 use crate::config::SourceConfig;
 use crate::lsn::Lsn;
-use crate::pgoutput::{
-    DecodeError, Decoder, LogicalMessage, OldTuple, Relation, RelationCache, ReplicaIdentity, Tuple,
-};
-use crate::pipeline::HEARTBEAT_PREFIX;
+use crate::pgoutput::{DecodeError, OldTuple, Relation, ReplicaIdentity, Tuple};
 use crate::source::quote::{quote_ident, quote_literal};
-use crate::source::{ReplicationConn, ReplicationFrame, SourceError};
+use crate::source::{
+    HEARTBEAT_PREFIX, LogicalStream, ReplicationConn, ReplicationFrame, RowChange, SourceError, StreamError,
+    StreamEvent,
+};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 /// How long a stop waits for the Commit of the transaction in hand.
 const FINISH_GRACE: Duration = Duration::from_secs(10);
@@ -183,6 +183,16 @@ pub enum RecordError {
     Silent(Duration),
 }
 
+impl From<StreamError> for RecordError {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::Decode { lsn, source } => RecordError::Decode { lsn, source },
+            StreamError::Unexpected { lsn, what } => RecordError::Unexpected { lsn, what },
+            StreamError::Silent(silent) => RecordError::Silent(silent),
+        }
+    }
+}
+
 impl RecordError {
     /// True for problems with the configuration or the output path, rather than the run.
     pub fn is_usage(&self) -> bool {
@@ -238,14 +248,13 @@ pub async fn record(
     on_event(Event::Started { slot: slot.clone(), start, relations });
     let mut session = Session {
         writer,
-        decoder: Decoder::new(crate::source::PGOUTPUT_VERSION),
-        relations: RelationCache::new(),
-        open: None,
+        logical: LogicalStream::new(),
+        changes: Vec::new(),
         totals: Totals { flushed: start, ..Totals::default() },
         limits: options.limits,
     };
     let ended = session.stream(&mut stream, source, shutdown.as_mut(), &mut on_event).await;
-    let dropped_open = session.open.is_some();
+    let dropped_open = session.logical.in_open_transaction();
     let flushed = session.totals.flushed;
     if ended.is_ok() {
         // A temporary slot vanishes with the connection; the status only frees WAL early.
@@ -394,17 +403,11 @@ impl Writer {
     }
 }
 
-/// A transaction whose Commit has not arrived yet.
-struct OpenTx {
-    xid: u32,
-    changes: Vec<ChangeRecord>,
-}
-
 struct Session {
     writer: Writer,
-    decoder: Decoder,
-    relations: RelationCache,
-    open: Option<OpenTx>,
+    logical: LogicalStream,
+    /// The changes of the open transaction, written when its Commit arrives.
+    changes: Vec<ChangeRecord>,
     totals: Totals,
     limits: Limits,
 }
@@ -442,10 +445,9 @@ impl Session {
         let mut grace: Option<tokio::time::Instant> = None;
         let mut signalled = false;
         let mut reported = self.totals;
-        let mut last_received = Instant::now();
         loop {
             if let Some(reason) = stop
-                && self.open.is_none()
+                && !self.logical.in_open_transaction()
             {
                 return Ok(reason);
             }
@@ -468,7 +470,7 @@ impl Session {
                     }
                 }
                 Wake::Grace => {
-                    let xid = self.open.as_ref().map_or(0, |t| t.xid);
+                    let xid = self.logical.open().map_or(0, |t| t.xid);
                     tracing::warn!(
                         xid,
                         "the transaction in hand did not commit in time; it is left out of the recording"
@@ -476,10 +478,7 @@ impl Session {
                     return Ok(stop.unwrap_or(StopReason::Signal));
                 }
                 Wake::Status => {
-                    let silent = last_received.elapsed();
-                    if silent > source.read_timeout {
-                        return Err(RecordError::Silent(silent));
-                    }
+                    self.logical.silence(source.read_timeout)?;
                     // Asking for a reply brings a keepalive with the server's position, so an
                     // idle stream still reaches `until_lsn` and shows a dead link.
                     let flushed = self.totals.flushed;
@@ -497,24 +496,13 @@ impl Session {
                 Wake::Frame(None) => {
                     return Ok(StopReason::ServerClosed);
                 }
-                Wake::Frame(Some(ReplicationFrame::XLogData { wal_start, data, .. })) => {
-                    last_received = Instant::now();
-                    if let Some(reason) = self.on_message(wal_start, data)?
+                Wake::Frame(Some(frame)) => {
+                    let (reached, reply_requested) = self.on_frame(frame)?;
+                    if let Some(reason) = reached
                         && stop.is_none()
                     {
                         on_event(Event::Stopping(reason));
                         stop = Some(reason);
-                    }
-                }
-                Wake::Frame(Some(ReplicationFrame::Keepalive { wal_end, reply_requested, .. })) => {
-                    last_received = Instant::now();
-                    // Everything before a keepalive's position is written, unless a transaction is open.
-                    if self.open.is_none() {
-                        self.totals.flushed = self.totals.flushed.max(wal_end);
-                        if self.limits.until_lsn.is_some_and(|l| wal_end >= l) && stop.is_none() {
-                            on_event(Event::Stopping(StopReason::UntilLsn));
-                            stop = Some(StopReason::UntilLsn);
-                        }
                     }
                     if reply_requested {
                         let flushed = self.totals.flushed;
@@ -528,156 +516,141 @@ impl Session {
         }
     }
 
-    /// Decodes one message; returns the limit a written transaction reached, if any.
-    fn on_message(&mut self, lsn: Lsn, data: bytes::Bytes) -> Result<Option<StopReason>, RecordError> {
-        let message = self.decoder.decode(data).map_err(|source| RecordError::Decode { lsn, source })?;
-        let unexpected = |what: String| RecordError::Unexpected { lsn, what };
-        match message {
-            LogicalMessage::Begin(b) => {
-                if self.open.is_some() {
-                    return Err(unexpected("Begin inside an open transaction".into()));
+    /// Takes one frame; returns the limit it reached, if any, and whether the server asked
+    /// for a status update.
+    fn on_frame(&mut self, frame: ReplicationFrame) -> Result<(Option<StopReason>, bool), RecordError> {
+        let Session { writer, logical, changes, totals, limits } = self;
+        let event = logical.frame(frame)?;
+        match event {
+            // Everything before a keepalive's position is written, unless a transaction is open.
+            StreamEvent::Keepalive { acknowledge, reply_requested, .. } => {
+                let mut reached = None;
+                if let Some(lsn) = acknowledge {
+                    totals.flushed = totals.flushed.max(lsn);
+                    if limits.until_lsn.is_some_and(|l| lsn >= l) {
+                        reached = Some(StopReason::UntilLsn);
+                    }
                 }
-                self.open = Some(OpenTx { xid: b.xid, changes: Vec::new() });
+                return Ok((reached, reply_requested));
             }
-            LogicalMessage::Commit(c) => {
-                let Some(tx) = self.open.take() else { return Err(unexpected("Commit without Begin".into())) };
-                if !tx.changes.is_empty() {
-                    let changes = tx.changes.iter().filter(|c| c.op != ChangeOp::Message).count() as u64;
-                    self.totals.changes += changes;
-                    self.totals.messages += tx.changes.len() as u64 - changes;
+            StreamEvent::Begin { .. } => changes.clear(),
+            StreamEvent::Commit { xid, commit, .. } => {
+                if !changes.is_empty() {
+                    let changes = std::mem::take(changes);
+                    let rows = changes.iter().filter(|c| c.op != ChangeOp::Message).count() as u64;
+                    totals.changes += rows;
+                    totals.messages += changes.len() as u64 - rows;
                     let record = TxRecord {
-                        xid: tx.xid,
-                        commit_lsn: c.commit_lsn,
-                        end_lsn: c.end_lsn,
-                        commit_time: pg_time_text(c.commit_time),
-                        changes: tx.changes,
+                        xid,
+                        commit_lsn: commit.commit_lsn,
+                        end_lsn: commit.end_lsn,
+                        commit_time: pg_time_text(commit.commit_time),
+                        changes,
                     };
-                    self.writer.line(&Line::Tx(record), true)?;
-                    self.totals.transactions += 1;
+                    writer.line(&Line::Tx(record), true)?;
+                    totals.transactions += 1;
                 }
-                self.totals.flushed = self.totals.flushed.max(c.end_lsn);
-                if self.limits.max_transactions.is_some_and(|n| self.totals.transactions >= n) {
-                    return Ok(Some(StopReason::MaxTransactions));
+                totals.flushed = totals.flushed.max(commit.end_lsn);
+                if limits.max_transactions.is_some_and(|n| totals.transactions >= n) {
+                    return Ok((Some(StopReason::MaxTransactions), false));
                 }
-                if self.limits.until_lsn.is_some_and(|l| c.end_lsn >= l) {
-                    return Ok(Some(StopReason::UntilLsn));
-                }
-            }
-            LogicalMessage::Relation(r) => {
-                let relation = self.relations.insert(r);
-                if self.writer.relation(&relation)? {
-                    self.totals.relations += 1;
+                if limits.until_lsn.is_some_and(|l| commit.end_lsn >= l) {
+                    return Ok((Some(StopReason::UntilLsn), false));
                 }
             }
-            LogicalMessage::Insert(i) => {
-                let mut c = self.change(lsn, i.relation, ChangeOp::Insert)?;
-                c.new = Some(self.image(lsn, i.relation, &i.new, false)?);
-                self.push(lsn, c)?;
-            }
-            LogicalMessage::Update(u) => {
-                let mut c = self.change(lsn, u.relation, ChangeOp::Update)?;
-                self.old(lsn, u.relation, u.old.as_ref(), &mut c)?;
-                c.new = Some(self.image(lsn, u.relation, &u.new, false)?);
-                self.push(lsn, c)?;
-            }
-            LogicalMessage::Delete(d) => {
-                let mut c = self.change(lsn, d.relation, ChangeOp::Delete)?;
-                self.old(lsn, d.relation, Some(&d.old), &mut c)?;
-                self.push(lsn, c)?;
-            }
-            LogicalMessage::Truncate(t) => {
-                for oid in &t.relations {
-                    let mut c = self.change(lsn, *oid, ChangeOp::Truncate)?;
-                    c.cascade = t.cascade();
-                    c.restart_identity = t.restart_identity();
-                    self.push(lsn, c)?;
+            StreamEvent::Relation { relation, .. } => {
+                if writer.relation(relation)? {
+                    totals.relations += 1;
                 }
             }
+            StreamEvent::Change { lsn, change, .. } => match change {
+                RowChange::Insert { relation, new } => {
+                    let mut c = change_record(writer, relation, ChangeOp::Insert);
+                    c.new = Some(image(lsn, relation, &new, false)?);
+                    changes.push(c);
+                }
+                RowChange::Update { relation, old, new } => {
+                    let mut c = change_record(writer, relation, ChangeOp::Update);
+                    old_image(lsn, relation, old.as_ref(), &mut c)?;
+                    c.new = Some(image(lsn, relation, &new, false)?);
+                    changes.push(c);
+                }
+                RowChange::Delete { relation, old } => {
+                    let mut c = change_record(writer, relation, ChangeOp::Delete);
+                    old_image(lsn, relation, Some(&old), &mut c)?;
+                    changes.push(c);
+                }
+                RowChange::Truncate(truncated) => {
+                    for relation in truncated.relations() {
+                        let mut c = change_record(writer, relation, ChangeOp::Truncate);
+                        c.cascade = truncated.truncate.cascade();
+                        c.restart_identity = truncated.truncate.restart_identity();
+                        changes.push(c);
+                    }
+                }
+            },
             // Heartbeats measure `walbust run`'s latency; they carry nothing to replay.
-            LogicalMessage::Message(m) if m.prefix == HEARTBEAT_PREFIX => {}
-            LogicalMessage::Message(m) if m.transactional && self.open.is_some() => {
-                let c = ChangeRecord {
+            StreamEvent::Message { message, .. } if message.prefix == HEARTBEAT_PREFIX => {}
+            StreamEvent::Message { xid: Some(_), message, .. } if message.transactional => {
+                changes.push(ChangeRecord {
                     op: ChangeOp::Message,
-                    prefix: Some(m.prefix),
-                    content: Some(encode_text(&m.content)),
+                    prefix: Some(message.prefix),
+                    content: Some(encode_text(&message.content)),
                     ..ChangeRecord::default()
-                };
-                self.push(lsn, c)?;
+                });
             }
-            LogicalMessage::Message(m) => {
+            StreamEvent::Message { message: m, .. } => {
                 let record = MessageRecord { lsn: m.lsn, prefix: m.prefix, content: encode_text(&m.content) };
-                self.writer.line(&Line::Message(record), true)?;
-                self.totals.messages += 1;
+                writer.line(&Line::Message(record), true)?;
+                totals.messages += 1;
             }
-            LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
-            other => {
-                // Neither streaming nor two-phase decoding is requested.
-                return Err(unexpected(format!("{other:?}").chars().take(120).collect()));
-            }
+            StreamEvent::Other { .. } => {}
         }
-        Ok(None)
+        Ok((None, false))
     }
+}
 
-    fn relation(&self, lsn: Lsn, oid: u32) -> Result<&Relation, RecordError> {
-        self.relations.get(oid).map(|r| &**r).ok_or_else(|| RecordError::Unexpected {
+/// A change of `relation`, naming the definition the recording gave it.
+fn change_record(writer: &Writer, relation: &Relation, op: ChangeOp) -> ChangeRecord {
+    ChangeRecord {
+        op,
+        table: Some(relation.qualified_name()),
+        rel: writer.rel(relation.oid),
+        ..ChangeRecord::default()
+    }
+}
+
+fn old_image(lsn: Lsn, relation: &Relation, old: Option<&OldTuple>, c: &mut ChangeRecord) -> Result<(), RecordError> {
+    match old {
+        Some(OldTuple::Full(t)) => c.old = Some(image(lsn, relation, t, false)?),
+        Some(OldTuple::Key(t)) => c.old_key = Some(image(lsn, relation, t, true)?),
+        None => {}
+    }
+    Ok(())
+}
+
+/// A tuple by column name. A key image leaves out the columns pgoutput sends as NULL
+/// because they are not in the key.
+fn image(lsn: Lsn, relation: &Relation, tuple: &Tuple, keyed: bool) -> Result<Image, RecordError> {
+    if tuple.len() != relation.columns.len() {
+        return Err(RecordError::Unexpected {
             lsn,
-            what: format!("a change for relation OID {oid}, which no Relation message announced"),
-        })
+            what: format!(
+                "a row of {} with {} values, but its Relation has {} columns",
+                relation.qualified_name(),
+                tuple.len(),
+                relation.columns.len()
+            ),
+        });
     }
-
-    fn change(&self, lsn: Lsn, oid: u32, op: ChangeOp) -> Result<ChangeRecord, RecordError> {
-        let relation = self.relation(lsn, oid)?;
-        Ok(ChangeRecord {
-            op,
-            table: Some(relation.qualified_name()),
-            rel: self.writer.rel(oid),
-            ..ChangeRecord::default()
-        })
-    }
-
-    fn push(&mut self, lsn: Lsn, change: ChangeRecord) -> Result<(), RecordError> {
-        match &mut self.open {
-            Some(tx) => {
-                tx.changes.push(change);
-                Ok(())
-            }
-            None => Err(RecordError::Unexpected { lsn, what: format!("{} outside a transaction", change.op.as_str()) }),
+    let mut image = Image::new();
+    for (column, value) in relation.columns.iter().zip(tuple.values()) {
+        if keyed && !column.key && value.is_null() {
+            continue;
         }
+        image.insert(column.name.clone(), encode_value(value));
     }
-
-    fn old(&self, lsn: Lsn, oid: u32, old: Option<&OldTuple>, c: &mut ChangeRecord) -> Result<(), RecordError> {
-        match old {
-            Some(OldTuple::Full(t)) => c.old = Some(self.image(lsn, oid, t, false)?),
-            Some(OldTuple::Key(t)) => c.old_key = Some(self.image(lsn, oid, t, true)?),
-            None => {}
-        }
-        Ok(())
-    }
-
-    /// A tuple by column name. A key image leaves out the columns pgoutput sends as NULL
-    /// because they are not in the key.
-    fn image(&self, lsn: Lsn, oid: u32, tuple: &Tuple, keyed: bool) -> Result<Image, RecordError> {
-        let relation = self.relation(lsn, oid)?;
-        if tuple.len() != relation.columns.len() {
-            return Err(RecordError::Unexpected {
-                lsn,
-                what: format!(
-                    "a row of {} with {} values, but its Relation has {} columns",
-                    relation.qualified_name(),
-                    tuple.len(),
-                    relation.columns.len()
-                ),
-            });
-        }
-        let mut image = Image::new();
-        for (column, value) in relation.columns.iter().zip(tuple.values()) {
-            if keyed && !column.key && value.is_null() {
-                continue;
-            }
-            image.insert(column.name.clone(), encode_value(value));
-        }
-        Ok(image)
-    }
+    Ok(image)
 }
 
 #[cfg(test)]

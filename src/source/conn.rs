@@ -27,7 +27,6 @@ use tokio_postgres::fallible_iterator::FallibleIterator;
 
 use super::conninfo::{ConnInfo, SslMode, is_unix_host, socket_path};
 use super::quote::{quote_ident, quote_literal};
-use super::stream::ReplicationStream;
 use super::tls;
 use super::{SESSION_SETTINGS, SourceError};
 use crate::lsn::Lsn;
@@ -123,7 +122,7 @@ pub(crate) enum Backend {
     CopyBothResponse,
 }
 
-/// Buffered message I/O, shared by [`ReplicationConn`] and [`ReplicationStream`].
+/// Buffered message I/O, shared by [`ReplicationConn`] and the replication stream.
 pub(crate) struct Wire {
     transport: Transport,
     rbuf: BytesMut,
@@ -602,16 +601,14 @@ impl ReplicationConn {
     }
 
     /// Sends `START_REPLICATION SLOT slot LOGICAL start (options)` and, once the
-    /// server answers with CopyBothResponse, returns the replication stream.
-    ///
-    /// Option names are quoted as identifiers and values as literals, e.g.
-    /// `&[("proto_version", "1"), ("publication_names", "p")]`.
-    pub async fn start_replication(
+    /// server answers with CopyBothResponse, gives up the connection's wire and the
+    /// walsender's process id for [`ReplicationConn::start_replication`] to stream on.
+    pub(crate) async fn start_copy_both(
         mut self,
         slot: &str,
         start: Lsn,
         options: &[(&str, &str)],
-    ) -> Result<ReplicationStream, SourceError> {
+    ) -> Result<(Wire, Option<i32>), SourceError> {
         let sql = start_replication_sql(slot, start, options);
         let limit = self.options.read_timeout;
         let endpoint = self.wire.endpoint.clone();
@@ -641,7 +638,7 @@ impl ReplicationConn {
             Ok(Ok(())) => {
                 tracing::info!(server = %endpoint, slot, start = %start, "replication started");
                 let pid = self.backend_pid();
-                Ok(ReplicationStream::new(self.wire, pid))
+                Ok((self.wire, pid))
             }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(SourceError::Timeout {

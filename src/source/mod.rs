@@ -14,6 +14,9 @@
 //!   queries such as `IDENTIFY_SYSTEM` and `CREATE_REPLICATION_SLOT`).
 //! - [`stream`]: [`ReplicationStream`], the CopyBoth framing of
 //!   `START_REPLICATION` (XLogData, primary keepalives, standby status updates).
+//! - [`logical`]: [`LogicalStream`], the transaction rules of the stream: frames in,
+//!   Begin, change, message, Commit and keepalive events out; `run` and `record` both
+//!   read through it.
 //! - [`sql`]: [`connect_sql`], an ordinary tokio-postgres client built from the
 //!   same [`ConnInfo`] with the same TLS and session settings.
 //! - [`quote`]: SQL quoting of identifiers and literals, for every statement
@@ -33,6 +36,7 @@
 
 pub mod conn;
 pub mod conninfo;
+pub mod logical;
 pub mod quote;
 pub mod slot;
 pub mod sql;
@@ -45,6 +49,7 @@ use std::time::Duration;
 
 pub use conn::{ConnectOptions, ReplicationConn, SimpleRow};
 pub use conninfo::{ConnInfo, ConnInfoError, SslMode};
+pub use logical::{Event as StreamEvent, LogicalStream, RowChange, StreamError};
 pub use sql::connect_sql;
 pub use stream::{ReplicationFrame, ReplicationStream, now_pg_micros};
 

@@ -11,7 +11,7 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
 use super::SourceError;
-use super::conn::{Backend, Wire, server_error};
+use super::conn::{Backend, ReplicationConn, Wire, server_error};
 use crate::lsn::Lsn;
 
 /// Seconds from the Unix epoch to the Postgres epoch (2000-01-01).
@@ -54,8 +54,24 @@ pub enum ReplicationFrame {
     },
 }
 
-/// A replication connection in CopyBoth mode, from
-/// [`ReplicationConn::start_replication`](super::ReplicationConn::start_replication).
+impl ReplicationConn {
+    /// Sends `START_REPLICATION SLOT slot LOGICAL start (options)` and, once the
+    /// server answers with CopyBothResponse, returns the replication stream.
+    ///
+    /// Option names are quoted as identifiers and values as literals, e.g.
+    /// `&[("proto_version", "1"), ("publication_names", "p")]`.
+    pub async fn start_replication(
+        self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, &str)],
+    ) -> Result<ReplicationStream, SourceError> {
+        let (wire, pid) = self.start_copy_both(slot, start, options).await?;
+        Ok(ReplicationStream::new(wire, pid))
+    }
+}
+
+/// A replication connection in CopyBoth mode, from [`ReplicationConn::start_replication`].
 pub struct ReplicationStream {
     wire: Wire,
     backend_pid: Option<i32>,
