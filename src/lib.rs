@@ -9,7 +9,8 @@
 //! input; [`source::LogicalStream`] holds the stream's transaction rules and turns frames
 //! into Begin, change, message, Commit and keepalive events for `run` and `record` alike. [`rules`] loads the DBA's rule files and its [`rules::Router`] turns each
 //! change into [`action::Action`]s, widening a key to a pattern whenever the stream
-//! lacks a value it needs. [`batch`] deduplicates actions and records the commit
+//! lacks a value it needs; [`routing`] is the one step that routes a change, or applies a
+//! manual invalidation message, into a batch for `run`, `replay` and `test` alike. [`batch`] deduplicates actions and records the commit
 //! position they complete; [`sink`] applies batches to Redis (or to memory in tests).
 //! [`progress`] keeps the received and flushed positions, each only moving forward, and
 //! [`pipeline`] wires the stages together, sends standby status updates, reconnects
@@ -41,6 +42,7 @@ pub mod pgoutput;
 pub mod pipeline;
 pub mod progress;
 pub mod recording;
+pub mod routing;
 pub mod rules;
 pub mod ruletest;
 pub mod setup;
@@ -51,3 +53,6 @@ pub mod status;
 pub mod throwaway;
 pub mod user_file;
 pub mod value_text;
+
+#[cfg(test)]
+mod parity;

@@ -22,7 +22,9 @@ use crate::lsn::Lsn;
 use crate::metrics::{CounterCache, Metrics};
 use crate::pgoutput::{self, DecodeError, Relation};
 use crate::progress::Progress;
-use crate::rules::{Change, Op, Routed, Router, RuleSet, manual};
+use crate::routing::{Routing, Tally};
+use crate::rules::manual::{ManualError, Refusal};
+use crate::rules::{Change, Op, Routed, RuleSet};
 use crate::sink::{DeadLetter, Sink};
 use crate::source::slot::{self, SetupError, SlotPolicy};
 use crate::source::{
@@ -45,9 +47,6 @@ const STATUS_COALESCE: Duration = Duration::from_millis(50);
 /// Bytes of keys, patterns and values after which a batch is sent whatever its action
 /// count, so rows with huge values keep memory bounded.
 const MAX_BATCH_BYTES: usize = 16 << 20;
-
-/// The rule name that actions of manual invalidation messages are logged and counted under.
-const MANUAL_RULE: &str = "(manual message)";
 
 /// How long shutdown waits for Redis to take the last batch before giving up on it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -567,9 +566,75 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// What the reader counts, logs and shows the observer for one change or manual message.
+struct ReaderTally<'r> {
+    stats: &'r Stats,
+    metrics: &'r Metrics,
+    counters: &'r mut CounterCache<(usize, usize)>,
+    change_counters: &'r mut CounterCache<(u32, Op)>,
+    /// An observer wants each change with its actions.
+    observe: bool,
+    xid: u32,
+    lsn: Lsn,
+}
+
+impl Tally for ReaderTally<'_> {
+    fn routed(&mut self, change: &Change<'_>, routed: &[Routed], batch: &mut Batch) {
+        let (metrics, relation, op, lsn) = (self.metrics, change.relation, change.op, self.lsn);
+        Stats::add(&self.stats.changes, 1);
+        self.change_counters
+            .get((relation.oid, op), || metrics.changes_counter(&relation.qualified_name(), op.as_str()))
+            .inc();
+        Stats::add(&self.stats.actions, routed.len() as u64);
+        if self.observe {
+            let mut actions: Vec<Action> = Vec::with_capacity(routed.len());
+            for r in routed {
+                if !actions.contains(&r.action) {
+                    actions.push(r.action.clone());
+                }
+            }
+            let (xid, table) = (self.xid, relation.qualified_name());
+            batch.changes.push(ChangeRecord { xid, table, op: op.as_str(), actions });
+        }
+        for r in routed {
+            let kind = r.action.kind();
+            // The rule's address is stable while its rule set is in use; the cache is cleared
+            // when rules are swapped.
+            let key = (Arc::as_ptr(&r.rule).cast::<u8>() as usize, kind.as_ptr() as usize);
+            self.counters.get(key, || metrics.actions_counter(&r.rule, kind)).inc();
+            if let Some(why) = r.widened {
+                Stats::add(&self.stats.widened, 1);
+                metrics.widened(&r.rule, why.as_str());
+                debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
+            }
+        }
+    }
+
+    fn manual(&mut self, actions: &[Action], batch: &mut Batch) {
+        Stats::add(&self.stats.manual_messages, 1);
+        Stats::add(&self.stats.actions, actions.len() as u64);
+        if self.observe {
+            let (xid, actions) = (self.xid, actions.to_vec());
+            batch.changes.push(ChangeRecord { xid, table: "(message)".into(), op: "message", actions });
+        }
+    }
+
+    fn refused(&mut self, action: &Action, refusal: Refusal) {
+        self.metrics.manual_refused(refusal.as_str());
+        warn!(lsn = %self.lsn, kind = action.kind(), reason = refusal.as_str(),
+            "refusing part of a manual invalidation message; see manual_prefixes and manual_match_all in the config");
+    }
+
+    fn malformed(&mut self, error: &ManualError) {
+        Stats::add(&self.stats.malformed_messages, 1);
+        self.metrics.manual_refused("malformed");
+        warn!(lsn = %self.lsn, error = %error_chain(error), "skipping a manual invalidation message");
+    }
+}
+
 struct Reader<'a> {
     config: &'a Config,
-    router: Router,
+    routing: Routing,
     progress: Progress,
     stats: Arc<Stats>,
     tx: mpsc::Sender<Sealed>,
@@ -607,12 +672,11 @@ struct SlotState {
 struct Session {
     logical: LogicalStream,
     batch: Batch,
-    routed: Vec<Routed>,
 }
 
 impl Session {
     fn new() -> Self {
-        Session { logical: LogicalStream::new(), batch: Batch::new(), routed: Vec::new() }
+        Session { logical: LogicalStream::new(), batch: Batch::new() }
     }
 
     fn in_transaction(&self) -> bool {
@@ -632,7 +696,7 @@ impl<'a> Reader<'a> {
         let (applied_tx, applied) = watch::channel(Applied::default());
         let reader = Reader {
             config,
-            router: Router::new(rules),
+            routing: Routing::new(rules),
             progress,
             stats: Arc::default(),
             tx,
@@ -720,7 +784,7 @@ impl Reader<'_> {
 
     async fn session(&mut self, mut shutdown: Pin<&mut impl Future<Output = ()>>) -> Result<SessionEnd, PipelineError> {
         let source = &self.config.source;
-        let rules = self.router.rules().clone();
+        let rules = self.routing.rules().clone();
         let policy = SlotPolicy {
             may_create: source.create_slot && !self.slot.held,
             replace_lost: self.slot.replace_lost,
@@ -765,7 +829,7 @@ impl Reader<'_> {
         if let Some(obs) = &self.observer {
             let _ = obs.send(Event::Streaming { start });
         }
-        self.router.clear();
+        self.routing.clear();
         let mut session = Session::new();
         let end = self.stream(&mut stream, &mut session, shutdown.as_mut()).await;
         match end {
@@ -935,18 +999,13 @@ impl Reader<'_> {
             self.metrics.set_received(wal_start);
             self.metrics.set_server_wal_end(wal_end);
         }
-        let Session { logical, batch, routed } = session;
+        let Session { logical, batch } = session;
         let event = logical.frame(frame)?;
-        self.on_event(batch, routed, event)
+        self.on_event(batch, event)
     }
 
     /// Acts on one event of the stream; true when the server asked for a status update.
-    fn on_event(
-        &mut self,
-        batch: &mut Batch,
-        routed: &mut Vec<Routed>,
-        event: StreamEvent<'_>,
-    ) -> Result<bool, PipelineError> {
+    fn on_event(&mut self, batch: &mut Batch, event: StreamEvent<'_>) -> Result<bool, PipelineError> {
         match event {
             StreamEvent::Keepalive { wal_end, acknowledge, reply_requested } => {
                 self.metrics.set_server_wal_end(wal_end);
@@ -969,29 +1028,32 @@ impl Reader<'_> {
                 // A Relation message after RENAME or SET SCHEMA brings a new name for a known
                 // OID: counters resolved under the old name must be looked up again.
                 self.change_counters.clear();
-                for m in self.router.bind(relation) {
+                for m in self.routing.bind(relation) {
                     error!(rule = %m.rule, table = %m.table, column = %m.column, lsn = %lsn,
                         "rule names a column the table does not have; its keys are widened to patterns");
                 }
             }
-            StreamEvent::Change { lsn, xid, change } => match change {
-                RowChange::Insert { relation, new } => {
-                    self.route(batch, routed, lsn, xid, relation, Op::Insert, None, Some(&new))
-                }
-                RowChange::Update { relation, old, new } => {
-                    self.route(batch, routed, lsn, xid, relation, Op::Update, old.as_ref(), Some(&new))
-                }
-                RowChange::Delete { relation, old } => {
-                    self.route(batch, routed, lsn, xid, relation, Op::Delete, Some(&old), None)
-                }
-                RowChange::Truncate(truncated) => {
-                    for relation in truncated.relations() {
-                        self.route(batch, routed, lsn, xid, relation, Op::Truncate, None, None);
+            StreamEvent::Change { lsn, xid, change } => {
+                let (routing, mut tally) = self.routing(xid, lsn);
+                let mut route = |relation: &Relation, op, old, new| {
+                    routing.change(&Change { relation, op, old, new }, lsn, batch, &mut tally);
+                };
+                match change {
+                    RowChange::Insert { relation, new } => route(relation, Op::Insert, None, Some(&new)),
+                    RowChange::Update { relation, old, new } => route(relation, Op::Update, old.as_ref(), Some(&new)),
+                    RowChange::Delete { relation, old } => route(relation, Op::Delete, Some(&old), None),
+                    RowChange::Truncate(truncated) => {
+                        for relation in truncated.relations() {
+                            route(relation, Op::Truncate, None, None);
+                        }
                     }
                 }
-            },
+            }
             StreamEvent::Message { lsn, xid, message } if message.prefix == self.config.source.message_prefix => {
-                self.manual(batch, xid.unwrap_or(0), lsn, &message.content);
+                // A manual invalidation: applied in order with the transaction's row changes.
+                let policy = Some(&self.config.source.manual);
+                let (routing, mut tally) = self.routing(xid.unwrap_or(0), lsn);
+                routing.message(&message.content, policy, lsn, batch, &mut tally);
             }
             StreamEvent::Message { lsn, message, .. } if message.prefix == HEARTBEAT_PREFIX => {
                 let sent = heartbeat_time(self.heartbeat_nonce, &message.content);
@@ -1013,6 +1075,20 @@ impl Reader<'_> {
         Ok(false)
     }
 
+    /// The routing step, and what the reader keeps for a change or message of `xid` at `lsn`.
+    fn routing(&mut self, xid: u32, lsn: Lsn) -> (&mut Routing, ReaderTally<'_>) {
+        let tally = ReaderTally {
+            stats: &self.stats,
+            metrics: &self.metrics,
+            counters: &mut self.counters,
+            change_counters: &mut self.change_counters,
+            observe: self.observer.is_some(),
+            xid,
+            lsn,
+        };
+        (&mut self.routing, tally)
+    }
+
     /// A keepalive between transactions: its position is reported at once when nothing
     /// received is unapplied; otherwise it rides on the batch in hand.
     fn on_keepalive(&mut self, batch: &mut Batch, wal_end: Lsn) {
@@ -1023,97 +1099,13 @@ impl Reader<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn route(
-        &mut self,
-        batch: &mut Batch,
-        routed: &mut Vec<Routed>,
-        lsn: Lsn,
-        xid: u32,
-        relation: &Relation,
-        op: Op,
-        old: Option<&pgoutput::OldTuple>,
-        new: Option<&pgoutput::Tuple>,
-    ) {
-        Stats::add(&self.stats.changes, 1);
-        let metrics = &self.metrics;
-        self.change_counters
-            .get((relation.oid, op), || metrics.changes_counter(&relation.qualified_name(), op.as_str()))
-            .inc();
-        let change = Change { relation, op, old, new };
-        routed.clear();
-        self.router.route(&change, routed);
-        Stats::add(&self.stats.actions, routed.len() as u64);
-        if self.observer.is_some() {
-            let mut actions: Vec<Action> = Vec::with_capacity(routed.len());
-            for r in routed.iter() {
-                if !actions.contains(&r.action) {
-                    actions.push(r.action.clone());
-                }
-            }
-            batch.changes.push(ChangeRecord { xid, table: relation.qualified_name(), op: op.as_str(), actions });
-        }
-        // The routed actions move into the batch; the buffer keeps its capacity for the next change.
-        for r in routed.drain(..) {
-            let kind = r.action.kind();
-            // The rule's address is stable while its rule set is in use; the cache is cleared
-            // when rules are swapped.
-            let key = (Arc::as_ptr(&r.rule).cast::<u8>() as usize, kind.as_ptr() as usize);
-            self.counters.get(key, || metrics.actions_counter(&r.rule, kind)).inc();
-            if let Some(why) = r.widened {
-                Stats::add(&self.stats.widened, 1);
-                self.metrics.widened(&r.rule, why.as_str());
-                debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
-            }
-            batch.push_from(r.action, Some(Origin { rule: r.rule, lsn }));
-        }
-    }
-
-    /// A manual invalidation: applied in order with the transaction's row changes; a
-    /// malformed body is logged with its LSN and skipped.
-    fn manual(&mut self, batch: &mut Batch, xid: u32, lsn: Lsn, body: &[u8]) {
-        let mut actions = match manual::actions(body) {
-            Ok(a) => a,
-            Err(e) => {
-                Stats::add(&self.stats.malformed_messages, 1);
-                self.metrics.manual_refused("malformed");
-                warn!(lsn = %lsn, error = %error_chain(&e), "skipping a manual invalidation message");
-                return;
-            }
-        };
-        let (metrics, policy) = (&self.metrics, &self.config.source.manual);
-        actions.retain(|a| match policy.check(a) {
-            Ok(()) => true,
-            Err(refusal) => {
-                metrics.manual_refused(refusal.as_str());
-                warn!(lsn = %lsn, kind = a.kind(), reason = refusal.as_str(),
-                    "refusing part of a manual invalidation message; see manual_prefixes and manual_match_all in the config");
-                false
-            }
-        });
-        Stats::add(&self.stats.manual_messages, 1);
-        Stats::add(&self.stats.actions, actions.len() as u64);
-        if self.observer.is_some() {
-            batch.changes.push(ChangeRecord {
-                xid,
-                table: "(message)".into(),
-                op: "message",
-                actions: actions.clone(),
-            });
-        }
-        let rule: Arc<str> = Arc::from(MANUAL_RULE);
-        for a in actions {
-            batch.push_from(a, Some(Origin { rule: rule.clone(), lsn }));
-        }
-    }
-
     /// Swaps in a reloaded rule set between transactions and binds it to every known relation.
     fn swap_rules(&mut self, session: &Session, rules: Arc<RuleSet>) {
         let count = rules.rules().len();
-        self.router.replace_rules(rules);
+        self.routing.replace_rules(rules);
         self.counters.clear();
         for relation in session.logical.relations().iter() {
-            for m in self.router.bind(relation) {
+            for m in self.routing.bind(relation) {
                 error!(rule = %m.rule, table = %m.table, column = %m.column,
                     "rule names a column the table does not have; its keys are widened to patterns");
             }
@@ -1214,6 +1206,11 @@ impl<'a> FrameHarness<'a> {
     /// Distinct actions in the batch in hand.
     pub fn pending_actions(&self) -> usize {
         self.session.batch.len()
+    }
+
+    /// The actions of the batch in hand, in the order the sink would get them.
+    pub fn pending(&self) -> impl Iterator<Item = &Action> {
+        self.session.batch.actions()
     }
 }
 

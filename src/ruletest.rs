@@ -26,9 +26,12 @@
 use crate::action::Action;
 use crate::batch::Batch;
 use crate::diagnostic::{self, Diagnostic, Diagnostics, LineIndex, did_you_mean};
+use crate::lsn::Lsn;
 use crate::pgoutput::{Column, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
 use crate::recording::expected::RecordingCase;
-use crate::rules::{Change, Op, Router, RuleSet, TableName, Widening, manual};
+use crate::routing::{Routing, Tally};
+use crate::rules::manual::ManualError;
+use crate::rules::{Change, Op, Routed, RuleSet, TableName, Widening};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -187,7 +190,7 @@ struct Tx {
 }
 
 #[derive(Debug)]
-enum Step {
+pub(crate) enum Step {
     Row { table: usize, op: Op, old: Option<OldTuple>, new: Option<Tuple> },
     Message { line: usize, body: Vec<u8> },
 }
@@ -1167,10 +1170,10 @@ impl Case {
                 duration: started.elapsed(),
             };
         }
-        let mut router = Router::new(self.rules.clone());
+        let mut routing = Routing::new(self.rules.clone());
         let mut problems = Vec::new();
         for t in &self.tables {
-            for m in router.bind(&t.relation) {
+            for m in routing.bind(&t.relation) {
                 if t.declared {
                     problems.push(format!(
                         "rule `{}` names column `{}`, which the declared columns of `{}` lack; its keys are widened to patterns",
@@ -1179,15 +1182,13 @@ impl Case {
                 }
             }
         }
-        let mut routed = Vec::new();
         let txs = self
             .txs
             .iter()
             .enumerate()
             .map(|(i, tx)| {
                 let mut batch = Batch::new();
-                let mut origins: HashMap<Action, Origin> = HashMap::new();
-                let mut notes = Vec::new();
+                let mut tally = CaseTally { origins: HashMap::new(), notes: Vec::new(), line: 0 };
                 for step in &tx.steps {
                     match step {
                         Step::Row { table, op, old, new } => {
@@ -1197,33 +1198,65 @@ impl Case {
                                 old: old.as_ref(),
                                 new: new.as_ref(),
                             };
-                            routed.clear();
-                            router.route(&change, &mut routed);
-                            for r in routed.drain(..) {
-                                origins
-                                    .entry(r.action.clone())
-                                    .or_insert(Origin::Rule { name: r.rule, widened: r.widened });
-                                batch.push(r.action);
-                            }
+                            routing.change(&change, Lsn::ZERO, &mut batch, &mut tally);
                         }
-                        Step::Message { line, body } => match manual::actions(body) {
-                            Ok(actions) => {
-                                for a in actions {
-                                    origins.entry(a.clone()).or_insert(Origin::Message);
-                                    batch.push(a);
-                                }
-                            }
-                            Err(e) => notes
-                                .push(format!("the message on line {line} was skipped, as walbust run skips it: {e}")),
-                        },
+                        Step::Message { line, body } => {
+                            tally.line = *line;
+                            routing.message(body, None, Lsn::ZERO, &mut batch, &mut tally);
+                        }
                     }
                 }
+                let CaseTally { origins, notes, .. } = tally;
                 let actual =
                     batch.actions().map(|a| (a.clone(), origins.get(a).cloned().unwrap_or(Origin::Message))).collect();
                 TxResult { index: i + 1, line: tx.line, expected: tx.expect.iter().cloned().collect(), actual, notes }
             })
             .collect();
         CaseResult { name: self.name.clone(), line: self.line, problems, txs, duration: started.elapsed() }
+    }
+}
+
+#[cfg(test)]
+impl Case {
+    /// A test of `tables` (taken as inferred, so a column a rule names may be missing)
+    /// whose transactions are `txs`, expecting no action.
+    pub(crate) fn from_steps(rules: Arc<RuleSet>, tables: Vec<Relation>, txs: Vec<Vec<Step>>) -> Case {
+        Case {
+            name: "from steps".into(),
+            line: 1,
+            rules,
+            tables: tables.into_iter().map(|relation| TestTable { relation, declared: false }).collect(),
+            txs: txs.into_iter().map(|steps| Tx { line: 1, steps, expect: Vec::new() }).collect(),
+            recording: None,
+        }
+    }
+}
+
+/// Where each action of a test's transaction came from, and what is worth knowing.
+struct CaseTally {
+    origins: HashMap<Action, Origin>,
+    notes: Vec<String>,
+    /// The line of the message being applied.
+    line: usize,
+}
+
+impl Tally for CaseTally {
+    fn routed(&mut self, _: &Change<'_>, routed: &[Routed], _: &mut Batch) {
+        for r in routed {
+            if !self.origins.contains_key(&r.action) {
+                self.origins.insert(r.action.clone(), Origin::Rule { name: r.rule.clone(), widened: r.widened });
+            }
+        }
+    }
+
+    fn manual(&mut self, actions: &[Action], _: &mut Batch) {
+        for a in actions {
+            self.origins.entry(a.clone()).or_insert(Origin::Message);
+        }
+    }
+
+    fn malformed(&mut self, error: &ManualError) {
+        self.notes.push(format!("the message on line {} was skipped, as walbust run skips it: {error}", self.line));
     }
 }
 

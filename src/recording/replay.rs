@@ -11,7 +11,9 @@ use crate::batch::Batch;
 use crate::diagnostic::plural;
 use crate::lsn::Lsn;
 use crate::pgoutput::{OldTuple, Relation, Tuple, Value};
-use crate::rules::{Change, Op, Routed, Router, RuleSet, manual};
+use crate::routing::{Routing, Tally};
+use crate::rules::manual::ManualError;
+use crate::rules::{Change, Op, Routed, RuleSet};
 use crate::sink::Sink;
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -343,12 +345,9 @@ impl<R: BufRead> Engine<R> {
 
     /// Checks one change against its relation definition and builds its tuples.
     fn step(&self, line: usize, c: ChangeRecord) -> Result<Step, RecordingError> {
-        let op = match c.op {
-            ChangeOp::Insert => Op::Insert,
-            ChangeOp::Update => Op::Update,
-            ChangeOp::Delete => Op::Delete,
-            ChangeOp::Truncate => Op::Truncate,
-            ChangeOp::Message => {
+        let op = match row_op(c.op) {
+            Some(op) => op,
+            None => {
                 let stray = [
                     (c.table.is_some(), "table"),
                     (c.rel.is_some(), "rel"),
@@ -445,6 +444,17 @@ impl<R: BufRead> Engine<R> {
     }
 }
 
+/// The op of a recorded row change; `None` for a message.
+pub(crate) fn row_op(op: ChangeOp) -> Option<Op> {
+    match op {
+        ChangeOp::Insert => Some(Op::Insert),
+        ChangeOp::Update => Some(Op::Update),
+        ChangeOp::Delete => Some(Op::Delete),
+        ChangeOp::Truncate => Some(Op::Truncate),
+        ChangeOp::Message => None,
+    }
+}
+
 const CORRUPT: &str = "the file is corrupted or was edited by hand; docs/REPLAY.md describes each record";
 
 /// Builds a positional tuple from an image by name. Key images leave out the columns
@@ -501,10 +511,9 @@ struct Counts {
 
 /// One rule set's router, with its outcomes.
 struct Lane {
-    router: Router,
+    routing: Routing,
     /// The relation definition bound for each OID.
     bound: HashMap<u32, u32>,
-    routed: Vec<Routed>,
     outcomes: Vec<Outcome>,
     counts: Counts,
     sources: bool,
@@ -523,9 +532,8 @@ fn op_index(op: Op) -> usize {
 impl Lane {
     fn new(rules: Arc<RuleSet>, sources: bool, prefix: &str) -> Self {
         Lane {
-            router: Router::new(rules),
+            routing: Routing::new(rules),
             bound: HashMap::new(),
-            routed: Vec::new(),
             outcomes: Vec::new(),
             counts: Counts::default(),
             sources,
@@ -543,54 +551,30 @@ impl Lane {
             Unit::Message { .. } => self.counts.summary.messages_outside += 1,
         }
         for step in steps {
+            let mut tally = LaneTally {
+                counts: &mut self.counts,
+                sources: self.sources.then_some(&mut sources),
+                notes: &mut notes,
+                table: None,
+            };
             match step {
                 Step::Row { rel, definition, op, old, new } => {
                     let relation = &definition.relation;
                     if self.bound.get(&relation.oid) != Some(rel) {
-                        for m in self.router.bind(relation) {
-                            self.counts.summary.missing_columns.insert((m.rule.to_string(), m.table, m.column, *rel));
+                        for m in self.routing.bind(relation) {
+                            tally.counts.summary.missing_columns.insert((m.rule.to_string(), m.table, m.column, *rel));
                         }
                         self.bound.insert(relation.oid, *rel);
                     }
                     let change = Change { relation, op: *op, old: old.as_ref(), new: new.as_ref() };
-                    self.routed.clear();
-                    self.router.route(&change, &mut self.routed);
-                    self.counts.summary.changes += 1;
-                    let i = op_index(*op);
-                    count_table(&mut self.counts.per_table, &definition.table, i);
-                    if self.routed.is_empty() {
-                        count_table(&mut self.counts.unmatched, &definition.table, i);
-                    }
-                    for r in self.routed.drain(..) {
-                        *self.counts.per_rule.entry((r.rule.clone(), r.action.kind())).or_default() += 1;
-                        if let Some(why) = r.widened {
-                            *self.counts.widened.entry((r.rule.clone(), why.as_str())).or_default() += 1;
-                        }
-                        if self.sources {
-                            let s = Source::Rule { rule: r.rule, table: definition.table.clone() };
-                            sources.entry(r.action.clone()).or_default().push(s);
-                        }
-                        batch.push(r.action);
-                    }
+                    tally.table = Some(&definition.table);
+                    self.routing.change(&change, Lsn::ZERO, &mut batch, &mut tally);
                 }
-                Step::Message { prefix, content } if *prefix == self.prefix => match manual::actions(content) {
-                    Ok(actions) => {
-                        self.counts.summary.manual_messages += 1;
-                        for a in actions {
-                            *self.counts.per_rule.entry((MESSAGE_RULE.into(), a.kind())).or_default() += 1;
-                            if self.sources {
-                                sources.entry(a.clone()).or_default().push(Source::Message);
-                            }
-                            batch.push(a);
-                        }
-                    }
-                    Err(e) => {
-                        self.counts.summary.malformed_messages += 1;
-                        notes.push(format!("a malformed manual message was skipped, as walbust run skips it: {e}"));
-                    }
-                },
+                Step::Message { prefix, content } if *prefix == self.prefix => {
+                    self.routing.message(content, None, Lsn::ZERO, &mut batch, &mut tally);
+                }
                 Step::Message { prefix, .. } => {
-                    *self.counts.summary.other_messages.entry(prefix.clone()).or_default() += 1;
+                    *tally.counts.summary.other_messages.entry(prefix.clone()).or_default() += 1;
                 }
             }
         }
@@ -629,6 +613,54 @@ impl Lane {
 
 /// The name manual messages are counted under among the rules.
 const MESSAGE_RULE: &str = "(manual messages)";
+
+/// What a replay counts for each change and message of one unit.
+struct LaneTally<'l> {
+    counts: &'l mut Counts,
+    /// Where each action came from, when asked for.
+    sources: Option<&'l mut HashMap<Action, Vec<Source>>>,
+    notes: &'l mut Vec<String>,
+    /// The changed table, for a row change.
+    table: Option<&'l Arc<str>>,
+}
+
+impl Tally for LaneTally<'_> {
+    fn routed(&mut self, change: &Change<'_>, routed: &[Routed], _: &mut Batch) {
+        let Some(table) = self.table else { return };
+        let counts = &mut *self.counts;
+        counts.summary.changes += 1;
+        let i = op_index(change.op);
+        count_table(&mut counts.per_table, table, i);
+        if routed.is_empty() {
+            count_table(&mut counts.unmatched, table, i);
+        }
+        for r in routed {
+            *counts.per_rule.entry((r.rule.clone(), r.action.kind())).or_default() += 1;
+            if let Some(why) = r.widened {
+                *counts.widened.entry((r.rule.clone(), why.as_str())).or_default() += 1;
+            }
+            if let Some(sources) = self.sources.as_deref_mut() {
+                let s = Source::Rule { rule: r.rule.clone(), table: table.clone() };
+                sources.entry(r.action.clone()).or_default().push(s);
+            }
+        }
+    }
+
+    fn manual(&mut self, actions: &[Action], _: &mut Batch) {
+        self.counts.summary.manual_messages += 1;
+        for a in actions {
+            *self.counts.per_rule.entry((MESSAGE_RULE.into(), a.kind())).or_default() += 1;
+            if let Some(sources) = self.sources.as_deref_mut() {
+                sources.entry(a.clone()).or_default().push(Source::Message);
+            }
+        }
+    }
+
+    fn malformed(&mut self, error: &ManualError) {
+        self.counts.summary.malformed_messages += 1;
+        self.notes.push(format!("a malformed manual message was skipped, as walbust run skips it: {error}"));
+    }
+}
 
 fn count_table(map: &mut HashMap<Arc<str>, [u64; 4]>, table: &Arc<str>, op: usize) {
     match map.get_mut(table) {
