@@ -21,9 +21,10 @@
 //! database. Every statement a user is shown to fix the database (the publication, replica
 //! identity, the role and its grants) comes from [`fix`], so `run`, `check --online` and
 //! `setup` give the same advice; SQL quoting is [`source::quote`]. [`ruletest`] runs `*.test.toml`
-//! rule tests offline through the same router and batch. [`recording`] captures the change
-//! stream to a file from a temporary slot of its own (`walbust record`) and replays it through
-//! the same router and batch (`walbust replay`). [`throwaway`] starts disposable
+//! rule tests offline through the same routing step and batch. [`recording`] captures the
+//! change stream to a file from a temporary slot of its own (`walbust record`, through the
+//! same [`source::LogicalStream`]) and replays it through the same routing step and batch
+//! (`walbust replay`). [`throwaway`] starts disposable
 //! Postgres and Redis servers for `walbust demo`, the tests and the benchmarks. Every file a
 //! user names is read through [`user_file`], regular files only and with a size cap per kind.
 //! [`exit`] holds the exit codes every subcommand shares.

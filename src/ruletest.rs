@@ -1,5 +1,6 @@
-//! Rule tests: `*.test.toml` files that feed changes through the production [`Router`] and
-//! [`Batch`] and compare the actions with what the file expects, as `walbust test` does.
+//! Rule tests: `*.test.toml` files that feed changes through the production routing step
+//! ([`Routing`]) and [`Batch`] and compare the actions with what the file expects, as
+//! `walbust test` does.
 //!
 //! ```toml
 //! rules = ["settings.toml"]                 # globs relative to this file; a test may override

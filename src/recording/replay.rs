@@ -1,4 +1,4 @@
-//! Replay: a recording fed through the production [`Router`] and [`Batch`], one
+//! Replay: a recording fed through the production routing step ([`Routing`]) and [`Batch`], one
 //! transaction at a time, with the actions each produced and a summary; or through two
 //! rule sets at once, keeping only what differs.
 //!
