@@ -14,6 +14,7 @@
 
 use crate::catalog::{CatalogError, Publication, read_publication};
 use crate::config::Config;
+use crate::exit;
 use crate::fix;
 use crate::rules::{Op, RuleSet, TableName};
 use crate::source::quote::{quote_ident, quote_literal};
@@ -79,11 +80,12 @@ impl From<CatalogError> for ApplyError {
 }
 
 impl ApplyError {
-    /// The exit code for `walbust setup`: 2 when the server cannot be reached, else 1.
+    /// The exit code for `walbust setup`: [`exit::USAGE`] when the server cannot be
+    /// reached, else [`exit::FAILED`].
     pub fn exit_code(&self) -> u8 {
         match self {
-            ApplyError::Connect(_) => 2,
-            _ => 1,
+            ApplyError::Connect(_) => exit::USAGE,
+            _ => exit::FAILED,
         }
     }
 }
