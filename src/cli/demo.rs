@@ -13,7 +13,7 @@ use walbust::batch::ChangeRecord;
 use walbust::config::Config;
 use walbust::diagnostic::plural;
 use walbust::exit;
-use walbust::pipeline::{self, Event, Options, error_chain};
+use walbust::pipeline::{self, Event, Options};
 use walbust::rules::RuleSet;
 use walbust::sink::{DeadLetter, RedisSink, RedisSinkError, Sink};
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
@@ -341,7 +341,7 @@ fn commits_in(sql: &str) -> usize {
 
 async fn pipeline_failure(pipeline: pipeline::Spawned) -> anyhow::Error {
     match pipeline.join().await {
-        Err(e) => anyhow::anyhow!("the pipeline stopped: {}", error_chain(&e)),
+        Err(e) => anyhow::Error::new(e).context("the pipeline stopped"),
         Ok(()) => anyhow::anyhow!("the pipeline stopped early"),
     }
 }
