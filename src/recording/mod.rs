@@ -11,9 +11,9 @@
 //! - [`replay`]: `walbust replay`, which feeds a recording through the production
 //!   [`Router`](crate::rules::Router) and [`Batch`](crate::batch::Batch), reports the
 //!   actions per transaction, and diffs what two rule sets do.
-//! - [`expected`]: recordings as `walbust test` inputs, checked against an expected output.
+//! - recordings as `walbust test` inputs, checked against an expected output, are
+//!   [`ruletest::recording`](crate::ruletest::recording).
 
-pub mod expected;
 pub mod format;
 pub mod recorder;
 pub mod replay;

@@ -16,9 +16,9 @@ use std::time::Duration;
 use walbust::config::Config;
 use walbust::lsn::Lsn;
 use walbust::pipeline::{Event, Stats};
-use walbust::recording::expected::line_diff;
 use walbust::recording::replay::{self, Unit};
 use walbust::rules::RuleSet;
+use walbust::ruletest::recording::line_diff;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -1,55 +1,12 @@
-//! Rule tests: `*.test.toml` files that feed changes through the production routing step
-//! ([`Routing`]) and [`Batch`] and compare the actions with what the file expects, as
-//! `walbust test` does.
-//!
-//! ```toml
-//! rules = ["settings.toml"]                 # globs relative to this file; a test may override
-//!
-//! [[tables]]                                # optional; otherwise inferred from the changes
-//! table = "public.user_settings"
-//! columns = ["user_id", "key", "value"]
-//! key = ["user_id", "key"]
-//! identity = "default"                      # default | full | nothing | index; default "full"
-//!
-//! [[test]]
-//! name = "a theme change busts the theme key"
-//! [[test.tx]]
-//! changes = [
-//!   { table = "user_settings", op = "update", new = { user_id = 7, key = "theme", value = "dark" } },
-//! ]
-//! expect = ["UNLINK user:7:settings:all", "UNLINK user:7:settings:theme"]
-//! ```
-//!
-//! Loading runs in two steps, like every user file: serde structs, then validated
-//! [`Suite`]s holding ready [`Relation`]s and tuples, so running a test cannot fail on
-//! its input. Every problem in every file is reported at once, at `file:line:col`.
+//! Loading: test files read, parsed and validated into [`Suite`]s, every problem at once.
 
-use crate::action::Action;
-use crate::batch::Batch;
-use crate::diagnostic::{self, Diagnostic, Diagnostics, LineIndex, did_you_mean};
-use crate::lsn::Lsn;
-use crate::pgoutput::{Column, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
-use crate::recording::expected::RecordingCase;
-use crate::routing::{Routing, Tally};
-use crate::rules::manual::ManualError;
-use crate::rules::{Change, Op, Routed, RuleSet, TableName, Widening};
-use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use toml::Spanned;
-
-pub use crate::rules::TEST_SUFFIX as SUFFIX;
-use crate::value_text::{NULL, TOAST};
+use super::*;
 
 /// The first OID given to test tables, as Postgres gives the first user objects.
-const FIRST_OID: u32 = 16384;
+pub(super) const FIRST_OID: u32 = 16384;
 
 /// Type OIDs by the names a test file may give in `types`.
-const TYPES: &[(&str, u32)] = &[
+pub(super) const TYPES: &[(&str, u32)] = &[
     ("bool", 16),
     ("boolean", 16),
     ("bytea", 17),
@@ -76,19 +33,19 @@ const TYPES: &[(&str, u32)] = &[
     ("uuid", 2950),
     ("jsonb", 3802),
 ];
-const TEXT_OID: u32 = 25;
-const INT8_OID: u32 = 20;
-const BOOL_OID: u32 = 16;
+pub(super) const TEXT_OID: u32 = 25;
+pub(super) const INT8_OID: u32 = 20;
+pub(super) const BOOL_OID: u32 = 16;
 
 // ---------------------------------------------------------------------------------------
 // The serde shape of a test file.
 
-type Image = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
-type Names = Spanned<Vec<Spanned<String>>>;
+pub(super) type Image = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
+pub(super) type Names = Spanned<Vec<Spanned<String>>>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFile {
+pub(super) struct RawFile {
     #[serde(default)]
     rules: Option<Names>,
     #[serde(default)]
@@ -99,7 +56,7 @@ struct RawFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTest {
+pub(super) struct RawTest {
     name: Spanned<String>,
     #[serde(default)]
     rules: Option<Names>,
@@ -117,7 +74,7 @@ struct RawTest {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTable {
+pub(super) struct RawTable {
     table: Spanned<String>,
     #[serde(default)]
     columns: Option<Names>,
@@ -131,14 +88,14 @@ struct RawTable {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTx {
+pub(super) struct RawTx {
     changes: Spanned<Vec<Spanned<RawChange>>>,
     expect: Spanned<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawChange {
+pub(super) struct RawChange {
     #[serde(default)]
     table: Option<Spanned<String>>,
     #[serde(default)]
@@ -149,60 +106,6 @@ struct RawChange {
     new: Option<Spanned<Image>>,
     #[serde(default)]
     message: Option<Spanned<toml::Value>>,
-}
-
-// ---------------------------------------------------------------------------------------
-// Validated tests.
-
-/// The tests of one file, validated and ready to run.
-#[derive(Debug)]
-pub struct Suite {
-    /// The test file.
-    pub file: PathBuf,
-    /// Its tests, in file order.
-    pub cases: Vec<Case>,
-}
-
-/// One `[[test]]`: tables, rules and transactions whose actions are checked.
-#[derive(Debug)]
-pub struct Case {
-    /// The test's name, unique within its file.
-    pub name: String,
-    /// The line of its `[[test]]` header.
-    pub line: usize,
-    rules: Arc<RuleSet>,
-    tables: Vec<TestTable>,
-    txs: Vec<Tx>,
-    recording: Option<RecordingCase>,
-}
-
-#[derive(Debug)]
-struct TestTable {
-    relation: Relation,
-    /// True when the file listed the columns, so a rule naming another one is a mistake.
-    declared: bool,
-}
-
-#[derive(Debug)]
-struct Tx {
-    line: usize,
-    steps: Vec<Step>,
-    expect: Vec<Action>,
-}
-
-#[derive(Debug)]
-pub(crate) enum Step {
-    Row { table: usize, op: Op, old: Option<OldTuple>, new: Option<Tuple> },
-    Message { line: usize, body: Vec<u8> },
-}
-
-/// Validated test files together with the warnings their rule files gave.
-#[derive(Debug)]
-pub struct Loaded {
-    /// One suite per test file, in the order given.
-    pub suites: Vec<Suite>,
-    /// Rule file warnings: reported, not fatal.
-    pub warnings: Diagnostics,
 }
 
 /// The test files named by `paths`: files as given, directories searched (recursively)
@@ -239,7 +142,7 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostics> {
     if problems.is_empty() { Ok(files) } else { Err(Diagnostics(problems)) }
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+pub(super) fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.is_dir() {
@@ -297,7 +200,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Suite, Diagnostics> {
 
 /// Rule sets already loaded, by their resolved globs: tests of one file usually share one.
 #[derive(Default)]
-struct RuleCache {
+pub(super) struct RuleCache {
     sets: HashMap<Vec<String>, Option<Arc<RuleSet>>>,
     diagnostics: Vec<Diagnostic>,
 }
@@ -322,7 +225,12 @@ impl RuleCache {
     }
 }
 
-fn parse_file(path: &Path, text: &str, rule_sets: &mut RuleCache, problems: &mut Vec<Diagnostic>) -> Option<Suite> {
+pub(super) fn parse_file(
+    path: &Path,
+    text: &str,
+    rule_sets: &mut RuleCache,
+    problems: &mut Vec<Diagnostic>,
+) -> Option<Suite> {
     let raw: RawFile = match toml::from_str(text) {
         Ok(r) => r,
         Err(e) => {
@@ -365,7 +273,7 @@ fn parse_file(path: &Path, text: &str, rule_sets: &mut RuleCache, problems: &mut
 
 /// A `[[tables]]` entry, checked but not yet completed with the columns changes use.
 #[derive(Debug, Clone)]
-struct Declared {
+pub(super) struct Declared {
     name: TableName,
     columns: Option<Vec<String>>,
     key: Vec<String>,
@@ -373,7 +281,7 @@ struct Declared {
     types: BTreeMap<String, u32>,
 }
 
-struct Validator<'a> {
+pub(super) struct Validator<'a> {
     path: &'a Path,
     lines: &'a LineIndex<'a>,
     problems: &'a mut Vec<Diagnostic>,
@@ -970,7 +878,7 @@ impl Validator<'_> {
     }
 }
 
-fn identity_name(identity: ReplicaIdentity) -> &'static str {
+pub(super) fn identity_name(identity: ReplicaIdentity) -> &'static str {
     match identity {
         ReplicaIdentity::Default => "default",
         ReplicaIdentity::Full => "full",
@@ -981,7 +889,7 @@ fn identity_name(identity: ReplicaIdentity) -> &'static str {
 
 /// One column value from the file: text as Postgres prints it, with the markers of
 /// [`value_text`](crate::value_text) (`@null`, `@toast`, ...) that recordings use too.
-fn cell(v: &toml::Value) -> Result<Value, (String, String)> {
+pub(super) fn cell(v: &toml::Value) -> Result<Value, (String, String)> {
     let text = |s: String| Value::Text(bytes::Bytes::from(s));
     match v {
         toml::Value::String(s) if s.starts_with('@') => crate::value_text::decode_value(s.clone()).map_err(|_| {
@@ -1015,12 +923,12 @@ fn cell(v: &toml::Value) -> Result<Value, (String, String)> {
 }
 
 /// The tables one test uses, gathered while its changes are read.
-struct TableBuilder {
+pub(super) struct TableBuilder {
     declared: Vec<Declared>,
     used: Vec<UsedTable>,
 }
 
-struct UsedTable {
+pub(super) struct UsedTable {
     name: TableName,
     /// Columns given in changes, with the type their first value suggests.
     seen: Vec<(String, u32)>,
@@ -1058,7 +966,7 @@ impl TableBuilder {
 }
 
 /// A step whose row values are still by name, until the table's columns are known.
-enum PendingStep {
+pub(super) enum PendingStep {
     Row { table: usize, op: Op, old: Option<Vec<(String, Value)>>, new: Option<Vec<(String, Value)>> },
     Message { line: usize, body: Vec<u8> },
 }
@@ -1091,553 +999,5 @@ impl PendingStep {
                 Step::Row { table, op, old, new }
             }
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Running.
-
-/// Where an actual action came from, shown next to unexpected lines.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// A rule, and the reason when it was widened to a pattern.
-    Rule {
-        /// The rule's name.
-        name: Arc<str>,
-        /// Set when an exact action was widened.
-        widened: Option<Widening>,
-    },
-    /// A manual invalidation message.
-    Message,
-}
-
-/// One transaction's outcome.
-#[derive(Debug, Clone)]
-pub struct TxResult {
-    /// 1-based position of the transaction in its test.
-    pub index: usize,
-    /// The line its `changes` start on.
-    pub line: usize,
-    /// The expected actions.
-    pub expected: BTreeSet<Action>,
-    /// The actions the batch holds after the transaction, with where each came from.
-    pub actual: Vec<(Action, Origin)>,
-    /// Things worth knowing when it fails, such as skipped malformed messages.
-    pub notes: Vec<String>,
-}
-
-impl TxResult {
-    /// True when the actual actions are exactly the expected ones.
-    pub fn passed(&self) -> bool {
-        self.actual.len() == self.expected.len() && self.actual.iter().all(|(a, _)| self.expected.contains(a))
-    }
-}
-
-/// One test's outcome.
-#[derive(Debug, Clone)]
-pub struct CaseResult {
-    /// The test's name.
-    pub name: String,
-    /// The line of its `[[test]]` header.
-    pub line: usize,
-    /// Problems that fail the test whatever its actions, such as a rule naming a column
-    /// the declared table lacks.
-    pub problems: Vec<String>,
-    /// Each transaction's outcome.
-    pub txs: Vec<TxResult>,
-    /// How long it took.
-    pub duration: Duration,
-}
-
-impl CaseResult {
-    /// True when the test passed.
-    pub fn passed(&self) -> bool {
-        self.problems.is_empty() && self.txs.iter().all(TxResult::passed)
-    }
-}
-
-impl Case {
-    /// Runs the test: binds its tables, routes each transaction's changes through the
-    /// production router, deduplicates through a batch per transaction, and compares.
-    pub fn run(&self) -> CaseResult {
-        let started = Instant::now();
-        if let Some(r) = &self.recording {
-            let problems = r.run(self.rules.clone());
-            return CaseResult {
-                name: self.name.clone(),
-                line: self.line,
-                problems,
-                txs: Vec::new(),
-                duration: started.elapsed(),
-            };
-        }
-        let mut routing = Routing::new(self.rules.clone());
-        let mut problems = Vec::new();
-        for t in &self.tables {
-            for m in routing.bind(&t.relation) {
-                if t.declared {
-                    problems.push(format!(
-                        "rule `{}` names column `{}`, which the declared columns of `{}` lack; its keys are widened to patterns",
-                        m.rule, m.column, m.table
-                    ));
-                }
-            }
-        }
-        let txs = self
-            .txs
-            .iter()
-            .enumerate()
-            .map(|(i, tx)| {
-                let mut batch = Batch::new();
-                let mut tally = CaseTally { origins: HashMap::new(), notes: Vec::new(), line: 0 };
-                for step in &tx.steps {
-                    match step {
-                        Step::Row { table, op, old, new } => {
-                            let change = Change {
-                                relation: &self.tables[*table].relation,
-                                op: *op,
-                                old: old.as_ref(),
-                                new: new.as_ref(),
-                            };
-                            routing.change(&change, Lsn::ZERO, &mut batch, &mut tally);
-                        }
-                        Step::Message { line, body } => {
-                            tally.line = *line;
-                            routing.message(body, None, Lsn::ZERO, &mut batch, &mut tally);
-                        }
-                    }
-                }
-                let CaseTally { origins, notes, .. } = tally;
-                let actual =
-                    batch.actions().map(|a| (a.clone(), origins.get(a).cloned().unwrap_or(Origin::Message))).collect();
-                TxResult { index: i + 1, line: tx.line, expected: tx.expect.iter().cloned().collect(), actual, notes }
-            })
-            .collect();
-        CaseResult { name: self.name.clone(), line: self.line, problems, txs, duration: started.elapsed() }
-    }
-}
-
-#[cfg(test)]
-impl Case {
-    /// A test of `tables` (taken as inferred, so a column a rule names may be missing)
-    /// whose transactions are `txs`, expecting no action.
-    pub(crate) fn from_steps(rules: Arc<RuleSet>, tables: Vec<Relation>, txs: Vec<Vec<Step>>) -> Case {
-        Case {
-            name: "from steps".into(),
-            line: 1,
-            rules,
-            tables: tables.into_iter().map(|relation| TestTable { relation, declared: false }).collect(),
-            txs: txs.into_iter().map(|steps| Tx { line: 1, steps, expect: Vec::new() }).collect(),
-            recording: None,
-        }
-    }
-}
-
-/// Where each action of a test's transaction came from, and what is worth knowing.
-struct CaseTally {
-    origins: HashMap<Action, Origin>,
-    notes: Vec<String>,
-    /// The line of the message being applied.
-    line: usize,
-}
-
-impl Tally for CaseTally {
-    fn routed(&mut self, _: &Change<'_>, routed: &[Routed], _: &mut Batch) {
-        for r in routed {
-            if !self.origins.contains_key(&r.action) {
-                self.origins.insert(r.action.clone(), Origin::Rule { name: r.rule.clone(), widened: r.widened });
-            }
-        }
-    }
-
-    fn manual(&mut self, actions: &[Action], _: &mut Batch) {
-        for a in actions {
-            self.origins.entry(a.clone()).or_insert(Origin::Message);
-        }
-    }
-
-    fn malformed(&mut self, error: &ManualError) {
-        self.notes.push(format!("the message on line {} was skipped, as walbust run skips it: {error}", self.line));
-    }
-}
-
-/// One test file's outcomes.
-#[derive(Debug, Clone)]
-pub struct SuiteResult {
-    /// The test file.
-    pub file: PathBuf,
-    /// The outcomes of the tests that ran.
-    pub cases: Vec<CaseResult>,
-}
-
-impl SuiteResult {
-    /// Number of failed tests.
-    pub fn failures(&self) -> usize {
-        self.cases.iter().filter(|c| !c.passed()).count()
-    }
-}
-
-/// Runs every test of `suites` whose name `selected` accepts.
-pub fn run(suites: &[Suite], selected: impl Fn(&str) -> bool) -> Vec<SuiteResult> {
-    suites
-        .iter()
-        .map(|s| SuiteResult {
-            file: s.file.clone(),
-            cases: s.cases.iter().filter(|c| selected(&c.name)).map(Case::run).collect(),
-        })
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------
-// Reporting.
-
-/// Widest left column before its cells overflow into the right one.
-const MAX_LEFT: usize = 60;
-
-/// Why a test failed, as indented lines: problems, then each failing transaction with its
-/// expected and actual actions side by side (missing lines `-`, unexpected `+`).
-pub fn failure_report(file: &Path, case: &CaseResult) -> String {
-    let mut out = String::new();
-    for p in &case.problems {
-        let _ = writeln!(out, "     {p}");
-    }
-    for tx in case.txs.iter().filter(|t| !t.passed()) {
-        let missing = tx.expected.iter().filter(|e| !tx.actual.iter().any(|(a, _)| a == *e)).count();
-        let unexpected = tx.actual.iter().filter(|(a, _)| !tx.expected.contains(a)).count();
-        let _ = writeln!(
-            out,
-            "     tx {} of {} ({}:{}): {missing} missing, {unexpected} unexpected",
-            tx.index,
-            case.txs.len(),
-            file.display(),
-            tx.line
-        );
-        out.push_str(&side_by_side(tx));
-        for n in &tx.notes {
-            let _ = writeln!(out, "       note: {n}");
-        }
-    }
-    out
-}
-
-/// The two-column diff of one transaction, sorted by action.
-fn side_by_side(tx: &TxResult) -> String {
-    let actual: BTreeMap<String, &Origin> = tx.actual.iter().map(|(a, o)| (a.to_string(), o)).collect();
-    let expected: BTreeSet<String> = tx.expected.iter().map(Action::to_string).collect();
-    let mut lines: BTreeSet<&String> = expected.iter().collect();
-    lines.extend(actual.keys());
-    let rows: Vec<(String, String)> = lines
-        .into_iter()
-        .map(|l| match actual.get(l) {
-            Some(_) if expected.contains(l) => (format!("  {l}"), format!("  {l}")),
-            Some(origin) => (String::new(), format!("+ {l}  {}", describe(origin))),
-            None => (format!("- {l}"), String::new()),
-        })
-        .collect();
-    let width = rows.iter().map(|(l, _)| l.chars().count()).chain([8]).max().unwrap_or(8).min(MAX_LEFT);
-    let mut out = String::new();
-    let _ = writeln!(out, "       {:<width$}  |   actual", "  expected");
-    for (left, right) in rows {
-        let _ = writeln!(out, "       {left:<width$}  | {right}");
-    }
-    // Trailing spaces of rows with an empty right cell are noise.
-    out.lines().map(|l| format!("{}\n", l.trim_end())).collect()
-}
-
-fn describe(origin: &Origin) -> String {
-    match origin {
-        Origin::Rule { name, widened: None } => format!("(rule `{name}`)"),
-        Origin::Rule { name, widened: Some(why) } => format!("(rule `{name}`, widened: {why})"),
-        Origin::Message => "(message)".into(),
-    }
-}
-
-/// Totals over every suite: passed and failed tests.
-pub fn totals(results: &[SuiteResult]) -> (usize, usize) {
-    let ran: usize = results.iter().map(|s| s.cases.len()).sum();
-    let failed: usize = results.iter().map(SuiteResult::failures).sum();
-    (ran - failed, failed)
-}
-
-/// JUnit XML: a testsuite per file, a testcase per test, the failure report in each failure.
-pub fn junit(results: &[SuiteResult]) -> String {
-    use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
-    let mut report = Report::new("walbust");
-    report.set_time(results.iter().flat_map(|s| &s.cases).map(|c| c.duration).sum());
-    for s in results.iter().filter(|s| !s.cases.is_empty()) {
-        let file = s.file.display().to_string();
-        let mut suite = TestSuite::new(file.as_str());
-        suite.set_time(s.cases.iter().map(|c| c.duration).sum());
-        for c in &s.cases {
-            let status = if c.passed() {
-                TestCaseStatus::success()
-            } else {
-                let failing = c.txs.iter().filter(|t| !t.passed()).count();
-                let message = match (c.problems.first(), failing) {
-                    (Some(p), _) => p.clone(),
-                    (None, n) => format!("{n} of {} transactions produced other actions than expected", c.txs.len()),
-                };
-                let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
-                status.set_message(message).set_type("mismatch").set_description(failure_report(&s.file, c));
-                status
-            };
-            let mut case = TestCase::new(c.name.as_str(), status);
-            case.set_classname(file.as_str()).set_time(c.duration);
-            suite.add_test_case(case);
-        }
-        report.add_test_suite(suite);
-    }
-    report.to_string().expect("a JUnit report of strings serializes")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const RULES: &str = r#"
-[[rule]]
-name = "members"
-table = "members"
-keys = ["org:{org_id}:members", "member:{id}"]
-
-[[rule]]
-name = "active"
-table = "members"
-when = { active = true }
-keys = ["active:{org_id}"]
-
-[[rule]]
-name = "cards"
-table = "members"
-on = ["insert"]
-refresh = [{ key = "card:{id}", columns = ["id", "active", "bio"] }]
-"#;
-
-    /// A directory holding `rules.toml` and `t.test.toml`; returns the parsed suite or its problems.
-    fn suite(test: &str) -> (tempfile::TempDir, Result<Suite, Diagnostics>) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("rules.toml"), RULES).expect("rules");
-        let path = dir.path().join("t.test.toml");
-        std::fs::write(&path, test).expect("test file");
-        let parsed = parse(&path, test);
-        (dir, parsed)
-    }
-
-    fn run_one(test: &str) -> CaseResult {
-        let (_dir, parsed) = suite(test);
-        let suite = parsed.unwrap_or_else(|d| panic!("test file should load:\n{d}"));
-        suite.cases[0].run()
-    }
-
-    fn actual(result: &CaseResult) -> Vec<String> {
-        let mut v: Vec<String> = result.txs[0].actual.iter().map(|(a, _)| a.to_string()).collect();
-        v.sort();
-        v
-    }
-
-    fn errors(test: &str) -> String {
-        let (_dir, parsed) = suite(test);
-        let problems = parsed.expect_err("the test file should be rejected");
-        problems.errors().map(|d| format!("{}:{}: {}", d.line, d.col, d.message)).collect::<Vec<_>>().join("\n")
-    }
-
-    fn one_tx(changes: &str, expect: &str) -> String {
-        with_tables("", changes, expect)
-    }
-
-    fn with_tables(tables: &str, changes: &str, expect: &str) -> String {
-        format!(
-            "rules = [\"rules.toml\"]\n{tables}[[test]]\nname = \"t\"\n[[test.tx]]\nchanges = [{changes}]\nexpect = [{expect}]\n"
-        )
-    }
-
-    #[test]
-    fn expectations_are_an_unordered_set_of_canonical_actions() {
-        let r = run_one(&one_tx(
-            "{ table = \"members\", op = \"insert\", new = { id = 1, org_id = \"acme\", active = false, bio = \"x\" } }",
-            "\"UNLINK   member:1 \", \"UNLINK org:acme:members\", 'SET card:1 {\"id\":1,\"active\":false,\"bio\":\"x\"}'",
-        ));
-        assert!(r.passed(), "{}", failure_report(Path::new("t"), &r));
-    }
-
-    #[test]
-    fn integers_and_booleans_are_text_as_postgres_prints_them() {
-        let r = run_one(&one_tx(
-            "{ table = \"members\", op = \"insert\", new = { id = 1, org_id = 2, active = true, bio = \"x\" } }",
-            "",
-        ));
-        let got = actual(&r);
-        assert!(got.contains(&"UNLINK active:2".to_string()), "`when = {{ active = true }}` matches t: {got:?}");
-        assert!(got.contains(&r#"SET card:1 {"id":1,"active":true,"bio":"x"}"#.to_string()), "{got:?}");
-    }
-
-    #[test]
-    fn null_toast_and_escaped_at_signs() {
-        let r = run_one(&one_tx(
-            "{ table = \"members\", op = \"insert\", new = { id = \"@@1\", org_id = \"@null\", active = false, bio = \"@toast\" } }",
-            "",
-        ));
-        let got = actual(&r);
-        assert_eq!(got, ["SCAN-UNLINK org:*:members", "UNLINK card:@1", "UNLINK member:@1"], "{got:?}");
-        let origins: Vec<_> = r.txs[0].actual.iter().map(|(_, o)| o.clone()).collect();
-        assert!(origins.contains(&Origin::Rule { name: "members".into(), widened: Some(Widening::NullValue) }));
-    }
-
-    #[test]
-    fn identity_default_sends_key_images_and_no_old_row_for_same_key_updates() {
-        let tables = "[[tables]]\ntable = \"members\"\ncolumns = [\"id\", \"org_id\", \"active\", \"bio\"]\nkey = [\"id\"]\nidentity = \"default\"\n";
-        let test = |changes: &str| actual(&run_one(&with_tables(tables, changes, "")));
-        let got = test("{ table = \"members\", op = \"delete\", old = { id = 1 } }");
-        assert_eq!(got, ["SCAN-UNLINK active:*", "SCAN-UNLINK org:*:members", "UNLINK member:1"]);
-        let got = test("{ table = \"members\", op = \"update\", new = { id = 1, org_id = \"a\", active = false } }");
-        assert!(got.contains(&"UNLINK member:1".to_string()), "the key comes from the new row: {got:?}");
-        assert!(got.contains(&"SCAN-UNLINK org:*:members".to_string()), "the old org is unknown: {got:?}");
-    }
-
-    #[test]
-    fn a_failure_shows_missing_and_unexpected_lines_side_by_side() {
-        let r = run_one(&one_tx(
-            "{ table = \"members\", op = \"delete\", old = { id = 1, org_id = \"acme\", active = false } }",
-            "\"UNLINK member:1\", \"UNLINK org:globex:members\"",
-        ));
-        assert!(!r.passed());
-        let report = failure_report(Path::new("t.test.toml"), &r);
-        assert!(report.contains("tx 1 of 1 (t.test.toml:5): 1 missing, 1 unexpected"), "{report}");
-        let line =
-            |prefix: &str| report.lines().find(|l| l.trim_start().starts_with(prefix)).map(str::trim).map(String::from);
-        assert_eq!(line("- UNLINK org:globex").as_deref(), Some("- UNLINK org:globex:members  |"), "{report}");
-        assert_eq!(line("| + UNLINK").as_deref(), Some("| + UNLINK org:acme:members  (rule `members`)"), "{report}");
-        let both = line("UNLINK member:1").map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "));
-        assert_eq!(both.as_deref(), Some("UNLINK member:1 | UNLINK member:1"), "{report}");
-    }
-
-    #[test]
-    fn messages_are_applied_and_malformed_ones_skipped_with_a_note() {
-        let r = run_one(&one_tx(
-            "{ message = { keys = [\"a\"], tags = [\"t\"] } }, { message = '{\"keys\": \"a\"}' }",
-            "\"UNLINK a\", \"BUST-TAG t\"",
-        ));
-        assert!(r.passed());
-        assert_eq!(r.txs[0].notes.len(), 1, "{:?}", r.txs[0].notes);
-        assert!(r.txs[0].notes[0].contains("line 5 was skipped"), "{:?}", r.txs[0].notes);
-    }
-
-    #[test]
-    fn a_rule_column_missing_from_declared_columns_fails_the_test() {
-        let tables = "[[tables]]\ntable = \"members\"\ncolumns = [\"id\", \"org_id\", \"active\"]\n";
-        let r = run_one(&with_tables(tables, "{ table = \"members\", op = \"truncate\" }", ""));
-        assert!(!r.passed());
-        assert!(r.problems.iter().any(|p| p.contains("column `bio`")), "{:?}", r.problems);
-    }
-
-    #[test]
-    fn inferred_tables_take_the_columns_rules_read_and_leave_them_out_of_the_stream() {
-        let r = run_one(&one_tx("{ table = \"members\", op = \"insert\", new = { id = 1, active = false } }", ""));
-        assert!(r.passed() || r.problems.is_empty(), "{:?}", r.problems);
-        let got = actual(&r);
-        assert!(got.contains(&"SCAN-UNLINK org:*:members".to_string()), "{got:?}");
-        assert!(got.contains(&"UNLINK card:1".to_string()), "a partial row is not written through: {got:?}");
-    }
-
-    #[test]
-    fn several_transactions_are_checked_one_by_one() {
-        let text = "rules = [\"rules.toml\"]\n[[test]]\nname = \"t\"\n\
-            [[test.tx]]\nchanges = [{ message = { keys = [\"a\"] } }]\nexpect = [\"UNLINK a\"]\n\
-            [[test.tx]]\nchanges = [{ message = { keys = [\"b\"] } }]\nexpect = [\"UNLINK a\"]\n";
-        let r = run_one(text);
-        assert!(r.txs[0].passed());
-        assert!(!r.txs[1].passed(), "each transaction has its own batch");
-    }
-
-    #[test]
-    fn bad_test_files_give_every_problem_with_line_and_column() {
-        let got = errors(&one_tx("{ tabel = \"members\" }", ""));
-        assert!(got.starts_with("5:14: unknown field `tabel`"), "{got}");
-
-        let text = "rules = [\"missing.toml\"]\n[[tables]]\ntable = \"members\"\nkey = [\"id\"]\nidentity = \"defualt\"\n\
-            [[test]]\nname = \"t\"\n[[test.tx]]\nchanges = [\n\
-            { table = \"members\", op = \"insrt\" },\n\
-            { table = \"members\", op = \"update\", new = { id = 1.5 } },\n\
-            { table = \"members\", op = \"delete\" },\n\
-            { table = \"members\", op = \"insert\", new = { id = \"@nul\" }, message = { keys = [\"a\"] } },\n\
-            ]\nexpect = [\"DEL x\", \"UNLINK a\", \"UNLINK a\"]\n";
-        let got = errors(text);
-        for want in [
-            "1:10: rules glob `missing.toml` matches no files",
-            "5:12: unknown replica identity `defualt`",
-            "10:27: unknown op `insrt`",
-            "11:1: an update of `public.members` under identity full always carries the old row",
-            "12:1: delete of `members` needs its old row",
-            "13:1: a message change cannot have `table`",
-            "15:11: invalid expectation `DEL x`",
-            "15:32: expectation `UNLINK a` is listed twice",
-        ] {
-            assert!(got.contains(want), "missing {want:?} in:\n{got}");
-        }
-    }
-
-    #[test]
-    fn old_rows_under_a_key_identity_hold_exactly_the_key_columns() {
-        let tables = "[[tables]]\ntable = \"members\"\nkey = [\"id\", \"org_id\"]\nidentity = \"index\"\n";
-        let got =
-            errors(&with_tables(tables, "{ table = \"members\", op = \"delete\", old = { id = 1, bio = \"x\" } }", ""));
-        assert!(
-            got.contains("gives `bio`, but under identity index Postgres sends only the key columns (id, org_id)"),
-            "{got}"
-        );
-        assert!(got.contains("lacks key column `org_id`"), "{got}");
-        let got = errors(&with_tables(tables, "{ table = \"members\", op = \"insert\", new = { id = 1.5 } }", ""));
-        assert!(got.contains("unsupported float value `1.5` for column `id`"), "{got}");
-    }
-
-    #[test]
-    fn rule_file_errors_fail_loading() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("rules.toml"), "[[rule]]\nname = \"x\"\ntabel = \"t\"\n").expect("rules");
-        let path = dir.path().join("t.test.toml");
-        let text = one_tx("{ message = { keys = [\"a\"] } }", "\"UNLINK a\"");
-        std::fs::write(&path, &text).expect("test file");
-        let err = load(std::slice::from_ref(&path)).expect_err("bad rules");
-        assert!(err.to_string().contains("rules.toml:3:1: unknown field `tabel`"), "{err}");
-    }
-
-    #[test]
-    fn rule_globs_skip_test_files_beside_the_rules() {
-        let (dir, _) = suite(&one_tx("{ message = { keys = [\"a\"] } }", "\"UNLINK a\""));
-        let glob = format!("{}/*.toml", glob::Pattern::escape(&dir.path().to_string_lossy()));
-        let loaded = RuleSet::load(&[glob]).unwrap_or_else(|d| panic!("only rules.toml loads:\n{d}"));
-        assert_eq!(loaded.files, [dir.path().join("rules.toml")]);
-    }
-
-    #[test]
-    fn discover_finds_test_files_in_directories_sorted() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::create_dir(dir.path().join("sub")).expect("sub");
-        for f in ["b.test.toml", "a.test.toml", "rules.toml", "sub/c.test.toml"] {
-            std::fs::write(dir.path().join(f), "").expect("file");
-        }
-        let found = discover(&[dir.path().to_path_buf()]).expect("found");
-        let names: Vec<String> =
-            found.iter().map(|p| p.strip_prefix(dir.path()).expect("under dir").display().to_string()).collect();
-        assert_eq!(names, ["a.test.toml", "b.test.toml", "sub/c.test.toml"]);
-        let empty = tempfile::tempdir().expect("temp dir");
-        let err = discover(&[empty.path().to_path_buf(), dir.path().join("nope")]).expect_err("nothing found");
-        assert_eq!(err.0.len(), 2, "{err}");
-    }
-
-    #[test]
-    fn junit_escapes_names_and_reports() {
-        let r = run_one(&one_tx("{ message = { keys = [\"a<&>\\\"'\"] } }", "\"UNLINK b\""));
-        let xml = junit(&[SuiteResult { file: PathBuf::from("x&y.test.toml"), cases: vec![r] }]);
-        assert!(
-            xml.contains("<testsuite name=\"x&amp;y.test.toml\" tests=\"1\" skipped=\"0\" errors=\"0\" failures=\"1\""),
-            "{xml}"
-        );
-        assert!(xml.contains("+ UNLINK a&lt;&amp;&gt;&quot;&apos;"), "{xml}");
-        assert!(xml.contains("<failure message=\"1 of 1 transactions produced other actions than expected\""), "{xml}");
-        let mut r = run_one(&one_tx("{ message = { keys = [\"a\"] } }", "\"UNLINK b\""));
-        r.name = "a\u{1}b".into();
-        let xml = junit(&[SuiteResult { file: PathBuf::from("x.test.toml"), cases: vec![r] }]);
-        assert!(!xml.contains('\u{1}'), "a character XML cannot hold is dropped or replaced: {xml}");
     }
 }

@@ -2,8 +2,8 @@
 //! replays the recording through the test's rules and compares the report, byte for byte,
 //! with the expected file (written by `walbust replay --rules ... FILE > FILE.expected`).
 
-use super::format::RecordingError;
-use super::replay;
+use crate::recording::format::RecordingError;
+use crate::recording::replay;
 use crate::rules::RuleSet;
 use crate::user_file::{self, Kind};
 use std::path::{Path, PathBuf};
