@@ -107,3 +107,28 @@ async fn setup_prints_the_script_without_the_password_file_and_says_why_identity
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("ALTER TABLE public.plans REPLICA IDENTITY FULL;"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_and_check_online_agree_that_a_write_through_only_table_needs_no_full_identity() {
+    let s = support::shared();
+    let schema = "CREATE TABLE profiles (id int PRIMARY KEY, bio text, avatar text);\
+                  CREATE TABLE plans (id int PRIMARY KEY, code text);";
+    let db = fresh_db(&s.pg, schema).await;
+    // The row written through comes from the new image, so profiles' old row needs only
+    // its key; plans' key reads `code`, which a delete's old row lacks without FULL.
+    let rules = "[[rule]]\nname = \"profiles\"\ntable = \"profiles\"\n\
+                 refresh = [{ key = \"profile:{id}\", columns = [\"id\", \"bio\", \"avatar\"] }]\n\
+                 [[rule]]\nname = \"plans\"\ntable = \"plans\"\nkeys = [\"plan:{code}\"]\n";
+    let files = write_config(&db, &s.redis.url(), rules, "");
+    let config = files.path.to_str().unwrap();
+
+    // Both give the one statement for plans, and none for profiles.
+    let fix = "ALTER TABLE public.plans REPLICA IDENTITY FULL;";
+    let (code, script) = walbust(&["setup", "--config", config, "--admin-url", &db.url]);
+    assert_eq!(code, Some(0), "{script}");
+    assert!(script.contains(fix) && script.matches("REPLICA IDENTITY FULL;").count() == 1, "{script}");
+
+    let (_, check) = walbust(&["check", "--online", "--config", config]);
+    assert!(check.contains(fix) && check.matches("REPLICA IDENTITY FULL;").count() == 1, "{check}");
+    assert!(!check.contains("rule `profiles`"), "{check}");
+}
