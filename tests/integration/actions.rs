@@ -307,6 +307,30 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_says_which_changed_settings_take_effect_only_on_restart_without_their_values() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, ITEMS).await;
+    let n = db.name.clone();
+    let rules = format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:item:{{id}}\"]\n");
+    let files = write_config(&db, &s.redis.url(), &rules, "");
+    let (walbust, log) = run_logged(&files.path);
+    let log_has = |needle: &'static str| log_has(&log, needle);
+    wait_until(Duration::from_secs(60), "walbust to stream", log_has("streaming")).await;
+
+    let text = std::fs::read_to_string(&files.path).unwrap();
+    let changed = text.replace("status_interval = \"200ms\"", "status_interval = \"4711ms\"");
+    assert_ne!(changed, text);
+    std::fs::write(&files.path, changed).unwrap();
+    walbust.signal(libc::SIGHUP);
+    wait_until(Duration::from_secs(60), "the reload to be accepted", log_has("new rules accepted")).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("these changed settings take effect only on restart; the running ones stay"), "{text}");
+    assert!(text.contains("[source] status_interval"), "the setting is named:\n{text}");
+    assert!(!text.contains("4711") && !text.contains("4.711"), "its value is not:\n{text}");
+    assert_eq!(walbust.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_goes_on_while_sighup_reloads_a_large_rule_set() {
     let s = support::shared();
     let db = fresh_db(&s.pg, ITEMS).await;

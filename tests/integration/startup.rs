@@ -206,3 +206,46 @@ async fn check_online_fails_on_wal_level_replica_and_full_slots_and_senders_with
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_says_the_busy_slot_is_held_by_the_servers_walsender_with_its_pid() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, PLANS).await;
+    let n = &db.name;
+    let files = write_config(&db, &s.redis.url(), PLAN_RULE, "");
+    let first = support::Walbust::spawn(&["--log-level", "warn", "run", "--config"], &files.path, Stdio::null());
+    let walsender = || async {
+        let row = db
+            .client
+            .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active", &[n])
+            .await
+            .expect("slot query");
+        row.map(|r| r.get::<_, i32>(0))
+    };
+    support::wait_until(DEADLINE, "the first instance to hold its slot", || async { walsender().await.is_some() })
+        .await;
+    let pid = walsender().await.expect("the slot is held");
+
+    let log = files.path.with_file_name("second.log");
+    let second = support::Walbust::spawn(
+        &["--log-level", "warn", "run", "--config"],
+        &files.path,
+        std::fs::File::create(&log).expect("log file").into(),
+    );
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    support::wait_until(DEADLINE, "the second instance to find the slot busy", || {
+        std::future::ready(said().contains("is in use"))
+    })
+    .await;
+    let text = said();
+    assert!(
+        text.contains(&format!(
+            "replication slot `{n}` is in use: it is held by the server process (walsender) with pid {pid}, which streams it to another client"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("FROM pg_stat_replication WHERE pid = {pid}")), "{text}");
+    let first_os_pid = first.0.id() as i32;
+    assert_ne!(pid, first_os_pid, "the pid is the server's backend, not the first walbust's");
+    drop(second);
+}
