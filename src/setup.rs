@@ -544,7 +544,11 @@ pub async fn apply(
         tx.batch_execute(&fix::create_publication(publication, &tables))
             .await
             .map_err(query(&format!("creating publication {publication}")))?;
-        applied.done.push(format!("created publication {} over {} tables", quote_ident(publication), tables.len()));
+        applied.done.push(format!(
+            "created publication {} over {}",
+            quote_ident(publication),
+            crate::diagnostic::plural(tables.len() as u64, "table", "tables")
+        ));
     } else {
         applied.skipped.push(format!("publication {} exists", quote_ident(publication)));
         if !needs.every_op {

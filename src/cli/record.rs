@@ -39,8 +39,9 @@ pub async fn record(
     let file = output.display().to_string();
     let on_event = |event: Event| match event {
         Event::Started { slot, start, relations } => eprintln!(
-            "recording publication `{}` from temporary slot `{slot}` at {start} ({relations} published tables) into {file}; stop with Ctrl-C",
-            config.source.publication
+            "recording publication `{}` from temporary slot `{slot}` at {start} ({}) into {file}; stop with Ctrl-C",
+            config.source.publication,
+            plural(relations as u64, "published table", "published tables")
         ),
         Event::Progress(t) => eprintln!("recorded {}", totals(&t)),
         Event::Stopping(reason) => eprintln!("stopping ({reason}); finishing the transaction in hand"),

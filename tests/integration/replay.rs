@@ -658,7 +658,10 @@ async fn record_stops_by_itself_at_each_limit_with_a_complete_file() {
     let (code, log) = recorder.exited().await;
     assert_eq!(code, Some(0), "{log}");
     assert!(
-        log.contains("recorded 2 transactions, 2 row changes") && log.contains("(the transaction limit was reached)"),
+        log.contains("(1 published table) into ")
+            && log
+                .contains("recorded 2 transactions, 2 row changes, 0 messages, 0 table definitions changed; through ")
+            && log.contains("(the transaction limit was reached)"),
         "{log}"
     );
     assert_eq!(lines(&out), 3, "the header and two transactions");
