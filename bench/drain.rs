@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use walbust::config::Config;
 use walbust::lsn::Lsn;
-use walbust::pipeline::{self, Options, Stats};
+use walbust::metrics::Metrics;
+use walbust::pipeline::{self, Options};
 use walbust::rules::RuleSet;
 use walbust::sink::RedisSink;
 
@@ -117,7 +118,7 @@ pub(crate) async fn drain(cli: &Cli, env: &Env) -> anyhow::Result<()> {
     }
     println!(
         "\nTimes run from starting the consumer to pg_recvlogical exiting at --endpos, and to walbust's flushed LSN \
-         (`Stats::flushed_lsn`, sent to the server) reaching the same position. Every seeded key was checked deleted.\n"
+         (`walbust_flushed_lsn_bytes`, sent to the server) reaching the same position. Every seeded key was checked deleted.\n"
     );
     Ok(())
 }
@@ -151,16 +152,16 @@ pub(crate) async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> an
         .map_err(|d| anyhow::anyhow!("{d}"))?
         .rules;
     let sink = RedisSink::new(&config.redis.url, None)?;
-    let stats = Arc::new(Stats::default());
+    let metrics = Metrics::new();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<pipeline::StopHandle>();
     let start = Instant::now();
     // Its own thread and runtime, as `walbust run` has: the bench's polling stays out of its way.
     let handle = std::thread::spawn({
-        let stats = stats.clone();
+        let metrics = metrics.clone();
         move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async move {
-                let running = pipeline::spawn(config, Arc::new(rules), sink, Options { stats, ..Default::default() });
+                let running = pipeline::spawn(config, Arc::new(rules), sink, Options { metrics, ..Default::default() });
                 let _ = stop_tx.send(running.stop_handle());
                 running.join().await.map_err(|e| anyhow::anyhow!(pipeline::error_chain(&e)))
             })
@@ -170,7 +171,7 @@ pub(crate) async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> an
         handle.join().map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?
     };
     let deadline = start + Duration::from_secs(600);
-    while Stats::get(&stats.flushed_lsn) < target.0 {
+    while metrics.flushed() < target {
         if handle.is_finished() {
             bail!("the pipeline stopped early: {:?}", join(handle));
         }

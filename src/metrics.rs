@@ -13,7 +13,7 @@ use crate::lsn::Lsn;
 use crate::status::WalStatus;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, prometheus_text};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -180,6 +180,50 @@ struct Reason {
     reason: String,
 }
 
+/// The counters of one labelled metric, one per label set, made on first use. Each is
+/// also kept in a list, so their sum is read without a scrape.
+#[derive(Debug)]
+struct Labelled<L> {
+    family: Family<L, Counter, Made>,
+    made: Made,
+}
+
+/// Makes the counters of a [`Labelled`] metric and keeps a handle to each.
+#[derive(Debug, Clone, Default)]
+struct Made(Arc<Mutex<Vec<Counter>>>);
+
+impl MetricConstructor<Counter> for Made {
+    fn new_metric(&self) -> Counter {
+        let counter = Counter::default();
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(counter.clone());
+        counter
+    }
+}
+
+impl<L: Clone + Hash + Eq> Default for Labelled<L> {
+    fn default() -> Self {
+        let made = Made::default();
+        Labelled { family: Family::new_with_constructor(made.clone()), made }
+    }
+}
+
+impl<L: Clone + Hash + Eq> Labelled<L> {
+    /// The counter of `labels`, made the first time.
+    fn counter(&self, labels: L) -> Counter {
+        self.family.get_or_create_owned(&labels)
+    }
+
+    /// The count of `labels`; 0 when never counted.
+    fn count(&self, labels: &L) -> u64 {
+        self.family.get(labels).map_or(0, |c| c.get())
+    }
+
+    /// The sum over every label set.
+    fn total(&self) -> u64 {
+        self.made.0.lock().unwrap_or_else(|e| e.into_inner()).iter().map(Counter::get).sum()
+    }
+}
+
 /// A gauge read when scraped: no sample, and no HELP or TYPE either, while `read` says `None`.
 struct Computed<N> {
     read: Box<dyn Fn() -> Option<N> + Send + Sync>,
@@ -258,13 +302,13 @@ pub struct Metrics {
     server_wal_end: Arc<AtomicU64>,
     ack_lag: Histogram,
     receive_lag: Histogram,
-    changes: Family<TableOp, Counter>,
+    changes: Labelled<TableOp>,
     commits: Counter,
-    actions: Family<RuleKind, Counter>,
-    widened: Family<RuleReason, Counter>,
-    dead_letters: Family<RuleKind, Counter>,
+    actions: Labelled<RuleKind>,
+    widened: Labelled<RuleReason>,
+    dead_letters: Labelled<RuleKind>,
     manual_messages: Counter,
-    manual_refused: Family<Reason, Counter>,
+    manual_refused: Labelled<Reason>,
     batches: Counter,
     redis_errors: Counter,
     redis_apply: Histogram,
@@ -300,13 +344,13 @@ impl Default for Metrics {
             server_wal_end: Arc::default(),
             ack_lag: Histogram::new(ACK_LAG_BUCKETS.iter().copied()),
             receive_lag: Histogram::new(ACK_LAG_BUCKETS.iter().copied()),
-            changes: Family::default(),
+            changes: Labelled::default(),
             commits: Counter::default(),
-            actions: Family::default(),
-            widened: Family::default(),
-            dead_letters: Family::default(),
+            actions: Labelled::default(),
+            widened: Labelled::default(),
+            dead_letters: Labelled::default(),
             manual_messages: Counter::default(),
-            manual_refused: Family::default(),
+            manual_refused: Labelled::default(),
             batches: Counter::default(),
             redis_errors: Counter::default(),
             redis_apply: Histogram::new(REDIS_APPLY_BUCKETS.iter().copied()),
@@ -358,26 +402,26 @@ impl Metrics {
             r,
             CHANGES,
             "Row changes routed, by table and op (a TRUNCATE counts once per table).",
-            self.changes.clone(),
+            self.changes.family.clone(),
         );
         register(r, COMMITS, "Commits seen on the replication stream.", self.commits.clone());
         register(
             r,
             ACTIONS,
             "Invalidation actions produced, by rule and kind, before deduplication; rule \"(manual message)\" for manual invalidation messages.",
-            self.actions.clone(),
+            self.actions.family.clone(),
         );
         register(
             r,
             WIDENED,
             "Actions widened to a pattern because a value was missing, by rule and reason.",
-            self.widened.clone(),
+            self.widened.family.clone(),
         );
         register(
             r,
             DEAD_LETTERS,
             "Actions Redis refused for good (an error reply retrying cannot fix), by rule and kind; the stream went on.",
-            self.dead_letters.clone(),
+            self.dead_letters.family.clone(),
         );
         register(
             r,
@@ -389,7 +433,7 @@ impl Metrics {
             r,
             MANUAL_REFUSED,
             "Refused parts of manual invalidation messages, by reason.",
-            self.manual_refused.clone(),
+            self.manual_refused.family.clone(),
         );
         register(r, BATCHES, "Batches Redis acknowledged.", self.batches.clone());
         register(r, REDIS_ERRORS, "Failed batch applies to Redis; each is retried.", self.redis_errors.clone());
@@ -479,7 +523,7 @@ impl Metrics {
 
     /// The counter behind [`changes`](Self::changes), to cache per relation and op.
     pub fn changes_counter(&self, table: &str, op: &str) -> Counter {
-        self.changes.get_or_create_owned(&TableOp { table: table.into(), op: op.into() })
+        self.changes.counter(TableOp { table: table.into(), op: op.into() })
     }
 
     /// Counts one commit.
@@ -494,7 +538,7 @@ impl Metrics {
 
     /// The counter behind [`actions`](Self::actions), to cache per rule and kind.
     pub fn actions_counter(&self, rule: &str, kind: &str) -> Counter {
-        self.actions.get_or_create_owned(&RuleKind { rule: rule.into(), kind: kind.into() })
+        self.actions.counter(RuleKind { rule: rule.into(), kind: kind.into() })
     }
 
     /// Counts one action of `rule` widened to a pattern for `reason` (`truncate`, `null_value`, ...).
@@ -504,12 +548,12 @@ impl Metrics {
 
     /// The counter behind [`widened`](Self::widened), to cache per rule and reason.
     pub fn widened_counter(&self, rule: &str, reason: &str) -> Counter {
-        self.widened.get_or_create_owned(&RuleReason { rule: rule.into(), reason: reason.into() })
+        self.widened.counter(RuleReason { rule: rule.into(), reason: reason.into() })
     }
 
     /// Counts one action of `rule` and `kind` that Redis refused for good.
     pub fn dead_letter(&self, rule: &str, kind: &str) {
-        self.dead_letters.get_or_create_owned(&RuleKind { rule: rule.into(), kind: kind.into() }).inc();
+        self.dead_letters.counter(RuleKind { rule: rule.into(), kind: kind.into() }).inc();
     }
 
     /// Counts one manual invalidation message read, malformed or not.
@@ -519,7 +563,7 @@ impl Metrics {
 
     /// Counts one refused part of a manual invalidation message.
     pub fn manual_refused(&self, reason: &str) {
-        self.manual_refused.get_or_create_owned(&Reason { reason: reason.into() }).inc();
+        self.manual_refused.counter(Reason { reason: reason.into() }).inc();
     }
 
     /// Counts one batch Redis acknowledged.
@@ -558,6 +602,31 @@ impl Metrics {
         self.heartbeats.inc();
         let secs = at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         self.heartbeat.store(secs.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Counts the row changes routed so far, every table and op.
+    pub fn changes_total(&self) -> u64 {
+        self.changes.total()
+    }
+
+    /// Counts the actions produced so far, every rule and kind.
+    pub fn actions_total(&self) -> u64 {
+        self.actions.total()
+    }
+
+    /// Counts the actions of `kind` produced by `rule` so far.
+    pub fn actions_count(&self, rule: &str, kind: &str) -> u64 {
+        self.actions.count(&RuleKind { rule: rule.into(), kind: kind.into() })
+    }
+
+    /// Counts the actions widened so far, every rule and reason.
+    pub fn widened_total(&self) -> u64 {
+        self.widened.total()
+    }
+
+    /// Counts the refused parts of manual invalidation messages for `reason` so far.
+    pub fn manual_refused_count(&self, reason: &str) -> u64 {
+        self.manual_refused.count(&Reason { reason: reason.into() })
     }
 
     /// Counts the commits so far.
@@ -755,6 +824,11 @@ mod tests {
             [r#"walbust_widened_actions_total{rule="user settings",reason="truncate"} 1"#]
         );
         assert_eq!(samples(&text, MANUAL_REFUSED), [r#"walbust_manual_refused_total{reason="match_all"} 2"#]);
+        assert_eq!(m.changes_total(), 6);
+        assert_eq!((m.actions_total(), m.actions_count("user settings", "unlink")), (4, 4));
+        assert_eq!(m.actions_count("user settings", "scan_unlink"), 0);
+        assert_eq!(m.widened_total(), 1);
+        assert_eq!((m.manual_refused_count("match_all"), m.manual_refused_count("malformed")), (2, 0));
     }
 
     #[test]
@@ -789,6 +863,7 @@ mod tests {
         });
         assert_eq!(m.changes_counter("public.a", "insert").get(), 2000);
         assert_eq!(m.changes_counter("public.b", "insert").get(), 2000);
+        assert_eq!(m.changes_total(), 4000);
         assert_eq!(m.redis_errors(), 4000);
         assert_eq!(m.reconnects(), 1000);
     }

@@ -22,7 +22,7 @@ use crate::lsn::Lsn;
 use crate::metrics::{CounterCache, Metrics};
 use crate::pgoutput::{self, DecodeError, Relation};
 use crate::progress::Progress;
-use crate::routing::{Routing, Tally};
+use crate::routing::{MANUAL_RULE, Routing, Tally};
 use crate::rules::manual::{ManualError, Refusal};
 use crate::rules::{Change, Op, Routed, RuleSet};
 use crate::sink::{DeadLetter, Sink};
@@ -36,7 +36,6 @@ use futures_util::future::FusedFuture;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -146,48 +145,6 @@ impl PipelineError {
     }
 }
 
-/// Running totals, shared with whoever wants to watch.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Row changes routed (a TRUNCATE counts once per table).
-    pub changes: AtomicU64,
-    /// Commits seen.
-    pub commits: AtomicU64,
-    /// Actions produced, before deduplication.
-    pub actions: AtomicU64,
-    /// Actions widened to patterns because a value was missing.
-    pub widened: AtomicU64,
-    /// Batches applied by the sink.
-    pub batches: AtomicU64,
-    /// Failed sink applies (each retried).
-    pub sink_errors: AtomicU64,
-    /// Replication reconnects.
-    pub reconnects: AtomicU64,
-    /// The flushed position last reported to the server.
-    pub flushed_lsn: AtomicU64,
-    /// Manual invalidation messages applied.
-    pub manual_messages: AtomicU64,
-    /// Manual invalidation messages skipped because their body was malformed.
-    pub malformed_messages: AtomicU64,
-    /// Rule sets swapped in by a reload.
-    pub reloads: AtomicU64,
-    /// Heartbeats received back through the stream.
-    pub heartbeats: AtomicU64,
-    /// Write-to-receipt delay of the last heartbeat, in microseconds.
-    pub heartbeat_lag_us: AtomicU64,
-}
-
-impl Stats {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Reads a counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-}
-
 /// What the pipeline reports to an observer (the demo, tests).
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -240,11 +197,10 @@ impl Applied {
 pub struct Options {
     /// Receives an [`Event`] per applied batch (the demo, tests).
     pub observer: Option<mpsc::UnboundedSender<Event>>,
-    /// Counters, shared with the caller.
-    pub stats: Arc<Stats>,
     /// New rule sets (SIGHUP); each is swapped in at the next transaction boundary.
     pub reload: Option<watch::Receiver<Arc<RuleSet>>>,
-    /// Prometheus metrics, served by `walbust run` on `[metrics] listen`.
+    /// Where the pipeline counts (`walbust run` serves it on `[metrics] listen`); keep a
+    /// clone to read the counts, as the tests and the bench do.
     pub metrics: Arc<Metrics>,
     /// What /healthz reports.
     pub health: Arc<Health>,
@@ -252,7 +208,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { observer: None, stats: Arc::default(), reload: None, metrics: Metrics::new(), health: Health::new() }
+        Options { observer: None, reload: None, metrics: Metrics::new(), health: Health::new() }
     }
 }
 
@@ -326,7 +282,7 @@ pub async fn run<S: Sink>(
     shutdown: impl Future<Output = ()>,
     options: Options,
 ) -> Result<(), PipelineError> {
-    let Options { observer, stats, reload, metrics, health } = options;
+    let Options { observer, reload, metrics, health } = options;
     let (mut reader, rx, applied_tx) = Reader::detached(config, rules, Progress::default());
     let abandon = Arc::new(tokio::sync::Notify::new());
     let applier = tokio::spawn(apply_loop(
@@ -336,13 +292,11 @@ pub async fn run<S: Sink>(
         Observers {
             events: observer.clone(),
             dead_letter_file: config.redis.dead_letter_file.clone(),
-            stats: stats.clone(),
             metrics: metrics.clone(),
             health: health.clone(),
         },
         abandon.clone(),
     ));
-    reader.stats = stats;
     reader.observer = observer;
     reader.reload = reload;
     reader.metrics = metrics;
@@ -433,7 +387,6 @@ async fn heartbeat(conninfo: crate::source::ConnInfo, every: Duration, nonce: u6
 struct Observers {
     events: Option<mpsc::UnboundedSender<Event>>,
     dead_letter_file: Option<std::path::PathBuf>,
-    stats: Arc<Stats>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 }
@@ -445,7 +398,7 @@ async fn apply_loop<S: Sink>(
     observers: Observers,
     abandon: Arc<tokio::sync::Notify>,
 ) {
-    let Observers { events, dead_letter_file, stats, metrics, health } = observers;
+    let Observers { events, dead_letter_file, metrics, health } = observers;
     while let Some(batch) = rx.recv().await {
         let mut backoff = Duration::from_millis(50);
         let since = Instant::now();
@@ -459,7 +412,6 @@ async fn apply_loop<S: Sink>(
                 }
                 Err(e) => {
                     metrics.observe_redis_apply(started.elapsed());
-                    Stats::add(&stats.sink_errors, 1);
                     metrics.redis_error();
                     health.redis_unreachable(&error_chain(&e));
                     warn!(error = %e, cause = %error_chain(&e), retry_in = ?backoff, actions = batch.actions.len(), failing_for = ?since.elapsed(),
@@ -475,7 +427,6 @@ async fn apply_loop<S: Sink>(
         for dead in sink.take_dead_letters() {
             set_aside(&batch, &dead, &metrics, dead_letter_file.as_deref());
         }
-        Stats::add(&stats.batches, 1);
         metrics.batch_applied();
         let now = SystemTime::now();
         for c in &batch.commits {
@@ -568,9 +519,9 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 
 /// What the reader counts, logs and shows the observer for one change or manual message.
 struct ReaderTally<'r> {
-    stats: &'r Stats,
     metrics: &'r Metrics,
     counters: &'r mut CounterCache<(usize, usize)>,
+    widened_counters: &'r mut CounterCache<(usize, usize)>,
     change_counters: &'r mut CounterCache<(u32, Op)>,
     /// An observer wants each change with its actions.
     observe: bool,
@@ -581,11 +532,9 @@ struct ReaderTally<'r> {
 impl Tally for ReaderTally<'_> {
     fn routed(&mut self, change: &Change<'_>, routed: &[Routed], batch: &mut Batch) {
         let (metrics, relation, op, lsn) = (self.metrics, change.relation, change.op, self.lsn);
-        Stats::add(&self.stats.changes, 1);
         self.change_counters
             .get((relation.oid, op), || metrics.changes_counter(&relation.qualified_name(), op.as_str()))
             .inc();
-        Stats::add(&self.stats.actions, routed.len() as u64);
         if self.observe {
             let mut actions: Vec<Action> = Vec::with_capacity(routed.len());
             for r in routed {
@@ -603,16 +552,21 @@ impl Tally for ReaderTally<'_> {
             let key = (Arc::as_ptr(&r.rule).cast::<u8>() as usize, kind.as_ptr() as usize);
             self.counters.get(key, || metrics.actions_counter(&r.rule, kind)).inc();
             if let Some(why) = r.widened {
-                Stats::add(&self.stats.widened, 1);
-                metrics.widened(&r.rule, why.as_str());
+                let key = (key.0, why.as_str().as_ptr() as usize);
+                self.widened_counters.get(key, || metrics.widened_counter(&r.rule, why.as_str())).inc();
                 debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
             }
         }
     }
 
     fn manual(&mut self, actions: &[Action], batch: &mut Batch) {
-        Stats::add(&self.stats.manual_messages, 1);
-        Stats::add(&self.stats.actions, actions.len() as u64);
+        let metrics = self.metrics;
+        metrics.manual_message();
+        for a in actions {
+            let kind = a.kind();
+            let key = (MANUAL_RULE.as_ptr() as usize, kind.as_ptr() as usize);
+            self.counters.get(key, || metrics.actions_counter(MANUAL_RULE, kind)).inc();
+        }
         if self.observe {
             let (xid, actions) = (self.xid, actions.to_vec());
             batch.changes.push(ChangeRecord { xid, table: "(message)".into(), op: "message", actions });
@@ -626,7 +580,7 @@ impl Tally for ReaderTally<'_> {
     }
 
     fn malformed(&mut self, error: &ManualError) {
-        Stats::add(&self.stats.malformed_messages, 1);
+        self.metrics.manual_message();
         self.metrics.manual_refused("malformed");
         warn!(lsn = %self.lsn, error = %error_chain(error), "skipping a manual invalidation message");
     }
@@ -636,7 +590,6 @@ struct Reader<'a> {
     config: &'a Config,
     routing: Routing,
     progress: Progress,
-    stats: Arc<Stats>,
     tx: mpsc::Sender<Sealed>,
     applied: watch::Receiver<Applied>,
     applied_seq: u64,
@@ -651,6 +604,8 @@ struct Reader<'a> {
     health: Arc<Health>,
     /// Action counters by (address of the rule's name, address of the kind's name).
     counters: CounterCache<(usize, usize)>,
+    /// Widening counters by (address of the rule's name, address of the reason's name).
+    widened_counters: CounterCache<(usize, usize)>,
     /// Change counters by (relation OID, op).
     change_counters: CounterCache<(u32, Op)>,
     /// Identifies this process's own heartbeats.
@@ -698,7 +653,6 @@ impl<'a> Reader<'a> {
             config,
             routing: Routing::new(rules),
             progress,
-            stats: Arc::default(),
             tx,
             applied,
             applied_seq: 0,
@@ -712,6 +666,7 @@ impl<'a> Reader<'a> {
             metrics: Metrics::new(),
             health: Health::new(),
             counters: CounterCache::default(),
+            widened_counters: CounterCache::default(),
             change_counters: CounterCache::default(),
             heartbeat_nonce: heartbeat_nonce(),
         };
@@ -772,7 +727,6 @@ impl Reader<'_> {
                 self.health.not_streaming(&format!("reconnecting after: {}", error_chain(&e)));
                 warn!(slot = %self.config.source.slot, error = %error_chain(&e), retry_in = ?backoff, "replication interrupted; reconnecting");
             }
-            Stats::add(&self.stats.reconnects, 1);
             self.metrics.reconnect();
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -1017,7 +971,6 @@ impl Reader<'_> {
             }
             StreamEvent::Begin { .. } | StreamEvent::Other { .. } => {}
             StreamEvent::Commit { xid, commit, .. } => {
-                Stats::add(&self.stats.commits, 1);
                 self.metrics.commit();
                 let commit_time = pgoutput::pg_time_to_system(commit.commit_time);
                 // A server clock ahead of this one counts as no lag, as for the acknowledgement.
@@ -1062,8 +1015,6 @@ impl Reader<'_> {
                 }
                 if let Some(sent) = sent {
                     let lag = SystemTime::now().duration_since(pgoutput::pg_time_to_system(sent)).unwrap_or_default();
-                    self.stats.heartbeat_lag_us.store(lag.as_micros() as u64, Ordering::Relaxed);
-                    Stats::add(&self.stats.heartbeats, 1);
                     self.metrics.set_heartbeat(pgoutput::pg_time_to_system(sent));
                     debug!(lsn = %lsn, lag = ?lag, "heartbeat");
                 }
@@ -1078,9 +1029,9 @@ impl Reader<'_> {
     /// The routing step, and what the reader keeps for a change or message of `xid` at `lsn`.
     fn routing(&mut self, xid: u32, lsn: Lsn) -> (&mut Routing, ReaderTally<'_>) {
         let tally = ReaderTally {
-            stats: &self.stats,
             metrics: &self.metrics,
             counters: &mut self.counters,
+            widened_counters: &mut self.widened_counters,
             change_counters: &mut self.change_counters,
             observe: self.observer.is_some(),
             xid,
@@ -1104,13 +1055,14 @@ impl Reader<'_> {
         let count = rules.rules().len();
         self.routing.replace_rules(rules);
         self.counters.clear();
+        self.widened_counters.clear();
+        self.metrics.reload();
         for relation in session.logical.relations().iter() {
             for m in self.routing.bind(relation) {
                 error!(rule = %m.rule, table = %m.table, column = %m.column,
                     "rule names a column the table does not have; its keys are widened to patterns");
             }
         }
-        Stats::add(&self.stats.reloads, 1);
         info!(rules = count, lsn = %self.progress.received(), "reloaded rules; they apply from the next transaction");
     }
 
@@ -1137,7 +1089,6 @@ impl Reader<'_> {
         let (received, flushed) = (self.progress.received(), self.progress.flushed());
         stream.send_status(received, flushed, flushed, reply).await?;
         self.metrics.set_flushed(flushed);
-        self.stats.flushed_lsn.store(flushed.0, Ordering::Relaxed);
         self.last_status = Instant::now();
         self.status_due = None;
         Ok(())
@@ -1217,8 +1168,8 @@ impl<'a> FrameHarness<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::logical::messages::{begin, commit, insert, relation};
-    use bytes::{BufMut, Bytes, BytesMut};
+    use crate::source::logical::messages::{begin, commit, insert, logical_message, relation};
+    use bytes::Bytes;
     use std::path::Path;
 
     fn config() -> Config {
@@ -1318,24 +1269,33 @@ mod tests {
         let config = config();
         let (mut r, _rx, _applied) = reader(&config);
         let mut s = Session::new();
-        let message = |body: &str| {
-            let mut b = BytesMut::new();
-            b.put_u8(b'M');
-            b.put_u8(0);
-            b.put_u64(100);
-            b.put_slice(HEARTBEAT_PREFIX.as_bytes());
-            b.put_u8(0);
-            b.put_u32(body.len() as u32);
-            b.put_slice(body.as_bytes());
-            b.freeze()
-        };
+        let message = |body: &str| logical_message(false, HEARTBEAT_PREFIX, body);
         // Any role may emit with the heartbeat prefix: a time in 2100, bare or with another nonce.
         let year_2100 = "3155760000000000";
         r.on_message(&mut s, Lsn(200), message(year_2100)).unwrap();
         r.on_message(&mut s, Lsn(210), message(&heartbeat_body(8, 3_155_760_000_000_000))).unwrap();
-        assert_eq!(Stats::get(&r.stats.heartbeats), 0, "forged heartbeats are ignored");
+        assert_eq!(r.metrics.heartbeats(), 0, "forged heartbeats are ignored");
         r.on_message(&mut s, Lsn(220), message(&heartbeat_body(7, crate::source::now_pg_micros()))).unwrap();
-        assert_eq!(Stats::get(&r.stats.heartbeats), 1, "the process's own heartbeat counts");
+        assert_eq!(r.metrics.heartbeats(), 1, "the process's own heartbeat counts");
+    }
+
+    #[test]
+    fn manual_messages_and_their_actions_are_counted() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        let message = |body: &str| logical_message(true, "walbust", body);
+        r.on_message(&mut s, Lsn(200), begin(7)).unwrap();
+        r.on_message(&mut s, Lsn(210), message(r#"{"keys":["a","b"],"patterns":["p:*","*"]}"#)).unwrap();
+        r.on_message(&mut s, Lsn(220), message("not json")).unwrap();
+        r.on_message(&mut s, Lsn(230), commit(300)).unwrap();
+        let m = &r.metrics;
+        assert_eq!(m.manual_messages(), 2, "the malformed one included");
+        assert_eq!(m.manual_refused_count("malformed"), 1);
+        assert_eq!(m.manual_refused_count("match_all"), 1, "`*` is refused by default");
+        assert_eq!(m.actions_count(MANUAL_RULE, "unlink"), 2);
+        assert_eq!(m.actions_count(MANUAL_RULE, "scan_unlink"), 1, "the refused pattern is no action");
+        assert_eq!(m.actions_total(), 3);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use walbust::config::{Config, ConfigError};
 use walbust::exit;
 use walbust::health::Health;
 use walbust::metrics::Metrics;
-use walbust::pipeline::{self, Options, Stats, error_chain};
+use walbust::pipeline::{self, Options, error_chain};
 use walbust::rules::{Loaded, RuleSet};
 use walbust::sink::RedisSink;
 
@@ -35,7 +35,6 @@ pub async fn run(config_path: &Path) -> Outcome {
     let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).map_err(CliError::usage)?;
     info!(source = %config.source.conninfo.describe(), redis = %sink.description(), rules = loaded.rules.rules().len(),
         slot = %config.source.slot, "starting");
-    let stats = Arc::new(Stats::default());
     let rules = Arc::new(loaded.rules);
     let (reload_tx, reload) = watch::channel(rules.clone());
     let (metrics, health) = (Metrics::new(), Health::new());
@@ -54,7 +53,7 @@ pub async fn run(config_path: &Path) -> Outcome {
         let (config, metrics, stop) = (config.clone(), metrics.clone(), stop.clone());
         async move { walbust::status::monitor(&config, metrics, SLOT_CHECK_INTERVAL, stopped(stop)).await }
     }));
-    let options = Options { observer: None, stats: stats.clone(), reload: Some(reload), metrics, health };
+    let options = Options { observer: None, reload: Some(reload), metrics: metrics.clone(), health };
     let shutdown = async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -65,7 +64,7 @@ pub async fn run(config_path: &Path) -> Outcome {
     }
     match result {
         Ok(()) => {
-            info!(changes = Stats::get(&stats.changes), commits = Stats::get(&stats.commits), "stopped");
+            info!(changes = metrics.changes_total(), commits = metrics.commits(), "stopped");
             Ok(exit::OK)
         }
         Err(e) => {

@@ -369,6 +369,19 @@ pub(crate) mod messages {
         b.put_u8(b'1');
         b.freeze()
     }
+
+    /// A `pg_logical_emit_message` with `prefix` and `body`.
+    pub(crate) fn logical_message(transactional: bool, prefix: &str, body: &str) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'M');
+        b.put_u8(u8::from(transactional));
+        b.put_u64(100);
+        b.put_slice(prefix.as_bytes());
+        b.put_u8(0);
+        b.put_u32(body.len() as u32);
+        b.put_slice(body.as_bytes());
+        b.freeze()
+    }
 }
 
 #[cfg(test)]

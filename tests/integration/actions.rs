@@ -7,7 +7,6 @@ use crate::support::{self, Running, cache, existing, fresh_db, redis_conn, wait_
 use redis::AsyncCommands;
 use std::sync::Arc;
 use std::time::Duration;
-use walbust::pipeline::Stats;
 use walbust::rules::RuleSet;
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, org text NOT NULL DEFAULT 'acme', name text);
@@ -201,8 +200,10 @@ async fn manual_messages_apply_in_commit_order_and_rolled_back_ones_never_arrive
     drained(&run, &db.client).await;
 
     assert_eq!(existing(&mut redis, &[k1, admin, k2.clone(), rolled_back.clone()]).await, [k2, rolled_back]);
-    assert_eq!(Stats::get(&run.stats.manual_messages), 2);
-    assert_eq!(Stats::get(&run.stats.malformed_messages), 1, "the malformed body is skipped, not fatal");
+    let metrics = &run.metrics;
+    assert_eq!(metrics.manual_messages(), 3, "the committed messages, the malformed one included");
+    assert_eq!(metrics.manual_refused_count("malformed"), 1, "the malformed body is skipped, not fatal");
+    assert_eq!(metrics.actions_count("(manual message)", "unlink"), 3, "each key a committed message named");
     run.stop().await.expect("clean stop");
 }
 
@@ -223,8 +224,7 @@ async fn a_reloaded_rule_set_applies_from_the_next_transaction() {
     drained(&run, &db.client).await;
     let new = RuleSet::from_sources(&[("b.toml".into(), rules("b"))]).unwrap().rules;
     run.reload.send(Arc::new(new)).unwrap();
-    wait_until(Duration::from_secs(60), "the reload to be taken", || async { Stats::get(&run.stats.reloads) == 1 })
-        .await;
+    wait_until(Duration::from_secs(60), "the reload to be taken", || async { run.metrics.reloads() == 1 }).await;
     db.client.batch_execute("INSERT INTO items (id) VALUES (2)").await.unwrap();
     drained(&run, &db.client).await;
     assert_eq!(

@@ -6,7 +6,7 @@ use crate::support::{self, Running, Walbust, cache, existing, fresh_db, redis_co
 use std::process::Stdio;
 use std::time::Duration;
 use walbust::lsn::Lsn;
-use walbust::pipeline::{Event, Stats};
+use walbust::pipeline::Event;
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
 
 const ITEMS_SCHEMA: &str = "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);";
@@ -115,7 +115,7 @@ async fn redis_stopped_for_seconds_under_writes_loses_no_invalidation() {
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
     tokio::time::sleep_until(outage + Duration::from_secs(4)).await;
-    assert!(Stats::get(&run.stats.sink_errors) > 0, "applies failed while Redis was down");
+    assert!(run.metrics.redis_errors() > 0, "applies failed while Redis was down");
     let redis = tokio::task::spawn_blocking(move || {
         redis.start_again().expect("restart redis");
         redis
@@ -154,7 +154,7 @@ async fn postgres_restart_reconnects_and_loses_no_invalidation() {
         client.execute("INSERT INTO items (id) VALUES ($1)", &[&i]).await.unwrap();
     }
     all_gone(&s.redis.url(), &keys, Duration::from_secs(60)).await;
-    assert!(Stats::get(&run.stats.reconnects) >= 1, "walbust reconnected");
+    assert!(run.metrics.reconnects() >= 1, "walbust reconnected");
     run.stop().await.expect("clean stop");
     pg.stop().expect("stop");
 }

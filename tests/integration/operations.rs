@@ -10,7 +10,6 @@ use std::time::Duration;
 use walbust::config::Config;
 use walbust::exit;
 use walbust::metrics::Metrics;
-use walbust::pipeline::Stats;
 use walbust::rules::RuleSet;
 use walbust::setup::{self, ApplyError, read_live, replica_identity_advice, setup_sql_with};
 use walbust::source::ConnInfo;
@@ -316,11 +315,10 @@ async fn setup_apply_creates_a_least_privilege_role_that_streams_heartbeats_and_
         async move { existing(&mut redis_conn(&url).await, &keys).await.is_empty() }
     })
     .await;
-    assert_eq!(Stats::get(&run.stats.widened), 0, "REPLICA IDENTITY FULL keeps the old org exact");
-    let stats = run.stats.clone();
+    assert_eq!(run.metrics.widened_total(), 0, "REPLICA IDENTITY FULL keeps the old org exact");
     wait_until(WAIT, "a heartbeat written by the walbust role", || {
-        let stats = stats.clone();
-        async move { Stats::get(&stats.heartbeats) > 0 }
+        let heartbeats = run.metrics.heartbeats();
+        async move { heartbeats > 0 }
     })
     .await;
     run.stop().await.expect("clean stop");

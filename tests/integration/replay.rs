@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use walbust::config::Config;
 use walbust::lsn::Lsn;
-use walbust::pipeline::{Event, Stats};
+use walbust::pipeline::Event;
 use walbust::recording::replay::{self, Unit};
 use walbust::rules::RuleSet;
 use walbust::ruletest::recording::line_diff;
@@ -405,10 +405,10 @@ async fn recording_beside_walbust_run_leaves_its_slot_alone_and_replays_to_the_s
         w.await.expect("workload task");
     }
     let target = current_lsn(&db.client).await;
-    let stats = run.running.stats.clone();
+    let metrics = run.running.metrics.clone();
     wait_until(Duration::from_secs(60), "walbust run to acknowledge the workload", move || {
-        let stats = stats.clone();
-        async move { Stats::get(&stats.flushed_lsn) >= target.0 }
+        let flushed = metrics.flushed();
+        async move { flushed >= target }
     })
     .await;
     recorder.wait_written(&db.client, target).await;
@@ -416,10 +416,7 @@ async fn recording_beside_walbust_run_leaves_its_slot_alone_and_replays_to_the_s
     // walbust's slot is held by walbust, and its position is only ever what walbust reported.
     let (pid, confirmed, _) = slot_state(&db.client, n).await.expect("walbust's slot");
     assert_eq!(pid, Some(production_pid), "walbust still holds its slot");
-    assert!(
-        confirmed.0 <= Stats::get(&run.running.stats.flushed_lsn),
-        "the slot is never ahead of walbust's acknowledgement"
-    );
+    assert!(confirmed <= run.running.metrics.flushed(), "the slot is never ahead of walbust's acknowledgement");
     let slot = recorder.slot.clone();
     let (code, log) = recorder.interrupt().await;
     assert_eq!(code, Some(0), "{log}");
@@ -430,13 +427,13 @@ async fn recording_beside_walbust_run_leaves_its_slot_alone_and_replays_to_the_s
         async move { slot_state(client, &slot).await.is_none() }
     })
     .await;
-    let stats = run.running.stats.clone();
+    let metrics = run.running.metrics.clone();
     wait_until(WAIT, "walbust's slot to confirm what walbust acknowledged", move || {
-        let stats = stats.clone();
+        let flushed = metrics.flushed();
         async move {
             let (pid, confirmed, _) = slot_state(client, n).await.expect("walbust's slot");
             assert_eq!(pid, Some(production_pid), "walbust's slot stays with walbust");
-            confirmed.0 == Stats::get(&stats.flushed_lsn)
+            confirmed == flushed
         }
     })
     .await;

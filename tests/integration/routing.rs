@@ -6,7 +6,6 @@ use crate::support::{
 
 use std::time::Duration;
 use walbust::lsn::Lsn;
-use walbust::pipeline::Stats;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -23,10 +22,9 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> Lsn {
 /// Waits until the pipeline has applied and acknowledged everything up to the current position.
 pub async fn drained(run: &Running, client: &tokio_postgres::Client) {
     let target = current_lsn(client).await;
-    let stats = run.stats.clone();
     wait_until(WAIT, "the pipeline to acknowledge the last write", || {
-        let stats = stats.clone();
-        async move { Stats::get(&stats.flushed_lsn) >= target.0 }
+        let flushed = run.metrics.flushed();
+        async move { flushed >= target }
     })
     .await;
 }
@@ -71,7 +69,7 @@ async fn insert_update_delete_and_truncate_bust_exactly_their_keys() {
         let expected: Vec<String> = all.iter().filter(|k| !gone.contains(k)).cloned().collect();
         assert_eq!(existing(&mut redis, &all).await, expected, "after `{sql}`");
     }
-    assert!(Stats::get(&run.stats.widened) >= 2, "truncate widens both keys");
+    assert!(run.metrics.widened_total() >= 2, "truncate widens both keys");
     run.stop().await.expect("clean stop");
 }
 
@@ -104,12 +102,12 @@ async fn an_update_moving_a_row_busts_old_and_new_keys_and_default_identity_wide
     drained(&run, &db.client).await;
     assert_eq!(existing(&mut redis, &full).await, [full[2].clone()], "old (a) and new (b) busted, c survives");
 
-    let widened_before = Stats::get(&run.stats.widened);
+    let widened_before = run.metrics.widened_total();
     db.client.batch_execute("UPDATE default_rows SET org_id = 'b' WHERE id = 1").await.unwrap();
     drained(&run, &db.client).await;
     assert!(existing(&mut redis, &default).await.is_empty(), "new key exact, old side widened to {n}:default:*:list");
     assert_eq!(existing(&mut redis, &bystander).await, bystander, "keys outside the pattern survive");
-    assert_eq!(Stats::get(&run.stats.widened), widened_before + 1, "the widening is counted");
+    assert_eq!(run.metrics.widened_total(), widened_before + 1, "the widening is counted");
     run.stop().await.expect("clean stop");
 }
 

@@ -10,7 +10,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use walbust::config::Config;
-use walbust::pipeline::{self, Event, Options, PipelineError, Stats};
+use walbust::metrics::Metrics;
+use walbust::pipeline::{self, Event, Options, PipelineError};
 use walbust::rules::RuleSet;
 use walbust::sink::RedisSink;
 use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
@@ -171,8 +172,8 @@ pub fn write_config_with(
 
 /// A pipeline running in this process against real servers.
 pub struct Running {
-    /// Counters.
-    pub stats: Arc<Stats>,
+    /// The pipeline's metrics, as `/metrics` would serve them.
+    pub metrics: Arc<Metrics>,
     /// Sends a new rule set, as SIGHUP does in `walbust run`.
     pub reload: tokio::sync::watch::Sender<Arc<RuleSet>>,
     pipeline: pipeline::Spawned,
@@ -203,9 +204,10 @@ impl Running {
         let rules = RuleSet::load(&config.rules).unwrap_or_else(|e| panic!("rules: {e}")).rules;
         let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).expect("redis sink");
         let (tx, mut events) = mpsc::unbounded_channel();
-        let stats = Arc::new(Stats::default());
+        let metrics = Metrics::new();
         let (reload_tx, reload) = tokio::sync::watch::channel(Arc::new(rules.clone()));
-        let options = Options { observer: Some(tx), stats: stats.clone(), reload: Some(reload), ..Options::default() };
+        let options =
+            Options { observer: Some(tx), reload: Some(reload), metrics: metrics.clone(), ..Options::default() };
         let pipeline = pipeline::spawn(config, Arc::new(rules), sink, options);
         let streaming = tokio::time::timeout(Duration::from_secs(60), async {
             loop {
@@ -222,7 +224,7 @@ impl Running {
         if !streaming {
             return Err(pipeline.join().await.expect_err("a pipeline that stops before shutdown has failed"));
         }
-        Ok((Running { stats, reload: reload_tx, pipeline }, events))
+        Ok((Running { metrics, reload: reload_tx, pipeline }, events))
     }
 
     /// Waits for the pipeline to stop by itself and returns its result.
