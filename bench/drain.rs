@@ -163,7 +163,7 @@ pub(crate) async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> an
             runtime.block_on(async move {
                 let running = pipeline::spawn(config, Arc::new(rules), sink, Options { metrics, ..Default::default() });
                 let _ = stop_tx.send(running.stop_handle());
-                running.join().await.map_err(|e| anyhow::anyhow!(pipeline::error_chain(&e)))
+                running.join().await.map_err(|e| anyhow::anyhow!(walbust::causes::error_chain(&e)))
             })
         }
     });

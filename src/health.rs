@@ -203,7 +203,7 @@ pub async fn serve_when_bound(
                 failures += 1;
                 // Loud at first, then once a minute or so.
                 if failures == 1 || (wait == REBIND_MAX && failures.is_multiple_of(6)) {
-                    tracing::warn!(listen = %addr, error = %crate::pipeline::error_chain(&e), failures, retry_in = ?wait,
+                    tracing::warn!(listen = %addr, error = %crate::causes::error_chain(&e), failures, retry_in = ?wait,
                         "cannot serve /metrics and /healthz yet; retrying while invalidation goes on");
                 }
             }

@@ -32,6 +32,7 @@
 pub mod action;
 pub mod batch;
 pub mod catalog;
+pub mod causes;
 pub mod config;
 pub mod diagnostic;
 pub mod exit;

@@ -10,7 +10,7 @@
 //! stays small and nothing private leaks into scrapes.
 
 use crate::lsn::Lsn;
-use crate::status::WalStatus;
+use crate::source::slot::WalStatus;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, prometheus_text};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::family::{Family, MetricConstructor};

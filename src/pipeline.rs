@@ -15,6 +15,7 @@
 
 use crate::action::Action;
 use crate::batch::{Batch, ChangeRecord, CommitRecord, Origin};
+use crate::causes::error_chain;
 use crate::config::Config;
 use crate::config::OnSlotLost;
 use crate::health::Health;
@@ -471,18 +472,6 @@ fn set_aside(batch: &Sealed, dead: &DeadLetter, metrics: &Metrics, file: Option<
     if let Err(e) = written {
         error!(file = %path.display(), error = %e, "cannot append to dead_letter_file");
     }
-}
-
-/// Formats an error with its sources, `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 enum SessionEnd {

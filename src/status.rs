@@ -11,46 +11,13 @@ use crate::exit;
 use crate::lsn::Lsn;
 use crate::metrics::{Metrics, SlotHealth};
 use crate::source::quote::quote_literal;
+pub use crate::source::slot::WalStatus;
 use crate::source::{SourceError, connect_sql};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The `wal_status` of a replication slot (Postgres 13 and later).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WalStatus {
-    /// The slot's WAL is within `max_wal_size`.
-    Reserved,
-    /// Beyond `max_wal_size`, but kept by `max_slot_wal_keep_size` or `wal_keep_size`.
-    Extended,
-    /// Beyond what is guaranteed: it will be lost at the next checkpoint unless consumed.
-    Unreserved,
-    /// Required WAL was removed; the slot can no longer be used.
-    Lost,
-}
-
-impl WalStatus {
-    /// Every status, in order of increasing danger.
-    pub const ALL: [WalStatus; 4] = [WalStatus::Reserved, WalStatus::Extended, WalStatus::Unreserved, WalStatus::Lost];
-
-    /// The name the server uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WalStatus::Reserved => "reserved",
-            WalStatus::Extended => "extended",
-            WalStatus::Unreserved => "unreserved",
-            WalStatus::Lost => "lost",
-        }
-    }
-
-    /// Parses the server's name; `None` for anything else.
-    pub fn parse(s: &str) -> Option<WalStatus> {
-        WalStatus::ALL.into_iter().find(|w| w.as_str() == s)
-    }
-}
 
 /// Why the slot could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -391,7 +358,7 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
             }
             Err(e) => {
                 if !std::mem::replace(&mut failing, true) {
-                    tracing::warn!(slot = %slot, error = %crate::pipeline::error_chain(&e), retry_in = ?every,
+                    tracing::warn!(slot = %slot, error = %crate::causes::error_chain(&e), retry_in = ?every,
                         "slot monitor cannot read the slot; its gauges keep their last values");
                 }
             }

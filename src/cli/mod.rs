@@ -234,29 +234,11 @@ pub fn report(e: &CliError) {
     };
     match problems {
         Some(problems) => eprintln!("{problems}"),
-        None => eprintln!("error: {}", chain(&e.error)),
+        None => eprintln!("error: {}", walbust::causes::error_chain(e.error.as_ref())),
     }
     for line in &e.after {
         eprintln!("  {line}");
     }
-}
-
-/// The error and its causes joined by `: `, leaving out a cause whose text is already
-/// said: many errors (redis-rs', for one) print their source in their own message too, and
-/// the operating system's reason would otherwise appear twice.
-fn chain(error: &anyhow::Error) -> String {
-    let mut said = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if said.contains(&text) {
-            continue;
-        }
-        if !said.is_empty() {
-            said.push_str(": ");
-        }
-        said.push_str(&text);
-    }
-    said
 }
 
 /// Loads the config file; the error is every problem in the file, or the read error.
@@ -284,7 +266,7 @@ pub fn init_logging(cli: &Cli) {
 
 #[cfg(test)]
 mod tests {
-    use super::chain;
+    use walbust::causes::error_chain;
 
     /// An error whose message repeats its source's, as redis-rs' errors do.
     #[derive(Debug, thiserror::Error)]
@@ -297,13 +279,16 @@ mod tests {
     fn a_cause_the_message_already_says_is_printed_once() {
         let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let error = anyhow::Error::new(Repeats { source: io }).context("redis at localhost");
-        assert_eq!(chain(&error), "redis at localhost: failed while sending: connection refused");
+        assert_eq!(error_chain(error.as_ref()), "redis at localhost: failed while sending: connection refused");
     }
 
     #[test]
     fn each_cause_is_printed_after_the_error() {
         let io = std::io::Error::from_raw_os_error(2);
         let error = anyhow::Error::new(io).context("cannot read config file /missing");
-        assert_eq!(chain(&error), "cannot read config file /missing: No such file or directory (os error 2)");
+        assert_eq!(
+            error_chain(error.as_ref()),
+            "cannot read config file /missing: No such file or directory (os error 2)"
+        );
     }
 }

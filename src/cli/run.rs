@@ -6,11 +6,12 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 use walbust::catalog::StartupCheck;
+use walbust::causes::error_chain;
 use walbust::config::{Config, ConfigError};
 use walbust::exit;
 use walbust::health::Health;
 use walbust::metrics::Metrics;
-use walbust::pipeline::{self, Options, error_chain};
+use walbust::pipeline::{self, Options};
 use walbust::rules::{Loaded, RuleSet};
 use walbust::sink::RedisSink;
 

@@ -363,6 +363,40 @@ pub fn requirements(settings: &ServerSettings, slot: &str) -> Vec<Unmet> {
     unmet
 }
 
+/// The `wal_status` of a replication slot (Postgres 13 and later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WalStatus {
+    /// The slot's WAL is within `max_wal_size`.
+    Reserved,
+    /// Beyond `max_wal_size`, but kept by `max_slot_wal_keep_size` or `wal_keep_size`.
+    Extended,
+    /// Beyond what is guaranteed: it will be lost at the next checkpoint unless consumed.
+    Unreserved,
+    /// Required WAL was removed; the slot can no longer be used.
+    Lost,
+}
+
+impl WalStatus {
+    /// Every status, in order of increasing danger.
+    pub const ALL: [WalStatus; 4] = [WalStatus::Reserved, WalStatus::Extended, WalStatus::Unreserved, WalStatus::Lost];
+
+    /// The name the server uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WalStatus::Reserved => "reserved",
+            WalStatus::Extended => "extended",
+            WalStatus::Unreserved => "unreserved",
+            WalStatus::Lost => "lost",
+        }
+    }
+
+    /// Parses the server's name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<WalStatus> {
+        WalStatus::ALL.into_iter().find(|w| w.as_str() == s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

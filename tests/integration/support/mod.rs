@@ -189,7 +189,7 @@ impl Running {
     pub async fn start_observed(config: &Path) -> (Running, mpsc::UnboundedReceiver<Event>) {
         match Running::start_inner(config).await {
             Ok(r) => r,
-            Err(e) => panic!("pipeline stopped at start: {}", pipeline::error_chain(&e)),
+            Err(e) => panic!("pipeline stopped at start: {}", walbust::causes::error_chain(&e)),
         }
     }
 
