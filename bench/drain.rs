@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use walbust::config::Config;
-use walbust::lsn::Lsn;
-use walbust::metrics::Metrics;
-use walbust::pipeline::{self, Options};
-use walbust::rules::RuleSet;
+use walbust::daemon::pipeline::{self, Options};
+use walbust::domain::config::Config;
+use walbust::domain::rules::RuleSet;
+use walbust::postgres::lsn::Lsn;
 use walbust::sink::RedisSink;
+use walbust::telemetry::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Variant {
@@ -163,7 +163,7 @@ pub(crate) async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> an
             runtime.block_on(async move {
                 let running = pipeline::spawn(config, Arc::new(rules), sink, Options { metrics, ..Default::default() });
                 let _ = stop_tx.send(running.stop_handle());
-                running.join().await.map_err(|e| anyhow::anyhow!(walbust::causes::error_chain(&e)))
+                running.join().await.map_err(|e| anyhow::anyhow!(walbust::errors::causes::error_chain(&e)))
             })
         }
     });

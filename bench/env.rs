@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
-use walbust::lsn::Lsn;
-use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis, postgres_bin_dir};
+use walbust::offline::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis, postgres_bin_dir};
+use walbust::postgres::lsn::Lsn;
 
 /// Two keys per change: the row's own key and its org's list key (both from primary-key
 /// columns, so every op renders exact keys under REPLICA IDENTITY DEFAULT).

@@ -1,7 +1,7 @@
 //! walbust benchmarks against the physical limit: `pg_recvlogical` draining the same WAL.
 //!
 //! `cargo run --release --example bench -- all` starts a throwaway Postgres and Redis
-//! (`walbust::throwaway`), runs every scenario, and prints one results table per scenario.
+//! (`walbust::offline::throwaway`), runs every scenario, and prints one results table per scenario.
 //! See `bench/README.md` for what each scenario measures and how.
 
 use anyhow::{Context, ensure};

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_postgres::Client;
-use walbust::lsn::Lsn;
-use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
+use walbust::offline::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
+use walbust::postgres::lsn::Lsn;
 
 /// One rule per op, each deleting the marker of exactly that change. Writer and seq are
 /// the primary key, so every op renders an exact key under REPLICA IDENTITY DEFAULT.
@@ -118,7 +118,8 @@ pub struct SoakArgs {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    walbust::config::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration; write e.g. 500ms, 60s or 15m"))
+    walbust::domain::config::parse_duration(s)
+        .ok_or_else(|| format!("`{s}` is not a duration; write e.g. 500ms, 60s or 15m"))
 }
 
 /// Runs the soak and prints its report; returns whether it passed.

@@ -5,7 +5,7 @@ mod messages;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use walbust::pgoutput::Decoder;
+use walbust::postgres::pgoutput::Decoder;
 
 fn decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");

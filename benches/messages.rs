@@ -5,8 +5,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use std::path::PathBuf;
-use walbust::pgoutput::{Column, Relation, ReplicaIdentity};
-use walbust::rules::RuleSet;
+use walbust::domain::rules::RuleSet;
+use walbust::postgres::pgoutput::{Column, Relation, ReplicaIdentity};
 
 /// Relation OID used throughout.
 pub const OID: u32 = 16_384;

@@ -7,12 +7,12 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
-use walbust::lsn::Lsn;
-use walbust::recording::format::{
+use walbust::domain::rules::RuleSet;
+use walbust::offline::recording::format::{
     ChangeOp, ChangeRecord, ColumnRecord, Header, Identity, Image, Line, RelationRecord, TxRecord, to_line,
 };
-use walbust::recording::replay;
-use walbust::rules::RuleSet;
+use walbust::offline::recording::replay;
+use walbust::postgres::lsn::Lsn;
 
 const TRANSACTIONS: u64 = 10_000;
 const CHANGES_PER_TX: u64 = 10;
@@ -71,7 +71,7 @@ fn item(id: u64, status: &str) -> Image {
 /// The recording, as `walbust record` writes it.
 fn recording() -> String {
     let header = Header {
-        format: walbust::recording::FORMAT_VERSION,
+        format: walbust::offline::recording::FORMAT_VERSION,
         server_version: "15.6".into(),
         database: "bench".into(),
         captured_at: "2024-05-01T12:00:00.000000Z".into(),

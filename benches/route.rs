@@ -7,9 +7,9 @@ mod messages;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::sync::Arc;
-use walbust::batch::Batch;
-use walbust::pgoutput::{Decoder, LogicalMessage, OldTuple, Tuple};
-use walbust::rules::{Change, Op, Router};
+use walbust::domain::batch::Batch;
+use walbust::domain::rules::{Change, Op, Router};
+use walbust::postgres::pgoutput::{Decoder, LogicalMessage, OldTuple, Tuple};
 
 /// Changes per sealed batch: the default `max_actions` of 5000 at two keys per change.
 const BATCH_CHANGES: u64 = 2_500;

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use walbust::action::Action;
-use walbust::rules::manual;
+use walbust::domain::action::Action;
+use walbust::domain::rules::manual;
 
 fuzz_target!(|data: &[u8]| {
     match manual::actions(data) {

@@ -1,13 +1,15 @@
 //! The pgoutput decoder: the first byte picks the protocol version (1 to 4), the rest is a
-//! sequence of messages framed as in `src/pgoutput/testdata` (4-byte length, then the
+//! sequence of messages framed as in `src/postgres/pgoutput/testdata` (4-byte length, then the
 //! message), decoded in order by one decoder with relations cached across messages.
 
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use walbust::pgoutput::{Decoder, LogicalMessage, OldTuple, Relation, RelationCache, Tuple, pg_time_to_system};
-use walbust::recording::format::{decode_value, encode_value};
+use walbust::offline::recording::format::{decode_value, encode_value};
+use walbust::postgres::pgoutput::{
+    Decoder, LogicalMessage, OldTuple, Relation, RelationCache, Tuple, pg_time_to_system,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&version, rest)) = data.split_first() else { return };

@@ -6,9 +6,9 @@
 use std::sync::{Arc, LazyLock};
 
 use libfuzzer_sys::fuzz_target;
-use walbust::recording::format::{Line, Reader, to_line};
-use walbust::recording::replay;
-use walbust::rules::RuleSet;
+use walbust::domain::rules::RuleSet;
+use walbust::offline::recording::format::{Line, Reader, to_line};
+use walbust::offline::recording::replay;
 
 static RULES: LazyLock<Arc<RuleSet>> = LazyLock::new(|| {
     let sources: Vec<_> = walbust_fuzz::EXAMPLE_RULES.iter().map(|(p, t)| (p.into(), t.to_string())).collect();

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use walbust::pgoutput::{Column, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
-use walbust::recording::format::decode_value;
-use walbust::rules::template::{self, Filter, Image, Part, Template};
-use walbust::rules::{Change, Op, Router, RuleSet};
+use walbust::domain::rules::template::{self, Filter, Image, Part, Template};
+use walbust::domain::rules::{Change, Op, Router, RuleSet};
+use walbust::offline::recording::format::decode_value;
+use walbust::postgres::pgoutput::{Column, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
 
 fuzz_target!(|data: &[u8]| {
     let (text, row) = match data.iter().position(|&b| b == 0) {

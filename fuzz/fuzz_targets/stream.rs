@@ -12,9 +12,9 @@ use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use walbust::config::Config;
-use walbust::pipeline::FrameHarness;
-use walbust::rules::RuleSet;
+use walbust::daemon::pipeline::FrameHarness;
+use walbust::domain::config::Config;
+use walbust::domain::rules::RuleSet;
 
 static CONFIG: LazyLock<Config> = LazyLock::new(|| {
     let text = "rules = [\"rules/*.toml\"]\n[source]\nurl = \"postgres://u@localhost/db\"\n[redis]\nurl = \"redis://localhost\"\n[batch]\nmax_actions = 64\n";

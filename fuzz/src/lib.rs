@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 /// Splits `input` into frames, each a 4-byte big-endian length and that many bytes (the
-/// layout of `src/pgoutput/testdata/*.bin`). A length that runs past the end takes what is left.
+/// layout of `src/postgres/pgoutput/testdata/*.bin`). A length that runs past the end takes what is left.
 pub fn frames(input: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
     let mut pos = 0usize;
     std::iter::from_fn(move || {

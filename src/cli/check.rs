@@ -4,14 +4,14 @@
 use super::{CliError, Outcome};
 use std::path::Path;
 use std::time::Duration;
-use walbust::catalog;
-use walbust::config::{Config, ConfigError};
-use walbust::diagnostic::{Diagnostic, Diagnostics, plural};
-use walbust::exit;
-use walbust::rules::RuleSet;
-use walbust::setup::extra_emitters;
-use walbust::source::connect_sql;
-use walbust::source::slot::{self, ServerSettings};
+use walbust::daemon::slot::{self, ServerSettings};
+use walbust::domain::config::{Config, ConfigError};
+use walbust::domain::diagnostic::{Diagnostic, Diagnostics, plural};
+use walbust::domain::rules::RuleSet;
+use walbust::errors::exit;
+use walbust::ops::catalog;
+use walbust::ops::setup::extra_emitters;
+use walbust::postgres::connect_sql;
 
 /// How long `--online` waits for the database when the config sets no `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,11 +1,11 @@
 //! `walbust health`: asks a running walbust's `/healthz`, for container health checks and
-//! scripts on hosts without an HTTP client; the logic is `walbust::health::probe`.
+//! scripts on hosts without an HTTP client; the logic is `walbust::telemetry::health::probe`.
 
 use super::{CliError, Outcome};
 use std::path::Path;
 use std::time::Duration;
-use walbust::exit;
-use walbust::health::probe;
+use walbust::errors::exit;
+use walbust::telemetry::health::probe;
 
 /// Long enough for a loaded host, short enough for a health check's own timeout.
 const TIMEOUT: Duration = Duration::from_secs(5);

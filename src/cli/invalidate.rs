@@ -2,8 +2,8 @@
 
 use super::{CliError, Outcome};
 use std::path::Path;
-use walbust::action::Invalidation;
-use walbust::exit;
+use walbust::domain::action::Invalidation;
+use walbust::errors::exit;
 use walbust::sink::{RedisSink, Sink};
 
 /// Applies the given keys, patterns and tags to the config's Redis; returns the exit code.
@@ -26,6 +26,6 @@ pub async fn invalidate(config_path: &Path, keys: Vec<String>, patterns: Vec<Str
     for a in &actions {
         println!("{a}");
     }
-    println!("{} deleted", walbust::diagnostic::plural(sink.take_deleted(), "key", "keys"));
+    println!("{} deleted", walbust::domain::diagnostic::plural(sink.take_deleted(), "key", "keys"));
     Ok(exit::OK)
 }

@@ -13,9 +13,9 @@ pub mod test;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
-use walbust::config::{Config, ConfigError};
-use walbust::diagnostic::Diagnostics;
-use walbust::exit;
+use walbust::domain::config::{Config, ConfigError};
+use walbust::domain::diagnostic::Diagnostics;
+use walbust::errors::exit;
 
 /// walbust: invalidates Redis cache keys from Postgres' logical replication stream.
 #[derive(Debug, Parser)]
@@ -173,7 +173,7 @@ pub const ADMIN_URL_ENV: &str = "WALBUST_ADMIN_URL";
 pub fn warn_password_on_command_line(flag: &str, env: &str, also: &str, url: Option<&str>) {
     let Some(url) = url else { return };
     let from_env = std::env::var(env).is_ok_and(|v| v == url);
-    if !from_env && walbust::config::redact_secrets(url) != url {
+    if !from_env && walbust::domain::config::redact_secrets(url) != url {
         eprintln!(
             "warning: {flag} holds a password, which every local user can read with ps\n  \
              hint: give the url in {env} instead{also}"
@@ -184,7 +184,7 @@ pub fn warn_password_on_command_line(flag: &str, env: &str, also: &str, url: Opt
 /// Why a subcommand stopped: the exit code and the error, printed once by [`report`].
 #[derive(Debug)]
 pub struct CliError {
-    /// The exit code, one of [`walbust::exit`].
+    /// The exit code, one of [`walbust::errors::exit`].
     pub code: u8,
     error: anyhow::Error,
     /// Lines printed after the error, indented: hints and notes.
@@ -234,7 +234,7 @@ pub fn report(e: &CliError) {
     };
     match problems {
         Some(problems) => eprintln!("{problems}"),
-        None => eprintln!("error: {}", walbust::causes::error_chain(e.error.as_ref())),
+        None => eprintln!("error: {}", walbust::errors::causes::error_chain(e.error.as_ref())),
     }
     for line in &e.after {
         eprintln!("  {line}");
@@ -266,7 +266,7 @@ pub fn init_logging(cli: &Cli) {
 
 #[cfg(test)]
 mod tests {
-    use walbust::causes::error_chain;
+    use walbust::errors::causes::error_chain;
 
     /// An error whose message repeats its source's, as redis-rs' errors do.
     #[derive(Debug, thiserror::Error)]

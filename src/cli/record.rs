@@ -3,11 +3,11 @@
 use super::{CliError, Outcome};
 use anyhow::anyhow;
 use std::path::Path;
-use walbust::config::parse_duration;
-use walbust::diagnostic::plural;
-use walbust::exit;
-use walbust::lsn::Lsn;
-use walbust::recording::recorder::{Event, Limits, RecordOptions, Totals};
+use walbust::domain::config::parse_duration;
+use walbust::domain::diagnostic::plural;
+use walbust::errors::exit;
+use walbust::offline::recording::recorder::{Event, Limits, RecordOptions, Totals};
+use walbust::postgres::lsn::Lsn;
 
 /// Records from a temporary slot of its own until SIGINT/SIGTERM or a limit; returns the
 /// exit code: 0 stopped cleanly (the file is a complete recording), 1 the stream failed
@@ -46,7 +46,7 @@ pub async fn record(
         Event::Progress(t) => eprintln!("recorded {}", totals(&t)),
         Event::Stopping(reason) => eprintln!("stopping ({reason}); finishing the transaction in hand"),
     };
-    let outcome = walbust::recording::record(&config.source, &options, shutdown_signal(), on_event).await;
+    let outcome = walbust::offline::recording::record(&config.source, &options, shutdown_signal(), on_event).await;
     let outcome = outcome.map_err(|e| CliError::new(if e.is_usage() { exit::USAGE } else { exit::FAILED }, e))?;
     let Some(o) = outcome else {
         eprintln!("stopped before the recording started; nothing was written");

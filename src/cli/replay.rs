@@ -5,12 +5,13 @@ use anyhow::anyhow;
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
-use walbust::config::BatchConfig;
-use walbust::diagnostic::plural;
-use walbust::exit;
-use walbust::recording::replay as replayer;
-use walbust::rules::RuleSet;
-use walbust::sink::{RedisSink, redact_url};
+use walbust::domain::config::BatchConfig;
+use walbust::domain::config::redact_url;
+use walbust::domain::diagnostic::plural;
+use walbust::domain::rules::RuleSet;
+use walbust::errors::exit;
+use walbust::offline::recording::replay as replayer;
+use walbust::sink::RedisSink;
 
 /// Replays `file` through the rules `rules` (globs) and prints each transaction's actions
 /// and a summary; with `against`, prints only what `rules` adds and drops compared with
@@ -19,7 +20,7 @@ use walbust::sink::{RedisSink, redact_url};
 pub async fn replay(file: &Path, rules: &[String], against: &[String], redis: Option<&str>) -> Outcome {
     let new = load(rules, "--rules")?;
     let old = if against.is_empty() { None } else { Some(load(against, "--against")?) };
-    let input = walbust::user_file::open(file, walbust::user_file::Kind::Recording)
+    let input = walbust::input::user_file::open(file, walbust::input::user_file::Kind::Recording)
         .map_err(|e| CliError::usage(e).hint("record one with `walbust record --config config.toml --output FILE`"))?;
     let input = std::io::BufReader::with_capacity(1 << 16, input);
     let (report, replayed) = match old {
@@ -67,7 +68,7 @@ fn load(globs: &[String], flag: &str) -> Result<Arc<RuleSet>, CliError> {
 }
 
 /// Prints where the recording is bad; the error says nothing was replayed.
-fn bad_recording(file: &Path, e: &walbust::recording::RecordingError) -> CliError {
+fn bad_recording(file: &Path, e: &walbust::offline::recording::RecordingError) -> CliError {
     eprintln!("{}", e.report(file));
     CliError::usage(anyhow!("nothing was replayed: the whole recording is checked first"))
 }

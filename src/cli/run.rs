@@ -5,15 +5,15 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-use walbust::catalog::StartupCheck;
-use walbust::causes::error_chain;
-use walbust::config::{Config, ConfigError};
-use walbust::exit;
-use walbust::health::Health;
-use walbust::metrics::Metrics;
-use walbust::pipeline::{self, Options};
-use walbust::rules::{Loaded, RuleSet};
+use walbust::daemon::pipeline::{self, Options};
+use walbust::domain::config::{Config, ConfigError};
+use walbust::domain::rules::{Loaded, RuleSet};
+use walbust::errors::causes::error_chain;
+use walbust::errors::exit;
+use walbust::ops::catalog::StartupCheck;
 use walbust::sink::RedisSink;
+use walbust::telemetry::health::Health;
+use walbust::telemetry::metrics::Metrics;
 
 /// Runs until SIGINT or SIGTERM; returns the exit code.
 pub async fn run(config_path: &Path) -> Outcome {
@@ -43,7 +43,7 @@ pub async fn run(config_path: &Path) -> Outcome {
     let mut background = vec![tokio::spawn(reload_on_sighup(config.clone(), reload_tx))];
     if let Some(listen) = &config.metrics.listen {
         // A busy port is retried in the background: invalidation does not wait for metrics.
-        background.push(tokio::spawn(walbust::health::serve_when_bound(
+        background.push(tokio::spawn(walbust::telemetry::health::serve_when_bound(
             listen.clone(),
             metrics.clone(),
             health.clone(),
@@ -52,7 +52,7 @@ pub async fn run(config_path: &Path) -> Outcome {
     }
     background.push(tokio::spawn({
         let (config, metrics, stop) = (config.clone(), metrics.clone(), stop.clone());
-        async move { walbust::status::monitor(&config, metrics, SLOT_CHECK_INTERVAL, stopped(stop)).await }
+        async move { walbust::ops::status::monitor(&config, metrics, SLOT_CHECK_INTERVAL, stopped(stop)).await }
     }));
     let options = Options { observer: None, reload: Some(reload), metrics: metrics.clone(), health };
     let shutdown = async move {
@@ -119,7 +119,7 @@ async fn reload_on_sighup(running: Config, rules: watch::Sender<Arc<RuleSet>>) {
                 continue;
             }
         };
-        let unapplied = walbust::config::restart_only_changes(&running, &config);
+        let unapplied = walbust::domain::config::restart_only_changes(&running, &config);
         if !unapplied.is_empty() {
             warn!(settings = %unapplied.join(", "), "these changed settings take effect only on restart; the running ones stay");
         }
@@ -175,21 +175,21 @@ fn load_for_reload(config_path: &Path) -> Option<(Config, Loaded)> {
     }
 }
 
-/// Checks the rules against the live catalog (see [`walbust::catalog::validate_startup`]):
+/// Checks the rules against the live catalog (see [`walbust::ops::catalog::validate_startup`]):
 /// a misspelt column is an error at load rather than a widened pattern at run time, and a
 /// table the publication leaves out (whose changes would never be invalidated) stops the
 /// start with the statement that fixes it. When the database cannot be reached the check
 /// is skipped with a warning: the pipeline then waits for the database, and still widens
 /// (and logs) any column a table lacks.
 async fn validate_against_database(config: &Config, rules: &RuleSet) -> Result<(), StartupCheck> {
-    let client = match walbust::source::connect_sql(&config.source.conninfo).await {
+    let client = match walbust::postgres::connect_sql(&config.source.conninfo).await {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %error_chain(&e), "cannot check the rules against the database now");
             return Ok(());
         }
     };
-    match walbust::catalog::validate_startup(&client, config, rules).await {
+    match walbust::ops::catalog::validate_startup(&client, config, rules).await {
         Ok(found) if found.diagnostics.has_errors() || !found.server.is_empty() => Err(found),
         Ok(found) => {
             for w in found.diagnostics.warnings() {

@@ -1,15 +1,15 @@
-//! `walbust setup`: prints (or applies) the SQL that prepares a database; the logic is `walbust::setup`.
+//! `walbust setup`: prints (or applies) the SQL that prepares a database; the logic is `walbust::ops::setup`.
 
 use super::{CliError, Outcome};
 use anyhow::anyhow;
 use std::path::Path;
 use std::time::Duration;
-use walbust::causes::error_chain;
-use walbust::config::Config;
-use walbust::exit;
-use walbust::rules::RuleSet;
-use walbust::setup::{apply, read_live, setup_sql_with};
-use walbust::source::{ConnInfo, connect_sql};
+use walbust::domain::config::Config;
+use walbust::domain::rules::RuleSet;
+use walbust::errors::causes::error_chain;
+use walbust::errors::exit;
+use walbust::ops::setup::{apply, read_live, setup_sql_with};
+use walbust::postgres::{ConnInfo, connect_sql};
 
 /// How long printing the script waits for the database before printing it unchecked.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,8 +1,8 @@
-//! `walbust status`: the replication slot as the server sees it; the logic is `walbust::status`.
+//! `walbust status`: the replication slot as the server sees it; the logic is `walbust::ops::status`.
 
 use super::{CliError, Outcome};
 use std::path::Path;
-use walbust::status::slot_status;
+use walbust::ops::status::slot_status;
 
 /// Prints the slot's state (aligned lines, or one JSON object with `--json`); returns the exit code.
 pub async fn status(config_path: &Path, json: bool) -> Outcome {

@@ -3,9 +3,9 @@
 use super::{CliError, Outcome};
 use anyhow::anyhow;
 use std::path::{Path, PathBuf};
-use walbust::diagnostic::plural;
-use walbust::exit;
-use walbust::ruletest::{self, SuiteResult};
+use walbust::domain::diagnostic::plural;
+use walbust::errors::exit;
+use walbust::offline::ruletest::{self, SuiteResult};
 
 /// Runs the tests in `files` (directories are searched for `*.test.toml`) whose names match
 /// `run`, prints one line per test and a diff per failure, writes JUnit XML to `junit` when

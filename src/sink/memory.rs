@@ -1,7 +1,7 @@
 //! An in-memory sink that records what it was asked to do.
 
 use super::Sink;
-use crate::action::Action;
+use crate::domain::action::Action;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 

@@ -8,9 +8,9 @@ mod memory;
 mod redis;
 
 pub use self::memory::MemorySink;
-pub use self::redis::{RedisSink, RedisSinkError, redact_url, refused_for_good};
+pub use self::redis::{RedisSink, RedisSinkError, refused_for_good};
 
-use crate::action::Action;
+use crate::domain::action::Action;
 use std::future::Future;
 
 /// Something that can carry out invalidation actions.

@@ -1,7 +1,8 @@
 //! The Redis sink: pipelined `UNLINK`s and `SCAN`-based pattern deletes through redis-rs.
 
 use super::{DeadLetter, Sink};
-use crate::action::Action;
+use crate::domain::action::Action;
+use crate::domain::config::redact_url;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::Duration;
 
@@ -356,31 +357,5 @@ impl Sink for RedisSink {
 
     fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
         std::mem::take(&mut self.dead)
-    }
-}
-
-/// Removes the password from a `redis://user:password@host` URL for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_never_reach_descriptions() {
-        assert_eq!(redact_url("redis://:s3cret@cache:6379/0"), "redis://:***@cache:6379/0");
-        assert_eq!(redact_url("rediss://app:pw@cache/1"), "rediss://app:***@cache/1");
-        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

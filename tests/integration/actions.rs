@@ -7,7 +7,7 @@ use crate::support::{self, Running, cache, existing, fresh_db, redis_conn, wait_
 use redis::AsyncCommands;
 use std::sync::Arc;
 use std::time::Duration;
-use walbust::rules::RuleSet;
+use walbust::domain::rules::RuleSet;
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, org text NOT NULL DEFAULT 'acme', name text);
                      ALTER TABLE items REPLICA IDENTITY FULL;";
@@ -135,7 +135,8 @@ async fn refresh_writes_the_row_through_and_unlinks_it_on_delete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_whose_set_fails_leaves_the_key_absent() {
     let s = support::shared();
-    let redis_server = tokio::task::spawn_blocking(walbust::throwaway::ThrowawayRedis::start).await.unwrap().unwrap();
+    let redis_server =
+        tokio::task::spawn_blocking(walbust::offline::throwaway::ThrowawayRedis::start).await.unwrap().unwrap();
     let db = fresh_db(&s.pg, ITEMS).await;
     let n = db.name.clone();
     let rules =

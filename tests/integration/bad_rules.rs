@@ -8,8 +8,8 @@
 //! No servers are needed; `walbust check` itself runs over a few of the same mistakes.
 
 use std::path::{Path, PathBuf};
-use walbust::diagnostic::Diagnostics;
-use walbust::rules::RuleSet;
+use walbust::domain::diagnostic::Diagnostics;
+use walbust::domain::rules::RuleSet;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bad-rules");
 

@@ -3,8 +3,8 @@
 
 use crate::support::{self, TestDb, fresh_db, write_config};
 use std::path::Path;
-use walbust::catalog;
-use walbust::rules::RuleSet;
+use walbust::domain::rules::RuleSet;
+use walbust::ops::catalog;
 
 /// What one run of the binary printed, and how it exited.
 struct Outcome {
@@ -43,7 +43,7 @@ const MEMBERS: &str = "CREATE TABLE members (id int PRIMARY KEY, org_id int NOT 
 
 /// `schema`, then the grants `walbust setup` leaves: pg_logical_emit_message revoked from PUBLIC.
 fn prepared(schema: &str) -> String {
-    format!("{schema}\n{}", walbust::fix::emit_message_grants(&[], &[]))
+    format!("{schema}\n{}", walbust::daemon::fix::emit_message_grants(&[], &[]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +258,7 @@ async fn pg_logical_emit_message_open_to_public_or_other_roles_is_a_warning_with
         .batch_execute(&format!(
             "CREATE ROLE {app}; CREATE ROLE {other}; {}\
              GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {other};",
-            walbust::fix::emit_message_grants(std::slice::from_ref(&app), &[])
+            walbust::daemon::fix::emit_message_grants(std::slice::from_ref(&app), &[])
         ))
         .await
         .expect("grants");

@@ -2,7 +2,7 @@
 //! pinned session settings, and clear errors when any of it is wrong.
 
 use crate::support::{self, MD5_USER, PASSWORD, SCRAM_USER};
-use walbust::source::{ConnInfo, ReplicationConn, SourceError};
+use walbust::postgres::{ConnInfo, ReplicationConn, SourceError};
 
 fn conninfo(s: &str) -> ConnInfo {
     ConnInfo::parse(s, |_| None).unwrap_or_else(|e| panic!("conninfo `{s}`: {e}"))
@@ -49,7 +49,7 @@ async fn a_wrong_password_is_a_clear_permanent_error() {
         .await
         .map(|_| ())
         .expect_err("must fail");
-    let text = walbust::causes::error_chain(&err);
+    let text = walbust::errors::causes::error_chain(&err);
     assert!(text.contains("password authentication failed"), "{text}");
     assert!(text.contains(SCRAM_USER), "{text}");
     assert!(!err.is_transient(), "a wrong password is not retried: {text}");
@@ -66,9 +66,9 @@ async fn a_wrong_password_names_where_the_password_came_from_on_both_kinds_of_co
     let from_text = conninfo(&password_conninfo(SCRAM_USER, "wrong", "sslmode=disable"));
     for (info, origin) in [(from_env, "came from PGPASSWORD"), (from_text, "came from the connection string")] {
         let replication = ReplicationConn::connect(&info, true).await.map(|_| ()).expect_err("must fail");
-        let sql = walbust::source::connect_sql(&info).await.map(|_| ()).expect_err("must fail");
+        let sql = walbust::postgres::connect_sql(&info).await.map(|_| ()).expect_err("must fail");
         for err in [replication, sql] {
-            let text = walbust::causes::error_chain(&err);
+            let text = walbust::errors::causes::error_chain(&err);
             assert!(text.contains("password authentication failed"), "{text}");
             assert!(text.contains(origin), "{text}");
             assert!(text.contains(&format!("role {SCRAM_USER}'s current password")), "{text}");
@@ -103,7 +103,7 @@ async fn tls_verify_full_rejects_an_unknown_ca_and_a_wrong_host_name() {
     .await
     .map(|_| ())
     .expect_err("unknown CA must fail");
-    let text = walbust::causes::error_chain(&err);
+    let text = walbust::errors::causes::error_chain(&err);
     assert!(text.to_lowercase().contains("certificate"), "{text}");
     assert!(!err.is_transient(), "{text}");
 
@@ -114,7 +114,7 @@ async fn tls_verify_full_rejects_an_unknown_ca_and_a_wrong_host_name() {
     .await
     .map(|_| ())
     .expect_err("host name not in the certificate must fail");
-    let text = walbust::causes::error_chain(&err);
+    let text = walbust::errors::causes::error_chain(&err);
     assert!(text.to_lowercase().contains("certificate"), "{text}");
 
     // verify-ca checks the chain only, so the IP address is accepted.
@@ -157,6 +157,6 @@ async fn a_role_without_replication_gets_an_error_naming_the_fix() {
         .await
         .map(|_| ())
         .expect_err("must fail");
-    let text = walbust::causes::error_chain(&err);
+    let text = walbust::errors::causes::error_chain(&err);
     assert!(text.contains("REPLICATION"), "{text}");
 }

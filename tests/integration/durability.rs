@@ -5,9 +5,9 @@ use crate::routing::current_lsn;
 use crate::support::{self, Running, Walbust, cache, existing, fresh_db, redis_conn, wait_until, write_config};
 use std::process::Stdio;
 use std::time::Duration;
-use walbust::lsn::Lsn;
-use walbust::pipeline::Event;
-use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
+use walbust::daemon::pipeline::Event;
+use walbust::offline::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
+use walbust::postgres::lsn::Lsn;
 
 const ITEMS_SCHEMA: &str = "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);";
 

@@ -5,7 +5,7 @@ use crate::support::{self, Walbust, fresh_db, wait_until, write_config_with};
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
-use walbust::throwaway::ThrowawayRedis;
+use walbust::offline::throwaway::ThrowawayRedis;
 
 /// GET `path` from 127.0.0.1:`port`; returns the status code and body.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -170,8 +170,8 @@ fn raise_fd_limit(wanted: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_idle_connections_do_not_starve_a_scrape() {
-    use walbust::health::{Health, serve};
-    use walbust::metrics::Metrics;
+    use walbust::telemetry::health::{Health, serve};
+    use walbust::telemetry::metrics::Metrics;
     // Both ends of every connection live in this process.
     raise_fd_limit(4096);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

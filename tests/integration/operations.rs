@@ -7,14 +7,14 @@ use crate::routing::{current_lsn, drained};
 use crate::support::{self, Running, TestDb, cache, connect, existing, fresh_db, redis_conn, wait_until, write_config};
 use std::path::PathBuf;
 use std::time::Duration;
-use walbust::config::Config;
-use walbust::exit;
-use walbust::metrics::Metrics;
-use walbust::rules::RuleSet;
-use walbust::setup::{self, ApplyError, read_live, replica_identity_advice, setup_sql_with};
-use walbust::source::ConnInfo;
-use walbust::status::{self, StatusError, WalStatus, slot_status};
-use walbust::throwaway::{PostgresOptions, ThrowawayPostgres};
+use walbust::domain::config::Config;
+use walbust::domain::rules::RuleSet;
+use walbust::errors::exit;
+use walbust::offline::throwaway::{PostgresOptions, ThrowawayPostgres};
+use walbust::ops::setup::{self, ApplyError, read_live, replica_identity_advice, setup_sql_with};
+use walbust::ops::status::{self, StatusError, WalStatus, slot_status};
+use walbust::postgres::ConnInfo;
+use walbust::telemetry::metrics::Metrics;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -444,7 +444,7 @@ async fn the_generated_setup_script_runs_as_is_with_odd_names() {
     let role = format!("{n}_walbust");
     let app = format!("{n} app \"x'y\" $walbust$");
     db.client
-        .batch_execute(&format!("DROP PUBLICATION {n}; CREATE ROLE {};", walbust::source::quote::quote_ident(&app)))
+        .batch_execute(&format!("DROP PUBLICATION {n}; CREATE ROLE {};", walbust::postgres::quote::quote_ident(&app)))
         .await
         .expect("app role");
     let rules_text = "[[rule]]\nname = \"odd\"\ntable = 'public.Odd \"Table'\nkeys = [\"odd:{org}\"]\n";

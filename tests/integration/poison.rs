@@ -4,7 +4,7 @@
 use crate::routing::drained;
 use crate::support::{self, Running, cache, existing, fresh_db, redis_conn, write_config};
 use redis::AsyncCommands;
-use walbust::throwaway::ThrowawayRedis;
+use walbust::offline::throwaway::ThrowawayRedis;
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL);
                      ALTER TABLE items REPLICA IDENTITY FULL;";

@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use walbust::config::Config;
-use walbust::lsn::Lsn;
-use walbust::pipeline::Event;
-use walbust::recording::replay::{self, Unit};
-use walbust::rules::RuleSet;
-use walbust::ruletest::recording::line_diff;
+use walbust::daemon::pipeline::Event;
+use walbust::domain::config::Config;
+use walbust::domain::rules::RuleSet;
+use walbust::offline::recording::replay::{self, Unit};
+use walbust::offline::ruletest::recording::line_diff;
+use walbust::postgres::lsn::Lsn;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -5,7 +5,7 @@ use crate::support::{
 };
 
 use std::time::Duration;
-use walbust::lsn::Lsn;
+use walbust::postgres::lsn::Lsn;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -136,12 +136,12 @@ async fn row_values_with_glob_characters_delete_only_their_literal_match() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidations_reach_a_redis_that_only_speaks_tls() {
     let s = support::shared();
-    let tls = walbust::throwaway::RedisTls {
+    let tls = walbust::offline::throwaway::RedisTls {
         cert_pem: s.certs.server_cert_pem.clone(),
         key_pem: s.certs.server_key_pem.clone(),
         ca_pem: s.certs.ca_pem.clone(),
     };
-    let redis = tokio::task::spawn_blocking(move || walbust::throwaway::ThrowawayRedis::start_tls(&tls))
+    let redis = tokio::task::spawn_blocking(move || walbust::offline::throwaway::ThrowawayRedis::start_tls(&tls))
         .await
         .unwrap()
         .expect("TLS redis");

@@ -3,9 +3,9 @@
 
 use crate::support::{self, fresh_db, write_config};
 use std::path::Path;
-use walbust::config::Config;
-use walbust::rules::RuleSet;
-use walbust::setup::{read_live, setup_sql_with};
+use walbust::domain::config::Config;
+use walbust::domain::rules::RuleSet;
+use walbust::ops::setup::{read_live, setup_sql_with};
 
 /// The demo schema's tables, without the publication and replica identity `setup` provides.
 fn tables_only() -> String {

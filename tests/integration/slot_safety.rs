@@ -4,9 +4,9 @@
 use crate::routing::drained;
 use crate::support::{self, Running, cache, existing, fresh_db, redis_conn, wait_until, write_config};
 use std::time::Duration;
-use walbust::causes::error_chain;
-use walbust::pipeline::PipelineError;
-use walbust::throwaway::{PostgresOptions, ThrowawayPostgres};
+use walbust::daemon::pipeline::PipelineError;
+use walbust::errors::causes::error_chain;
+use walbust::offline::throwaway::{PostgresOptions, ThrowawayPostgres};
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY);";
 

@@ -7,7 +7,7 @@ use crate::support::{self, PASSWORD, SCRAM_USER, TestDb, fresh_db, postgres_opti
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use walbust::throwaway::ThrowawayPostgres;
+use walbust::offline::throwaway::ThrowawayPostgres;
 
 /// How long a command may take on a loaded machine before the test gives up on it.
 const DEADLINE: Duration = Duration::from_secs(60);

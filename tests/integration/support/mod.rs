@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use walbust::config::Config;
-use walbust::metrics::Metrics;
-use walbust::pipeline::{self, Event, Options, PipelineError};
-use walbust::rules::RuleSet;
+use walbust::daemon::pipeline::{self, Event, Options, PipelineError};
+use walbust::domain::config::Config;
+use walbust::domain::rules::RuleSet;
+use walbust::offline::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
 use walbust::sink::RedisSink;
-use walbust::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis};
+use walbust::telemetry::metrics::Metrics;
 
 /// Users the shared cluster authenticates with passwords, for the connection tests.
 pub const SCRAM_USER: &str = "scram_user";
@@ -189,7 +189,7 @@ impl Running {
     pub async fn start_observed(config: &Path) -> (Running, mpsc::UnboundedReceiver<Event>) {
         match Running::start_inner(config).await {
             Ok(r) => r,
-            Err(e) => panic!("pipeline stopped at start: {}", walbust::causes::error_chain(&e)),
+            Err(e) => panic!("pipeline stopped at start: {}", walbust::errors::causes::error_chain(&e)),
         }
     }
 

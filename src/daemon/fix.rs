@@ -1,0 +1,183 @@
+//! The statements walbust shows users to fix their database, and runs in `walbust setup
+//! --apply`: the publication (create it, add tables, publish every op), replica identity,
+//! the role and the `pg_logical_emit_message` grants.
+//!
+//! `walbust run` (its start-up gate and its slot checks), `walbust check --online` and
+//! `walbust setup` all take their statements from here, so the same problem gets the same
+//! advice from each. Names are written as a person would ([`sql_ident`]: bare when plain),
+//! except roles and databases, which are always quoted. Quoting itself is
+//! [`crate::postgres::quote`].
+
+use crate::domain::rules::TableName;
+use crate::postgres::quote::{quote_ident, quote_literal, sql_ident};
+use std::fmt::Write as _;
+
+/// The ops a publication must publish for walbust.
+pub const PUBLISH: &str = "insert, update, delete, truncate";
+
+/// `schema.table` as SQL.
+pub fn sql_table(t: &TableName) -> String {
+    format!("{}.{}", sql_ident(&t.schema), sql_ident(&t.table))
+}
+
+/// `CREATE PUBLICATION` over `tables` (every table when there are none), publishing every
+/// op walbust routes.
+pub fn create_publication(publication: &str, tables: &[&TableName]) -> String {
+    let target = if tables.is_empty() {
+        "ALL TABLES".to_string()
+    } else {
+        format!("TABLE {}", tables.iter().map(|t| sql_table(t)).collect::<Vec<_>>().join(", "))
+    };
+    format!("CREATE PUBLICATION {} FOR {target} WITH (publish = {});", sql_ident(publication), quote_literal(PUBLISH))
+}
+
+/// `ALTER PUBLICATION ... ADD TABLE` for `tables` the publication lacks.
+pub fn add_tables(publication: &str, tables: &[&TableName]) -> String {
+    let names: Vec<String> = tables.iter().map(|t| sql_table(t)).collect();
+    format!("ALTER PUBLICATION {} ADD TABLE {};", sql_ident(publication), names.join(", "))
+}
+
+/// `ALTER PUBLICATION ... SET (publish = ...)` with every op walbust routes, as
+/// [`create_publication`] makes it.
+pub fn publish_every_op(publication: &str) -> String {
+    format!("ALTER PUBLICATION {} SET (publish = {});", sql_ident(publication), quote_literal(PUBLISH))
+}
+
+/// `ALTER PUBLICATION ... SET (publish_via_partition_root = true)`, so a partitioned
+/// table's changes carry its own name.
+pub fn publish_via_root(publication: &str) -> String {
+    format!("ALTER PUBLICATION {} SET (publish_via_partition_root = true);", sql_ident(publication))
+}
+
+/// `ALTER PUBLICATION ... SET TABLE ...;`, the start of the statement that drops a
+/// table's column list (the person fills in the tables).
+pub fn set_tables_outline(publication: &str) -> String {
+    format!("ALTER PUBLICATION {} SET TABLE ...;", sql_ident(publication))
+}
+
+/// `ALTER TABLE ... REPLICA IDENTITY FULL`, so updates and deletes carry the whole old row.
+pub fn replica_identity_full(table: &TableName) -> String {
+    format!("ALTER TABLE {} REPLICA IDENTITY FULL;", sql_table(table))
+}
+
+/// The statements that create walbust's login role: `REPLICATION` and nothing else, and
+/// `CONNECT` on `database`.
+pub fn create_role(role: &str, database: &str) -> String {
+    format!(
+        "CREATE ROLE {r} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n\
+         GRANT CONNECT ON DATABASE {d} TO {r};\n",
+        r = quote_ident(role),
+        d = quote_ident(database),
+    )
+}
+
+/// `ALTER ROLE ... LOGIN REPLICATION`, for an existing role that lacks either.
+pub fn role_login_replication(role: &str) -> String {
+    format!("ALTER ROLE {} LOGIN REPLICATION;", quote_ident(role))
+}
+
+/// The roles that keep `pg_logical_emit_message`: walbust's own (it writes heartbeats with
+/// it), then the application roles, without repeats.
+pub fn emitters(role: &str, app_roles: &[String]) -> Vec<String> {
+    let mut all = vec![role.to_string()];
+    for r in app_roles {
+        if !all.contains(r) {
+            all.push(r.clone());
+        }
+    }
+    all
+}
+
+/// A `DO` block revoking every overload of `pg_logical_emit_message` from PUBLIC and from
+/// `revoke`, and granting it to `roles`. Overloads are looked up at run time: Postgres 13
+/// to 16 have `(boolean, text, text)` and `(boolean, text, bytea)`; 17 adds a `flush`
+/// argument to both.
+pub fn emit_message_grants(roles: &[String], revoke: &[String]) -> String {
+    let mut body = String::from(
+        "DECLARE f regprocedure;\nBEGIN\n  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p\n           \
+         WHERE p.proname = 'pg_logical_emit_message' AND p.pronamespace = 'pg_catalog'::regnamespace\n  LOOP\n    \
+         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);\n",
+    );
+    if !revoke.is_empty() {
+        let revoke: Vec<String> = revoke.iter().map(|r| quote_ident(r)).collect();
+        let _ = writeln!(
+            body,
+            "    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', f, {});",
+            quote_literal(&revoke.join(", "))
+        );
+    }
+    if !roles.is_empty() {
+        let roles: Vec<String> = roles.iter().map(|r| quote_ident(r)).collect();
+        let _ = writeln!(
+            body,
+            "    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, {});",
+            quote_literal(&roles.join(", "))
+        );
+    }
+    body.push_str("  END LOOP;\nEND\n");
+    // A dollar-quote tag that the body (role names included) cannot end early.
+    let mut tag = String::from("walbust");
+    while body.contains(&format!("${tag}$")) {
+        tag.push('_');
+    }
+    format!("DO ${tag}$\n{body}${tag}$;\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(schema: &str, table: &str) -> TableName {
+        TableName { schema: schema.into(), table: table.into() }
+    }
+
+    #[test]
+    fn publication_statements_quote_only_what_needs_it() {
+        let (a, b) = (t("public", "users"), t("App", "order"));
+        assert_eq!(
+            create_publication("walbust", &[&a, &b]),
+            "CREATE PUBLICATION walbust FOR TABLE public.users, \"App\".\"order\" WITH (publish = 'insert, update, delete, truncate');"
+        );
+        assert_eq!(
+            create_publication("Pub", &[]),
+            "CREATE PUBLICATION \"Pub\" FOR ALL TABLES WITH (publish = 'insert, update, delete, truncate');"
+        );
+        assert_eq!(add_tables("walbust", &[&a]), "ALTER PUBLICATION walbust ADD TABLE public.users;");
+        assert_eq!(
+            publish_every_op("user"),
+            "ALTER PUBLICATION \"user\" SET (publish = 'insert, update, delete, truncate');"
+        );
+        assert_eq!(replica_identity_full(&b), "ALTER TABLE \"App\".\"order\" REPLICA IDENTITY FULL;");
+    }
+
+    #[test]
+    fn roles_are_always_quoted() {
+        assert_eq!(
+            create_role("walbust", "app"),
+            "CREATE ROLE \"walbust\" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n\
+             GRANT CONNECT ON DATABASE \"app\" TO \"walbust\";\n"
+        );
+        assert_eq!(role_login_replication("walbust"), "ALTER ROLE \"walbust\" LOGIN REPLICATION;");
+        assert_eq!(emitters("walbust", &["app".into(), "walbust".into()]), ["walbust", "app"]);
+    }
+
+    #[test]
+    fn emit_message_is_revoked_from_public_on_every_overload_and_granted_to_app_roles() {
+        let sql = emit_message_grants(&["app".into(), "Jobs \"runner\"".into()], &[]);
+        assert!(sql.starts_with("DO $walbust$\n") && sql.ends_with("$walbust$;\n"), "{sql}");
+        assert!(sql.contains("proname = 'pg_logical_emit_message'"), "{sql}");
+        assert!(sql.contains("REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC"), "{sql}");
+        assert!(sql.contains(r#"GRANT EXECUTE ON FUNCTION %s TO %s', f, '"app", "Jobs ""runner"""');"#), "{sql}");
+        let none = emit_message_grants(&[], &[]);
+        assert!(!none.contains("GRANT"), "{none}");
+        let revoking = emit_message_grants(&["walbust".into()], &["reporting".into()]);
+        assert!(revoking.contains(r#"REVOKE EXECUTE ON FUNCTION %s FROM %s', f, '"reporting"');"#), "{revoking}");
+    }
+
+    #[test]
+    fn a_role_name_cannot_end_the_dollar_quote_or_the_literal() {
+        let sql = emit_message_grants(&["x$walbust$'; DROP TABLE t; --".into()], &[]);
+        assert!(sql.starts_with("DO $walbust_$\n") && sql.ends_with("$walbust_$;\n"), "{sql}");
+        assert!(sql.contains(r#"'"x$walbust$''; DROP TABLE t; --"'"#), "{sql}");
+    }
+}

@@ -1,0 +1,1308 @@
+//! The pipeline: replication stream -> decoder -> router -> batcher -> sink, and progress back.
+//!
+//! Two tasks share the work. The reader owns the replication connection: it decodes,
+//! routes and batches, hands a sealed batch to the applier whenever the applier is idle
+//! (over a channel of one), and sends standby status updates. The applier owns the sink:
+//! it applies each batch, retrying with backoff until Redis acknowledges it, then
+//! publishes the position the batch covers. Only that position is ever reported to
+//! Postgres as flushed, so a crash at any point replays from the last commit Redis has
+//! fully applied.
+//!
+//! The reader keeps reading while the applier waits on Redis, so under load one batch
+//! carries many transactions for one round trip. Once a batch is full it stops reading
+//! but still sends status updates, so the server neither times the connection out nor
+//! sees a position that has not been applied.
+
+use crate::daemon::heartbeat::{heartbeat, heartbeat_nonce, heartbeat_time};
+use crate::daemon::slot::{self, SetupError, SlotPolicy};
+use crate::domain::action::Action;
+use crate::domain::batch::{Batch, ChangeRecord, CommitRecord, Origin};
+use crate::domain::config::Config;
+use crate::domain::config::OnSlotLost;
+use crate::domain::progress::Progress;
+use crate::domain::routing::{MANUAL_RULE, Routing, Tally};
+use crate::domain::rules::manual::{ManualError, Refusal};
+use crate::domain::rules::{Change, Op, Routed, RuleSet};
+use crate::errors::causes::error_chain;
+use crate::postgres::lsn::Lsn;
+use crate::postgres::pgoutput::{self, DecodeError, Relation};
+use crate::postgres::{
+    LogicalStream, ReplicationConn, ReplicationFrame, ReplicationStream, RowChange, SourceError, StreamError,
+    StreamEvent,
+};
+use crate::sink::{DeadLetter, Sink};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{CounterCache, Metrics};
+use futures_util::FutureExt;
+use futures_util::future::FusedFuture;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+/// Shortest pause between two status updates sent because the flushed position moved.
+const STATUS_COALESCE: Duration = Duration::from_millis(50);
+
+/// Bytes of keys, patterns and values after which a batch is sent whatever its action
+/// count, so rows with huge values keep memory bounded.
+const MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// How long shutdown waits for Redis to take the last batch before giving up on it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+pub use crate::postgres::HEARTBEAT_PREFIX;
+
+/// How many times in a row a busy slot is retried before walbust gives up.
+const SLOT_BUSY_ATTEMPTS: u32 = 10;
+
+/// Frames already in the read buffer handled in one go before timers, shutdown and the
+/// applier are looked at again.
+const BUFFERED_FRAMES_PER_ROUND: usize = 256;
+
+/// How long the reader waits, mid-transaction, once it has read everything the server had
+/// sent. The server writes every message of a transaction separately, a few microseconds
+/// apart; reading each as it lands costs a wake-up per message, while a short wait takes
+/// the rest of the burst in one read.
+const MID_TRANSACTION_PAUSE: Duration = Duration::from_micros(20);
+
+/// Why the pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Connecting to, or talking with, Postgres failed.
+    #[error("replication connection failed")]
+    Source(#[from] SourceError),
+    /// The database is not set up for walbust.
+    #[error(transparent)]
+    Setup(Box<SetupError>),
+    /// A replication message could not be decoded; nothing past `lsn` was acknowledged.
+    #[error("cannot decode the replication message at {lsn}; nothing at or after it was acknowledged")]
+    Decode {
+        /// Where the message starts.
+        lsn: Lsn,
+        /// What is wrong with it.
+        #[source]
+        source: DecodeError,
+    },
+    /// A well-formed message that walbust does not expect here.
+    #[error("unexpected replication message at {lsn}: {what}; nothing at or after it was acknowledged")]
+    Unexpected {
+        /// Where the message starts.
+        lsn: Lsn,
+        /// What it was.
+        what: String,
+    },
+    /// The read side went silent longer than `read_timeout`.
+    #[error("no message from the server for {0:?}, although a reply was requested")]
+    Silent(Duration),
+    /// Shutdown could not apply the last batch in time; it was not acknowledged and will replay.
+    #[error(
+        "redis did not take the last batch within {0:?}; it was not acknowledged and will be replayed on the next start"
+    )]
+    ShutdownUnapplied(Duration),
+}
+
+impl From<SetupError> for PipelineError {
+    fn from(e: SetupError) -> Self {
+        PipelineError::Setup(Box::new(e))
+    }
+}
+
+impl From<StreamError> for PipelineError {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::Decode { lsn, source } => PipelineError::Decode { lsn, source },
+            StreamError::Unexpected { lsn, what } => PipelineError::Unexpected { lsn, what },
+            StreamError::Silent(silent) => PipelineError::Silent(silent),
+        }
+    }
+}
+
+impl PipelineError {
+    /// True when only a person can fix the cause (credentials, server settings, the
+    /// publication, the slot): `walbust run` then exits with its own code, so a supervisor
+    /// does not restart it in a loop.
+    pub fn needs_person(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.needs_person(),
+            PipelineError::Setup(e) => e.needs_person(),
+            PipelineError::Decode { .. }
+            | PipelineError::Unexpected { .. }
+            | PipelineError::Silent(_)
+            | PipelineError::ShutdownUnapplied(_) => false,
+        }
+    }
+
+    /// True when reconnecting may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.is_transient(),
+            PipelineError::Setup(e) => e.is_transient(),
+            PipelineError::Silent(_) => true,
+            PipelineError::Decode { .. } | PipelineError::Unexpected { .. } | PipelineError::ShutdownUnapplied(_) => {
+                false
+            }
+        }
+    }
+}
+
+/// What the pipeline reports to an observer (the demo, tests).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Streaming started (or restarted after a reconnect) at `start`.
+    Streaming {
+        /// The position streaming resumed from.
+        start: Lsn,
+    },
+    /// A batch was applied by the sink.
+    Applied {
+        /// The routed changes whose actions were in the batch.
+        changes: Vec<ChangeRecord>,
+        /// The commits the batch completed.
+        commits: Vec<CommitRecord>,
+        /// The deduplicated actions applied.
+        actions: Vec<Action>,
+        /// When the sink acknowledged the batch.
+        at: SystemTime,
+    },
+}
+
+/// A batch on its way to the applier.
+struct Sealed {
+    seq: u64,
+    actions: Vec<Action>,
+    /// Where each action came from, by position (none for flush actions).
+    origins: Vec<Option<Origin>>,
+    ack: Option<Lsn>,
+    commits: Vec<CommitRecord>,
+    changes: Vec<ChangeRecord>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Applied {
+    seq: u64,
+    lsn: Lsn,
+}
+
+impl Applied {
+    /// Notes batch `seq` applied, and the position it acknowledges if it has one.
+    fn record(&mut self, seq: u64, ack: Option<Lsn>) {
+        self.seq = seq;
+        if let Some(lsn) = ack {
+            self.lsn = self.lsn.max(lsn);
+        }
+    }
+}
+
+/// What the caller can attach to a running pipeline.
+pub struct Options {
+    /// Receives an [`Event`] per applied batch (the demo, tests).
+    pub observer: Option<mpsc::UnboundedSender<Event>>,
+    /// New rule sets (SIGHUP); each is swapped in at the next transaction boundary.
+    pub reload: Option<watch::Receiver<Arc<RuleSet>>>,
+    /// Where the pipeline counts (`walbust run` serves it on `[metrics] listen`); keep a
+    /// clone to read the counts, as the tests and the bench do.
+    pub metrics: Arc<Metrics>,
+    /// What /healthz reports.
+    pub health: Arc<Health>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { observer: None, reload: None, metrics: Metrics::new(), health: Health::new() }
+    }
+}
+
+/// A pipeline running on a task of its own: how `walbust demo`, the tests and the
+/// benchmarks start one. It runs until [`Spawned::stop`] (which stops it as SIGTERM does)
+/// or an error.
+#[derive(Debug)]
+pub struct Spawned {
+    stop: StopHandle,
+    handle: tokio::task::JoinHandle<Result<(), PipelineError>>,
+}
+
+/// Asks a [`Spawned`] pipeline to stop, from any task or thread.
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<watch::Sender<bool>>);
+
+impl StopHandle {
+    /// Asks the pipeline to stop; it finishes as on SIGTERM.
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// Starts [`run`] on a task of the current runtime.
+pub fn spawn<S: Sink + Send + 'static>(config: Config, rules: Arc<RuleSet>, sink: S, options: Options) -> Spawned {
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let handle = tokio::spawn(async move {
+        let stop = async move {
+            // A dropped handle stops nothing: the pipeline runs until asked or failing.
+            if stop_rx.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        run(&config, rules, sink, stop, options).await
+    });
+    Spawned { stop: StopHandle(Arc::new(stop_tx)), handle }
+}
+
+impl Spawned {
+    /// A handle that asks the pipeline to stop.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Whether the pipeline has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Asks the pipeline to stop, as SIGTERM does, and returns how it ended.
+    pub async fn stop(self) -> Result<(), PipelineError> {
+        self.stop.stop();
+        self.join().await
+    }
+
+    /// Waits for the pipeline to stop, by itself or when asked, and returns how it ended.
+    pub async fn join(self) -> Result<(), PipelineError> {
+        match self.handle.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("the pipeline task was cancelled: {e}"),
+        }
+    }
+}
+
+/// Runs the pipeline until `shutdown` resolves or a fatal error occurs.
+pub async fn run<S: Sink>(
+    config: &Config,
+    rules: Arc<RuleSet>,
+    sink: S,
+    shutdown: impl Future<Output = ()>,
+    options: Options,
+) -> Result<(), PipelineError> {
+    let Options { observer, reload, metrics, health } = options;
+    let (mut reader, rx, applied_tx) = Reader::detached(config, rules, Progress::default());
+    let abandon = Arc::new(tokio::sync::Notify::new());
+    let applier = tokio::spawn(apply_loop(
+        sink,
+        rx,
+        applied_tx,
+        Observers {
+            events: observer.clone(),
+            dead_letter_file: config.redis.dead_letter_file.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+        },
+        abandon.clone(),
+    ));
+    reader.observer = observer;
+    reader.reload = reload;
+    reader.metrics = metrics;
+    reader.health = health;
+    let nonce = reader.heartbeat_nonce;
+    let heartbeat = config
+        .source
+        .heartbeat_interval
+        .map(|every| tokio::spawn(heartbeat(config.source.conninfo.clone(), every, nonce)));
+    // Fused: after a stop is requested, a failure while finishing must not poll it again.
+    let shutdown = shutdown.fuse();
+    tokio::pin!(shutdown);
+    let result = reader.run(shutdown.as_mut()).await;
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
+    drop(reader.tx);
+    // Let the applier finish what it holds; if Redis is down, stop waiting after a grace period.
+    let wait = tokio::time::timeout(SHUTDOWN_GRACE, applier);
+    match wait.await {
+        Ok(_) => result,
+        Err(_) => {
+            abandon.notify_one();
+            if result.is_ok() {
+                let unapplied = PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE);
+                warn!(error = %unapplied, "stopped with a batch unapplied");
+            }
+            result
+        }
+    }
+}
+
+/// Where the applier reports what it did.
+struct Observers {
+    events: Option<mpsc::UnboundedSender<Event>>,
+    dead_letter_file: Option<std::path::PathBuf>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+async fn apply_loop<S: Sink>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<Sealed>,
+    applied: watch::Sender<Applied>,
+    observers: Observers,
+    abandon: Arc<tokio::sync::Notify>,
+) {
+    let Observers { events, dead_letter_file, metrics, health } = observers;
+    while let Some(batch) = rx.recv().await {
+        let mut backoff = Duration::from_millis(50);
+        let since = Instant::now();
+        loop {
+            let started = Instant::now();
+            match sink.apply(&batch.actions).await {
+                Ok(()) => {
+                    metrics.observe_redis_apply(started.elapsed());
+                    health.redis_reachable();
+                    break;
+                }
+                Err(e) => {
+                    metrics.observe_redis_apply(started.elapsed());
+                    metrics.redis_error();
+                    health.redis_unreachable(&error_chain(&e));
+                    warn!(error = %e, cause = %error_chain(&e), retry_in = ?backoff, actions = batch.actions.len(), failing_for = ?since.elapsed(),
+                        "applying a batch failed; retrying, nothing is acknowledged meanwhile");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = abandon.notified() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        for dead in sink.take_dead_letters() {
+            set_aside(&batch, &dead, &metrics, dead_letter_file.as_deref());
+        }
+        metrics.batch_applied();
+        let now = SystemTime::now();
+        for c in &batch.commits {
+            metrics.observe_ack_lag(now.duration_since(c.commit_time).unwrap_or_default());
+        }
+        applied.send_modify(|a| a.record(batch.seq, batch.ack));
+        if let Some(obs) = &events {
+            let _ = obs.send(Event::Applied {
+                changes: batch.changes,
+                commits: batch.commits,
+                actions: batch.actions,
+                at: now,
+            });
+        }
+    }
+}
+
+/// Logs, counts and (when configured) writes down an action Redis refused for good. The
+/// batch counts as applied: retrying the same command would fail the same way and stop
+/// every invalidation behind it.
+fn set_aside(batch: &Sealed, dead: &DeadLetter, metrics: &Metrics, file: Option<&std::path::Path>) {
+    let Some(action) = batch.actions.get(dead.action) else { return };
+    let origin = batch.origins.get(dead.action).cloned().flatten();
+    let rule = origin.as_ref().map_or("(flush)", |o| &*o.rule);
+    let lsn = origin.as_ref().map(|o| o.lsn.to_string()).unwrap_or_default();
+    metrics.dead_letter(rule, action.kind());
+    error!(rule = %rule, lsn = %lsn, kind = action.kind(), error = %dead.error,
+        "redis refused an action for good; it is set aside as a dead letter and the stream goes on");
+    let Some(path) = file else { return };
+    let line = serde_json::json!({
+        "unix_time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+        "rule": rule,
+        "lsn": lsn,
+        "action": action.to_string(),
+        "error": dead.error,
+    });
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+    if let Err(e) = written {
+        error!(file = %path.display(), error = %e, "cannot append to dead_letter_file");
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    ServerClosed,
+}
+
+/// What woke the reader's loop.
+enum Wake {
+    Shutdown,
+    Applied,
+    StatusDue,
+    BatchDue,
+    StatusTick,
+    Frame(Option<ReplicationFrame>),
+    Reload(Arc<RuleSet>),
+}
+
+async fn next_rules(reload: &mut Option<watch::Receiver<Arc<RuleSet>>>) -> Arc<RuleSet> {
+    let Some(rx) = reload else { return std::future::pending().await };
+    match rx.changed().await {
+        Ok(()) => rx.borrow_and_update().clone(),
+        // The reloader is gone: no more rule sets will come.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the reader counts, logs and shows the observer for one change or manual message.
+struct ReaderTally<'r> {
+    metrics: &'r Metrics,
+    counters: &'r mut CounterCache<(usize, usize)>,
+    widened_counters: &'r mut CounterCache<(usize, usize)>,
+    change_counters: &'r mut CounterCache<(u32, Op)>,
+    /// An observer wants each change with its actions.
+    observe: bool,
+    xid: u32,
+    lsn: Lsn,
+}
+
+impl Tally for ReaderTally<'_> {
+    fn routed(&mut self, change: &Change<'_>, routed: &[Routed], batch: &mut Batch) {
+        let (metrics, relation, op, lsn) = (self.metrics, change.relation, change.op, self.lsn);
+        self.change_counters
+            .get((relation.oid, op), || metrics.changes_counter(&relation.qualified_name(), op.as_str()))
+            .inc();
+        if self.observe {
+            let mut actions: Vec<Action> = Vec::with_capacity(routed.len());
+            for r in routed {
+                if !actions.contains(&r.action) {
+                    actions.push(r.action.clone());
+                }
+            }
+            let (xid, table) = (self.xid, relation.qualified_name());
+            batch.changes.push(ChangeRecord { xid, table, op: op.as_str(), actions });
+        }
+        for r in routed {
+            let kind = r.action.kind();
+            // The rule's address is stable while its rule set is in use; the cache is cleared
+            // when rules are swapped.
+            let key = (Arc::as_ptr(&r.rule).cast::<u8>() as usize, kind.as_ptr() as usize);
+            self.counters.get(key, || metrics.actions_counter(&r.rule, kind)).inc();
+            if let Some(why) = r.widened {
+                let key = (key.0, why.as_str().as_ptr() as usize);
+                self.widened_counters.get(key, || metrics.widened_counter(&r.rule, why.as_str())).inc();
+                debug!(rule = %r.rule, table = %relation.qualified_name(), reason = %why, lsn = %lsn, "key widened to a pattern");
+            }
+        }
+    }
+
+    fn manual(&mut self, actions: &[Action], batch: &mut Batch) {
+        let metrics = self.metrics;
+        metrics.manual_message();
+        for a in actions {
+            let kind = a.kind();
+            let key = (MANUAL_RULE.as_ptr() as usize, kind.as_ptr() as usize);
+            self.counters.get(key, || metrics.actions_counter(MANUAL_RULE, kind)).inc();
+        }
+        if self.observe {
+            let (xid, actions) = (self.xid, actions.to_vec());
+            batch.changes.push(ChangeRecord { xid, table: "(message)".into(), op: "message", actions });
+        }
+    }
+
+    fn refused(&mut self, action: &Action, refusal: Refusal) {
+        self.metrics.manual_refused(refusal.as_str());
+        warn!(lsn = %self.lsn, kind = action.kind(), reason = refusal.as_str(),
+            "refusing part of a manual invalidation message; see manual_prefixes and manual_match_all in the config");
+    }
+
+    fn malformed(&mut self, error: &ManualError) {
+        self.metrics.manual_message();
+        self.metrics.manual_refused("malformed");
+        warn!(lsn = %self.lsn, error = %error_chain(error), "skipping a manual invalidation message");
+    }
+}
+
+struct Reader<'a> {
+    config: &'a Config,
+    routing: Routing,
+    progress: Progress,
+    tx: mpsc::Sender<Sealed>,
+    applied: watch::Receiver<Applied>,
+    applied_seq: u64,
+    sent_seq: u64,
+    observer: Option<mpsc::UnboundedSender<Event>>,
+    last_status: Instant,
+    status_due: Option<Instant>,
+    reload: Option<watch::Receiver<Arc<RuleSet>>>,
+    pending_rules: Option<Arc<RuleSet>>,
+    slot: SlotState,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// Action counters by (address of the rule's name, address of the kind's name).
+    counters: CounterCache<(usize, usize)>,
+    /// Widening counters by (address of the rule's name, address of the reason's name).
+    widened_counters: CounterCache<(usize, usize)>,
+    /// Change counters by (relation OID, op).
+    change_counters: CounterCache<(u32, Op)>,
+    /// Identifies this process's own heartbeats.
+    heartbeat_nonce: u64,
+}
+
+/// What the reader knows about its slot across reconnects.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotState {
+    /// Streaming from the slot has started at least once: if it vanishes, it was lost.
+    held: bool,
+    /// The slot was lost and on_slot_lost = "recreate": the next connection recreates it.
+    replace_lost: bool,
+    /// The server timeline seen at the last connection.
+    timeline: Option<u32>,
+}
+
+/// The state of one replication session: the stream's transaction state and what is batched.
+struct Session {
+    logical: LogicalStream,
+    batch: Batch,
+}
+
+impl Session {
+    fn new() -> Self {
+        Session { logical: LogicalStream::new(), batch: Batch::new() }
+    }
+
+    fn in_transaction(&self) -> bool {
+        self.logical.in_open_transaction()
+    }
+}
+
+impl<'a> Reader<'a> {
+    /// A reader at `progress` with no applier behind its channel, no observer and no reload:
+    /// whoever holds the receiver and the sender plays the applier.
+    fn detached(
+        config: &'a Config,
+        rules: Arc<RuleSet>,
+        progress: Progress,
+    ) -> (Reader<'a>, mpsc::Receiver<Sealed>, watch::Sender<Applied>) {
+        let (tx, rx) = mpsc::channel(1);
+        let (applied_tx, applied) = watch::channel(Applied::default());
+        let reader = Reader {
+            config,
+            routing: Routing::new(rules),
+            progress,
+            tx,
+            applied,
+            applied_seq: 0,
+            sent_seq: 0,
+            observer: None,
+            last_status: Instant::now(),
+            status_due: None,
+            reload: None,
+            pending_rules: None,
+            slot: SlotState::default(),
+            metrics: Metrics::new(),
+            health: Health::new(),
+            counters: CounterCache::default(),
+            widened_counters: CounterCache::default(),
+            change_counters: CounterCache::default(),
+            heartbeat_nonce: heartbeat_nonce(),
+        };
+        (reader, rx, applied_tx)
+    }
+}
+
+impl Reader<'_> {
+    async fn run(&mut self, mut shutdown: Pin<&mut impl FusedFuture<Output = ()>>) -> Result<(), PipelineError> {
+        let mut backoff = Duration::from_millis(100);
+        let mut busy = 0;
+        loop {
+            let attempt = self.session(shutdown.as_mut()).await;
+            if shutdown.is_terminated() {
+                // A stop was requested: whatever went wrong while finishing, nothing is lost,
+                // since only what Redis applied was ever acknowledged.
+                if let Err(e) = attempt {
+                    warn!(slot = %self.config.source.slot, flushed = %self.progress.flushed(), error = %error_chain(&e),
+                        "stopped without acknowledging the last applied commits; they will be replayed on the next start");
+                }
+                return Ok(());
+            }
+            let err = match attempt {
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::ServerClosed) => {
+                    warn!(slot = %self.config.source.slot, "server ended the replication stream; reconnecting");
+                    backoff = Duration::from_millis(100);
+                    None
+                }
+                Err(PipelineError::Setup(e)) if matches!(*e, SetupError::SlotLost { .. }) => {
+                    match self.config.source.on_slot_lost {
+                        OnSlotLost::Error => {
+                            error!(slot = %self.config.source.slot, error = %e, "stopping: the replication slot was lost");
+                            return Err(PipelineError::Setup(e));
+                        }
+                        OnSlotLost::Recreate => {
+                            error!(slot = %self.config.source.slot, error = %e, "the replication slot was lost; recreating it (on_slot_lost = \"recreate\")");
+                            self.slot.replace_lost = true;
+                            None
+                        }
+                    }
+                }
+                Err(e) if e.is_transient() => Some(e),
+                Err(e) => {
+                    error!(slot = %self.config.source.slot, error = %error_chain(&e), "stopping: the error is not one that retrying can fix");
+                    return Err(e);
+                }
+            };
+            if let Some(e) = err {
+                if matches!(&e, PipelineError::Setup(s) if matches!(**s, SetupError::SlotBusy { .. })) {
+                    busy += 1;
+                    if busy >= SLOT_BUSY_ATTEMPTS {
+                        return Err(e);
+                    }
+                } else {
+                    busy = 0;
+                }
+                self.health.not_streaming(&format!("reconnecting after: {}", error_chain(&e)));
+                warn!(slot = %self.config.source.slot, error = %error_chain(&e), retry_in = ?backoff, "replication interrupted; reconnecting");
+            }
+            self.metrics.reconnect();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.as_mut() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn session(&mut self, mut shutdown: Pin<&mut impl Future<Output = ()>>) -> Result<SessionEnd, PipelineError> {
+        let source = &self.config.source;
+        let rules = self.routing.rules().clone();
+        let policy = SlotPolicy {
+            may_create: source.create_slot && !self.slot.held,
+            replace_lost: self.slot.replace_lost,
+            known_timeline: self.slot.timeline,
+            held_before: self.slot.held,
+        };
+        let connect = async {
+            let mut conn = ReplicationConn::connect(&source.conninfo, true).await?;
+            let target = slot::Target {
+                slot: &source.slot,
+                publication: &source.publication,
+                dbname: &source.conninfo.dbname,
+                create_publication: crate::daemon::fix::create_publication(&source.publication, &rules.tables()),
+            };
+            let position = slot::prepare(&mut conn, &target, policy).await?;
+            Ok::<_, PipelineError>((conn, position))
+        };
+        let (conn, position) = tokio::select! {
+            r = connect => r?,
+            _ = shutdown.as_mut() => return Ok(SessionEnd::Shutdown),
+        };
+        self.absorb_applied();
+        if position.created && self.slot.replace_lost {
+            self.flush_after_recreate().await;
+        }
+        self.slot = SlotState { held: true, replace_lost: false, timeline: Some(position.timeline) };
+        let start = self.progress.flushed().max(position.start);
+        self.progress.flush(start);
+        let publication = crate::postgres::quote::quote_ident(&source.publication);
+        let options = crate::postgres::pgoutput_options(&publication);
+        let mut stream = conn.start_replication(&source.slot, start, &options).await.map_err(|e| match &e {
+            // The slot exists but its WAL is gone (invalidated between the check and the start).
+            SourceError::Server { code, message, .. }
+                if code == "55000" && message.contains("no longer get changes") =>
+            {
+                PipelineError::from(SetupError::SlotLost { slot: source.slot.clone(), reason: message.clone() })
+            }
+            _ => PipelineError::from(e),
+        })?;
+        info!(slot = %source.slot, lsn = %start, created = position.created, "streaming changes");
+        self.health.streaming();
+        if let Some(obs) = &self.observer {
+            let _ = obs.send(Event::Streaming { start });
+        }
+        self.routing.clear();
+        let mut session = Session::new();
+        let end = self.stream(&mut stream, &mut session, shutdown.as_mut()).await;
+        match end {
+            Ok(SessionEnd::Shutdown) => {
+                self.finish(&mut stream, &mut session).await?;
+                stream.finish().await?;
+                info!(slot = %self.config.source.slot, flushed = %self.progress.flushed(), "stopped; everything applied is acknowledged");
+                Ok(SessionEnd::Shutdown)
+            }
+            other => other,
+        }
+    }
+
+    /// After a lost slot is recreated: the invalidations in between are gone, so run the
+    /// configured `flush` actions before streaming from the new slot.
+    async fn flush_after_recreate(&mut self) {
+        let actions = self.config.source.flush.clone();
+        warn!(slot = %self.config.source.slot, actions = actions.len(), "running the flush actions for the recreated slot");
+        self.sent_seq += 1;
+        let batch = Sealed {
+            seq: self.sent_seq,
+            actions,
+            origins: Vec::new(),
+            ack: None,
+            commits: Vec::new(),
+            changes: Vec::new(),
+        };
+        // The applier holds the receiver for as long as the reader runs.
+        let _ = self.tx.send(batch).await;
+    }
+
+    /// On shutdown: hand over the batch in hand, wait for it to apply, acknowledge it.
+    async fn finish(&mut self, stream: &mut ReplicationStream, session: &mut Session) -> Result<(), PipelineError> {
+        if !session.batch.is_empty() {
+            let batch = self.seal(&mut session.batch);
+            let sent = tokio::time::timeout(SHUTDOWN_GRACE, self.tx.send(batch)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return Err(PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE));
+            }
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while self.applied_seq < self.sent_seq {
+            if tokio::time::timeout_at(deadline, self.applied.changed()).await.is_err() {
+                return Err(PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE));
+            }
+            self.absorb_applied();
+        }
+        self.send_status(stream, false).await
+    }
+
+    async fn stream(
+        &mut self,
+        stream: &mut ReplicationStream,
+        session: &mut Session,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<SessionEnd, PipelineError> {
+        let batch_config = &self.config.batch;
+        let status_interval = self.config.source.status_interval;
+        let mut status = tokio::time::interval(status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let full = |batch: &Batch| batch.len() >= batch_config.max_actions || batch.bytes() >= MAX_BATCH_BYTES;
+        loop {
+            if !session.in_transaction()
+                && let Some(rules) = self.pending_rules.take()
+            {
+                self.swap_rules(session, rules);
+            }
+            // Hand the batch over to an idle applier once it is full, old, or the stream is idle
+            // between transactions. While Redis works on one batch the next keeps filling, so a
+            // busy stream costs one round trip per batch rather than per transaction. The server
+            // sends a transaction only once it has committed, all in one burst, so waiting for
+            // its Commit costs no latency; a very large one goes in full batches meanwhile. A
+            // batch that holds a commit goes even when the next transaction has begun to arrive,
+            // so a steady stream never keeps a committed transaction waiting on the next one.
+            let applier_idle = self.applied_seq == self.sent_seq;
+            let settled =
+                !stream.has_buffered_frame() && (!session.in_transaction() || !session.batch.commits.is_empty());
+            if applier_idle
+                && !session.batch.is_empty()
+                && (full(&session.batch) || settled || session.batch.older_than(batch_config.max_delay))
+            {
+                let batch = self.seal(&mut session.batch);
+                // The applier has taken every batch sent so far, so the channel has room.
+                self.tx.try_send(batch).expect("the applier holds an empty channel while the reader runs");
+            }
+            // A batch held back only by an open transaction still goes once it is old.
+            let batch_due = match session.batch.opened() {
+                // Checked: a delay past the clock's range means the age alone never sends it.
+                Some(opened) if applier_idle && session.in_transaction() => {
+                    opened.checked_add(batch_config.max_delay).map(tokio::time::Instant::from_std)
+                }
+                _ => None,
+            };
+            let status_due = self.status_due.map(tokio::time::Instant::from_std);
+            let wake = tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => Wake::Shutdown,
+                changed = self.applied.changed() => {
+                    // The applier only stops when this reader drops its sender.
+                    changed.expect("applier stopped while the reader still holds its channel");
+                    Wake::Applied
+                }
+                _ = sleep_until_some(status_due), if status_due.is_some() => Wake::StatusDue,
+                _ = sleep_until_some(batch_due), if batch_due.is_some() => Wake::BatchDue,
+                _ = status.tick() => Wake::StatusTick,
+                frame = stream.next(), if !full(&session.batch) => Wake::Frame(frame?),
+                rules = next_rules(&mut self.reload) => Wake::Reload(rules),
+            };
+            match wake {
+                Wake::Shutdown => return Ok(SessionEnd::Shutdown),
+                Wake::Applied => self.absorb_applied(),
+                // The next round hands the batch over.
+                Wake::BatchDue => {}
+                Wake::StatusDue => self.send_status(stream, false).await?,
+                Wake::StatusTick => {
+                    let silent = session.logical.silence(self.config.source.read_timeout)?;
+                    // Ask for a reply when the server has been quiet, so a dead link shows up.
+                    self.send_status(stream, silent >= status_interval).await?;
+                }
+                Wake::Reload(rules) => self.pending_rules = Some(rules),
+                Wake::Frame(frame) => {
+                    if let Some(end) = self.on_frame(stream, session, frame).await? {
+                        return Ok(end);
+                    }
+                    // Frames already buffered are taken here rather than by another round of
+                    // the select: no I/O is involved, and a backlog drains without rebuilding
+                    // every branch per frame. The budget keeps timers and shutdown prompt.
+                    for _ in 0..BUFFERED_FRAMES_PER_ROUND {
+                        if full(&session.batch) || !stream.has_buffered_frame() {
+                            break;
+                        }
+                        // A buffered frame is ready without waiting on the socket.
+                        let Some(frame) = stream.next().now_or_never() else { break };
+                        if let Some(end) = self.on_frame(stream, session, frame?).await? {
+                            return Ok(end);
+                        }
+                    }
+                    if session.in_transaction() && stream.caught_up() && !stream.has_buffered_frame() {
+                        // A blocking wait on purpose: an await would wake for the very next
+                        // message. The applier shares this thread and loses at most this long.
+                        std::thread::sleep(MID_TRANSACTION_PAUSE);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one frame of the stream; `Some` when it ends the session.
+    async fn on_frame(
+        &mut self,
+        stream: &mut ReplicationStream,
+        session: &mut Session,
+        frame: Option<ReplicationFrame>,
+    ) -> Result<Option<SessionEnd>, PipelineError> {
+        let Some(frame) = frame else { return Ok(Some(SessionEnd::ServerClosed)) };
+        if self.take_frame(session, frame)? {
+            self.send_status(stream, false).await?;
+        }
+        Ok(None)
+    }
+
+    /// The part of [`Reader::on_frame`] that needs no connection; true when the server
+    /// asked for a status update.
+    fn take_frame(&mut self, session: &mut Session, frame: ReplicationFrame) -> Result<bool, PipelineError> {
+        if let ReplicationFrame::XLogData { wal_start, wal_end, .. } = frame {
+            self.progress.receive(wal_start);
+            self.metrics.set_received(wal_start);
+            self.metrics.set_server_wal_end(wal_end);
+        }
+        let Session { logical, batch } = session;
+        let event = logical.frame(frame)?;
+        self.on_event(batch, event)
+    }
+
+    /// Acts on one event of the stream; true when the server asked for a status update.
+    fn on_event(&mut self, batch: &mut Batch, event: StreamEvent<'_>) -> Result<bool, PipelineError> {
+        match event {
+            StreamEvent::Keepalive { wal_end, acknowledge, reply_requested } => {
+                self.metrics.set_server_wal_end(wal_end);
+                self.progress.receive(wal_end);
+                if let Some(lsn) = acknowledge {
+                    self.on_keepalive(batch, lsn);
+                }
+                return Ok(reply_requested);
+            }
+            StreamEvent::Begin { .. } | StreamEvent::Other { .. } => {}
+            StreamEvent::Commit { xid, commit, .. } => {
+                self.metrics.commit();
+                let commit_time = pgoutput::pg_time_to_system(commit.commit_time);
+                // A server clock ahead of this one counts as no lag, as for the acknowledgement.
+                self.metrics.observe_receive_lag(SystemTime::now().duration_since(commit_time).unwrap_or_default());
+                batch.commit(CommitRecord { xid, end_lsn: commit.end_lsn, commit_time });
+            }
+            StreamEvent::Relation { lsn, relation } => {
+                // A Relation message after RENAME or SET SCHEMA brings a new name for a known
+                // OID: counters resolved under the old name must be looked up again.
+                self.change_counters.clear();
+                for m in self.routing.bind(relation) {
+                    error!(rule = %m.rule, table = %m.table, column = %m.column, lsn = %lsn,
+                        "rule names a column the table does not have; its keys are widened to patterns");
+                }
+            }
+            StreamEvent::Change { lsn, xid, change } => {
+                let (routing, mut tally) = self.routing(xid, lsn);
+                let mut route = |relation: &Relation, op, old, new| {
+                    routing.change(&Change { relation, op, old, new }, lsn, batch, &mut tally);
+                };
+                match change {
+                    RowChange::Insert { relation, new } => route(relation, Op::Insert, None, Some(&new)),
+                    RowChange::Update { relation, old, new } => route(relation, Op::Update, old.as_ref(), Some(&new)),
+                    RowChange::Delete { relation, old } => route(relation, Op::Delete, Some(&old), None),
+                    RowChange::Truncate(truncated) => {
+                        for relation in truncated.relations() {
+                            route(relation, Op::Truncate, None, None);
+                        }
+                    }
+                }
+            }
+            StreamEvent::Message { lsn, xid, message } if message.prefix == self.config.source.message_prefix => {
+                // A manual invalidation: applied in order with the transaction's row changes.
+                let policy = Some(&self.config.source.manual);
+                let (routing, mut tally) = self.routing(xid.unwrap_or(0), lsn);
+                routing.message(&message.content, policy, lsn, batch, &mut tally);
+            }
+            StreamEvent::Message { lsn, message, .. } if message.prefix == HEARTBEAT_PREFIX => {
+                let sent = heartbeat_time(self.heartbeat_nonce, &message.content);
+                if sent.is_none() {
+                    debug!(lsn = %lsn, "ignoring a heartbeat message this process did not write");
+                }
+                if let Some(sent) = sent {
+                    let lag = SystemTime::now().duration_since(pgoutput::pg_time_to_system(sent)).unwrap_or_default();
+                    self.metrics.set_heartbeat(pgoutput::pg_time_to_system(sent));
+                    debug!(lsn = %lsn, lag = ?lag, "heartbeat");
+                }
+            }
+            StreamEvent::Message { lsn, message, .. } => {
+                debug!(prefix = %message.prefix, lsn = %lsn, "logical decoding message for another consumer");
+            }
+        }
+        Ok(false)
+    }
+
+    /// The routing step, and what the reader keeps for a change or message of `xid` at `lsn`.
+    fn routing(&mut self, xid: u32, lsn: Lsn) -> (&mut Routing, ReaderTally<'_>) {
+        let tally = ReaderTally {
+            metrics: &self.metrics,
+            counters: &mut self.counters,
+            widened_counters: &mut self.widened_counters,
+            change_counters: &mut self.change_counters,
+            observe: self.observer.is_some(),
+            xid,
+            lsn,
+        };
+        (&mut self.routing, tally)
+    }
+
+    /// A keepalive between transactions: its position is reported at once when nothing
+    /// received is unapplied; otherwise it rides on the batch in hand.
+    fn on_keepalive(&mut self, batch: &mut Batch, wal_end: Lsn) {
+        if batch.is_empty() && self.applied_seq == self.sent_seq {
+            self.flushed(wal_end);
+        } else {
+            batch.acknowledge_through(wal_end);
+        }
+    }
+
+    /// Swaps in a reloaded rule set between transactions and binds it to every known relation.
+    fn swap_rules(&mut self, session: &Session, rules: Arc<RuleSet>) {
+        let count = rules.rules().len();
+        self.routing.replace_rules(rules);
+        self.counters.clear();
+        self.widened_counters.clear();
+        self.metrics.reload();
+        for relation in session.logical.relations().iter() {
+            for m in self.routing.bind(relation) {
+                error!(rule = %m.rule, table = %m.table, column = %m.column,
+                    "rule names a column the table does not have; its keys are widened to patterns");
+            }
+        }
+        info!(rules = count, lsn = %self.progress.received(), "reloaded rules; they apply from the next transaction");
+    }
+
+    fn seal(&mut self, batch: &mut Batch) -> Sealed {
+        let mut b = batch.take();
+        self.sent_seq += 1;
+        let (actions, origins) = b.take_actions_with_origins();
+        Sealed { seq: self.sent_seq, actions, origins, ack: b.ack, commits: b.commits, changes: b.changes }
+    }
+
+    fn absorb_applied(&mut self) {
+        let a = *self.applied.borrow_and_update();
+        self.applied_seq = a.seq;
+        self.flushed(a.lsn);
+    }
+
+    fn flushed(&mut self, lsn: Lsn) {
+        if self.progress.flush(lsn) && self.status_due.is_none() {
+            self.status_due = Some(self.last_status + STATUS_COALESCE);
+        }
+    }
+
+    async fn send_status(&mut self, stream: &mut ReplicationStream, reply: bool) -> Result<(), PipelineError> {
+        let (received, flushed) = (self.progress.received(), self.progress.flushed());
+        stream.send_status(received, flushed, flushed, reply).await?;
+        self.metrics.set_flushed(flushed);
+        self.last_status = Instant::now();
+        self.status_due = None;
+        Ok(())
+    }
+}
+
+/// The reader's frame handling without a connection, an applier task or timers, for the
+/// fuzz targets in `fuzz/` and for tests.
+///
+/// Each CopyData payload goes through the same frame parser, [`LogicalStream`] (decoder,
+/// transaction rules, keepalive rule), router and batch as in [`run`]. When batches are handed
+/// over, status updates sent and reconnects made depends on time and the socket, so that
+/// part is not here: [`FrameHarness::apply`] stands in for an applier that takes the batch in
+/// hand and has Redis acknowledge it at once.
+pub struct FrameHarness<'a> {
+    reader: Reader<'a>,
+    session: Session,
+    applied: watch::Sender<Applied>,
+    /// Kept so that the reader's channel stays open; sealed batches are acknowledged, not applied.
+    _sealed: mpsc::Receiver<Sealed>,
+}
+
+impl<'a> FrameHarness<'a> {
+    /// A reader at position 0 routing with `rules`, as at the start of a replication session.
+    pub fn new(config: &'a Config, rules: Arc<RuleSet>) -> Self {
+        let (reader, sealed, applied) = Reader::detached(config, rules, Progress::default());
+        FrameHarness { reader, session: Session::new(), applied, _sealed: sealed }
+    }
+
+    /// Handles one CopyData payload of the replication stream as the reader does. A
+    /// keepalive's reply request is ignored: there is no server to reply to.
+    pub fn frame(&mut self, payload: bytes::Bytes) -> Result<(), PipelineError> {
+        let frame = crate::postgres::stream::decode_frame(payload).map_err(|what| SourceError::Protocol {
+            what,
+            host: "(no server)".into(),
+            source: None,
+        })?;
+        self.reader.take_frame(&mut self.session, frame)?;
+        Ok(())
+    }
+
+    /// Hands the batch in hand to the applier, which has it acknowledged at once.
+    pub fn apply(&mut self) {
+        if !self.session.batch.is_empty() {
+            let sealed = self.reader.seal(&mut self.session.batch);
+            self.applied.send_modify(|a| a.record(sealed.seq, sealed.ack));
+        }
+        self.reader.absorb_applied();
+    }
+
+    /// The furthest position received.
+    pub fn received(&self) -> Lsn {
+        self.reader.progress.received()
+    }
+
+    /// The position that would be reported to the server as flushed.
+    pub fn flushed(&self) -> Lsn {
+        self.reader.progress.flushed()
+    }
+
+    /// The xid of the open transaction, if a Begin has arrived without its Commit.
+    pub fn open_transaction(&self) -> Option<u32> {
+        self.session.logical.open().map(|t| t.xid)
+    }
+
+    /// Distinct actions in the batch in hand.
+    pub fn pending_actions(&self) -> usize {
+        self.session.batch.len()
+    }
+
+    /// The actions of the batch in hand, in the order the sink would get them.
+    pub fn pending(&self) -> impl Iterator<Item = &Action> {
+        self.session.batch.actions()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::heartbeat::heartbeat_body;
+    use crate::postgres::logical::messages::{begin, commit, insert, logical_message, relation};
+    use bytes::Bytes;
+    use std::path::Path;
+
+    fn config() -> Config {
+        let text = "rules = [\"r/*.toml\"]\n[source]\nurl = \"postgres://u@localhost/db\"\n[redis]\nurl = \"redis://localhost\"\n";
+        Config::parse(Path::new("config.toml"), text, &|_| None).expect("test config")
+    }
+
+    impl Reader<'_> {
+        /// Takes a pgoutput message as the payload of an XLogData frame at `lsn`.
+        fn on_message(&mut self, session: &mut Session, lsn: Lsn, data: Bytes) -> Result<(), PipelineError> {
+            let frame = ReplicationFrame::XLogData { wal_start: lsn, wal_end: lsn, send_time: 0, data };
+            self.take_frame(session, frame).map(|_| ())
+        }
+
+        /// Takes a keepalive reporting `wal_end`.
+        fn keepalive(&mut self, session: &mut Session, wal_end: Lsn) {
+            let frame = ReplicationFrame::Keepalive { wal_end, send_time: 0, reply_requested: false };
+            self.take_frame(session, frame).expect("a keepalive breaks no rule");
+        }
+    }
+
+    fn reader(config: &Config) -> (Reader<'_>, mpsc::Receiver<Sealed>, watch::Sender<Applied>) {
+        let (mut reader, rx, applied_tx) =
+            Reader::detached(config, Arc::new(RuleSet::default()), Progress::starting_at(Lsn(100)));
+        reader.heartbeat_nonce = 7;
+        (reader, rx, applied_tx)
+    }
+
+    #[test]
+    fn a_message_cut_short_is_a_typed_error_with_its_lsn_and_nothing_is_acknowledged() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        r.on_message(&mut s, Lsn(200), begin(7)).unwrap();
+        let cut = commit(600).slice(..10);
+        let err = r.on_message(&mut s, Lsn(300), cut).unwrap_err();
+        assert!(matches!(err, PipelineError::Decode { lsn: Lsn(300), .. }), "{err:?}");
+        assert!(err.to_string().contains("0/12C"), "{err}");
+        assert!(!err.is_transient(), "a malformed message is not skipped by reconnecting past it");
+        assert_eq!(s.batch.ack, None);
+        assert_eq!(r.progress.flushed(), Lsn(100));
+    }
+
+    #[test]
+    fn an_unknown_tag_is_a_typed_error() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        let err = r.on_message(&mut s, Lsn(300), Bytes::from_static(b"Zjunk")).unwrap_err();
+        assert!(matches!(err, PipelineError::Decode { source: DecodeError::UnknownTag { tag: b'Z' }, .. }), "{err:?}");
+        assert_eq!(r.progress.flushed(), Lsn(100));
+    }
+
+    #[test]
+    fn a_keepalive_inside_a_transaction_is_not_acknowledged() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        r.on_message(&mut s, Lsn(200), begin(7)).unwrap();
+        r.keepalive(&mut s, Lsn(900));
+        assert_eq!(r.progress.flushed(), Lsn(100));
+        assert_eq!(s.batch.ack, None);
+        r.on_message(&mut s, Lsn(210), commit(950)).unwrap();
+        assert_eq!(s.batch.ack, Some(Lsn(950)), "the commit's end is acknowledged once its batch applies");
+        assert_eq!(r.progress.flushed(), Lsn(100), "not before");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_committed_transaction_does_not_wait_for_the_next_one_to_commit() {
+        use crate::postgres::conn::backend_message;
+        use crate::postgres::stream::{in_memory, xlog};
+        use tokio::io::AsyncWriteExt;
+        let mut config = config();
+        // Only the hand-over rule can send this batch: its age never comes due here.
+        config.batch.max_delay = Duration::from_secs(3600);
+        let (mut r, mut rx, _applied) = reader(&config);
+        let (mut stream, mut server) = in_memory();
+        let mut session = Session::new();
+        // Transaction 7 commits; transaction 8 has begun to arrive but not yet committed.
+        for (lsn, data) in [(200, begin(7)), (300, commit(600)), (700, begin(8))] {
+            server.write_all(&backend_message(b'd', &xlog(lsn, lsn, 0, &data))).await.unwrap();
+        }
+        let shutdown = std::future::pending::<()>();
+        tokio::pin!(shutdown);
+        let sealed = tokio::select! {
+            end = r.stream(&mut stream, &mut session, shutdown.as_mut()) => panic!("stream ended: {:?}", end.map(|_| ())),
+            sealed = tokio::time::timeout(Duration::from_secs(60), rx.recv()) => sealed,
+        };
+        let sealed = sealed.expect("transaction 7's batch was not handed over within 60 s").expect("channel open");
+        assert_eq!(sealed.ack, Some(Lsn(600)));
+        assert_eq!(sealed.commits.iter().map(|c| c.xid).collect::<Vec<_>>(), [7]);
+        assert_eq!(session.logical.open().map(|t| t.xid), Some(8), "transaction 8 is still open");
+    }
+
+    #[test]
+    fn a_forged_heartbeat_does_not_move_the_heartbeat_gauge() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        let message = |body: &str| logical_message(false, HEARTBEAT_PREFIX, body);
+        // Any role may emit with the heartbeat prefix: a time in 2100, bare or with another nonce.
+        let year_2100 = "3155760000000000";
+        r.on_message(&mut s, Lsn(200), message(year_2100)).unwrap();
+        r.on_message(&mut s, Lsn(210), message(&heartbeat_body(8, 3_155_760_000_000_000))).unwrap();
+        assert_eq!(r.metrics.heartbeats(), 0, "forged heartbeats are ignored");
+        r.on_message(&mut s, Lsn(220), message(&heartbeat_body(7, crate::postgres::now_pg_micros()))).unwrap();
+        assert_eq!(r.metrics.heartbeats(), 1, "the process's own heartbeat counts");
+    }
+
+    #[test]
+    fn manual_messages_and_their_actions_are_counted() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        let message = |body: &str| logical_message(true, "walbust", body);
+        r.on_message(&mut s, Lsn(200), begin(7)).unwrap();
+        r.on_message(&mut s, Lsn(210), message(r#"{"keys":["a","b"],"patterns":["p:*","*"]}"#)).unwrap();
+        r.on_message(&mut s, Lsn(220), message("not json")).unwrap();
+        r.on_message(&mut s, Lsn(230), commit(300)).unwrap();
+        let m = &r.metrics;
+        assert_eq!(m.manual_messages(), 2, "the malformed one included");
+        assert_eq!(m.manual_refused_count("malformed"), 1);
+        assert_eq!(m.manual_refused_count("match_all"), 1, "`*` is refused by default");
+        assert_eq!(m.actions_count(MANUAL_RULE, "unlink"), 2);
+        assert_eq!(m.actions_count(MANUAL_RULE, "scan_unlink"), 1, "the refused pattern is no action");
+        assert_eq!(m.actions_total(), 3);
+    }
+
+    #[test]
+    fn changes_total_follows_a_table_renamed_mid_stream() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        for (lsn, data) in [(200, relation(5, "before")), (210, begin(7)), (220, insert(5)), (230, commit(300))] {
+            r.on_message(&mut s, Lsn(lsn), data).unwrap();
+        }
+        // ALTER TABLE before RENAME TO after: the server re-sends the relation under its new name.
+        for (lsn, data) in [(400, relation(5, "after")), (410, begin(8)), (420, insert(5)), (430, commit(500))] {
+            r.on_message(&mut s, Lsn(lsn), data).unwrap();
+        }
+        let text = r.metrics.render();
+        let count = |table: &str| {
+            text.lines()
+                .find(|l| l.starts_with("walbust_changes_total{") && l.contains(&format!("table=\"{table}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        };
+        assert_eq!(count("public.before").as_deref(), Some("1"), "{text}");
+        assert_eq!(
+            count("public.after").as_deref(),
+            Some("1"),
+            "the change after the rename counts under the new name\n{text}"
+        );
+    }
+
+    #[test]
+    fn frame_harness_applies_the_transaction_and_keepalive_rules_to_raw_frames() {
+        use crate::postgres::stream::xlog;
+        let keepalive = |end: u64| {
+            let mut p = vec![b'k'];
+            p.extend_from_slice(&end.to_be_bytes());
+            p.extend_from_slice(&0i64.to_be_bytes());
+            p.push(1);
+            Bytes::from(p)
+        };
+        let config = config();
+        let mut h = FrameHarness::new(&config, Arc::new(RuleSet::default()));
+        let commit_without_begin = h.frame(Bytes::from(xlog(300, 300, 0, &commit(600)))).unwrap_err();
+        assert!(commit_without_begin.to_string().contains("Commit without Begin"), "{commit_without_begin}");
+
+        let mut h = FrameHarness::new(&config, Arc::new(RuleSet::default()));
+        h.frame(Bytes::from(xlog(200, 200, 0, &begin(7)))).unwrap();
+        assert_eq!(h.open_transaction(), Some(7));
+        h.frame(keepalive(900)).unwrap();
+        assert_eq!(h.flushed(), Lsn(0), "a keepalive inside a transaction is not acknowledged");
+        let nested = h.frame(Bytes::from(xlog(250, 250, 0, &begin(8)))).unwrap_err();
+        assert!(nested.to_string().contains("Begin inside an open transaction"), "{nested}");
+        h.frame(Bytes::from(xlog(300, 300, 0, &commit(600)))).unwrap();
+        assert_eq!(h.flushed(), Lsn(0), "nothing is acknowledged before the applier has the batch");
+        h.apply();
+        assert_eq!(h.flushed(), Lsn(600));
+        h.frame(keepalive(1000)).unwrap();
+        assert_eq!(h.flushed(), Lsn(1000), "a keepalive with nothing pending is acknowledged at once");
+        assert_eq!(h.received(), Lsn(1000));
+        assert!(h.frame(Bytes::from_static(b"w\0")).is_err(), "a frame cut short is an error");
+    }
+
+    #[test]
+    fn a_keepalive_with_nothing_pending_is_acknowledged_at_once_and_otherwise_rides_the_batch() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        r.keepalive(&mut s, Lsn(400));
+        assert_eq!(r.progress.flushed(), Lsn(400));
+        s.batch.push(Action::Unlink("k".into()));
+        r.keepalive(&mut s, Lsn(800));
+        assert_eq!(r.progress.flushed(), Lsn(400), "an unapplied action holds the position back");
+        assert_eq!(s.batch.ack, Some(Lsn(800)));
+    }
+}
