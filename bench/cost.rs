@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 pub(crate) async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
     let n = cli.cost_changes;
     println!("## cost: walbust CPU per change and memory (release binary, 10 rows/txn inserts, {n} changes per run)\n");
-    env.db.batch_execute("DROP PUBLICATION IF EXISTS bench; CREATE PUBLICATION bench FOR TABLE bench_items").await?;
+    env.publish().await?;
     env.db.batch_execute("TRUNCATE bench_items").await?;
     env.drop_slot("bench_cost").await?;
     env.flushdb().await?;

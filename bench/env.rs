@@ -146,6 +146,27 @@ impl Env {
         }
     }
 
+    /// (Re)creates publication `bench` over every rule table that exists: `walbust run`
+    /// refuses to start when a rule's table is left out of the publication, and a published
+    /// table that nobody writes during a scenario costs nothing.
+    pub(crate) async fn publish(&self) -> anyhow::Result<()> {
+        let row = self
+            .db
+            .query_one(
+                "SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY c.relname) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = 'public' AND c.relkind = 'r' AND c.relname IN \
+                 ('bench_items', 'bench_large', 'pgbench_accounts', 'pgbench_tellers', 'pgbench_branches')",
+                &[],
+            )
+            .await?;
+        let tables: String = row.get(0);
+        self.db
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS bench; CREATE PUBLICATION bench FOR TABLE {tables}"))
+            .await?;
+        Ok(())
+    }
+
     /// Drops `slot` if it exists, first waiting (bounded) for a consumer that just stopped to let go of it.
     pub(crate) async fn drop_slot(&self, slot: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -175,9 +196,13 @@ impl Env {
                 return Ok(());
             }
             if let Some(status) = child.try_wait()? {
+                // The bench directory goes when the bench exits, so the log's end goes into the error.
+                let log = std::fs::read_to_string(self.dir.join("walbust.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 bail!(
-                    "the consumer of slot {slot} exited with {status} before streaming; see {}",
-                    self.dir.join("walbust.log").display()
+                    "the consumer of slot {slot} exited with {status} before streaming; its log ends:\n{}",
+                    tail.join("\n")
                 );
             }
             ensure!(Instant::now() < deadline, "nothing started streaming from slot {slot} within 60s");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 pub(crate) async fn large_txn(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
     let rows = cli.large_rows;
     println!("## large transaction: one UPDATE of {rows} rows (two keys per row)\n");
-    env.db.batch_execute("DROP PUBLICATION IF EXISTS bench; CREATE PUBLICATION bench FOR TABLE bench_large").await?;
+    env.publish().await?;
     let mut report = String::new();
     let (mut peaks, mut times, mut load) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..cli.large_runs {

@@ -16,7 +16,7 @@ pub(crate) async fn latency(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<
         "| commits/s | achieved/s | p50 | p99 | max | target p99 | p99 from INSERT sent (upper bound) | missing | commits past the target: arrived / acknowledged | load avg at runs | steal during runs |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    env.db.batch_execute("DROP PUBLICATION IF EXISTS bench; CREATE PUBLICATION bench FOR TABLE bench_items").await?;
+    env.publish().await?;
     env.db.batch_execute("TRUNCATE bench_items").await?;
     env.drop_slot("bench_latency").await?;
     env.flushdb().await?;

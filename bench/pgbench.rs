@@ -32,12 +32,7 @@ pub(crate) async fn pgbench(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<
         .output()
         .await?;
     ensure!(out.status.success(), "pgbench -i failed: {}", String::from_utf8_lossy(&out.stderr));
-    env.db
-        .batch_execute(
-            "DROP PUBLICATION IF EXISTS bench; \
-             CREATE PUBLICATION bench FOR TABLE pgbench_accounts, pgbench_tellers, pgbench_branches",
-        )
-        .await?;
+    env.publish().await?;
     // One statement each: VACUUM cannot run in the implicit transaction of a multi-statement query.
     env.db.batch_execute("VACUUM ANALYZE").await?;
     env.db.batch_execute("CHECKPOINT").await?;
