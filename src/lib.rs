@@ -30,8 +30,9 @@
 //! every problem with [`domain::diagnostic`]s at `file:line:col`.
 //!
 //! Beside each other above the domain: [`sink`] applies batches to Redis (or to memory in
-//! tests), and [`telemetry`] keeps the metrics registry ([`telemetry::metrics`]) and serves
-//! it with the health check ([`telemetry::health`]).
+//! tests), and [`telemetry`] keeps the metrics registry ([`telemetry::metrics`]), reads the
+//! process's own memory and CPU time ([`telemetry::process`]) and serves the metrics with
+//! the health check ([`telemetry::health`]).
 //!
 //! [`daemon`] is `walbust run`: [`daemon::pipeline`] wires the stages together, sends
 //! standby status updates, writes heartbeats ([`daemon::heartbeat`]), reconnects after

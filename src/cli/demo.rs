@@ -315,6 +315,10 @@ impl Sink for CountingSink {
     fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
         std::mem::take(&mut self.dead)
     }
+
+    async fn ping(&mut self) -> Result<(), RedisSinkError> {
+        self.inner.ping().await
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -40,7 +40,7 @@ pub async fn run(config_path: &Path) -> Outcome {
     let (reload_tx, reload) = watch::channel(rules.clone());
     let (metrics, health) = (Metrics::new(), Health::new());
     let (stop_tx, stop) = watch::channel(false);
-    let mut background = vec![tokio::spawn(reload_on_sighup(config.clone(), reload_tx))];
+    let mut background = vec![tokio::spawn(reload_on_sighup(config.clone(), reload_tx, metrics.clone()))];
     if let Some(listen) = &config.metrics.listen {
         // A busy port is retried in the background: invalidation does not wait for metrics.
         background.push(tokio::spawn(walbust::telemetry::health::serve_when_bound(
@@ -68,9 +68,10 @@ pub async fn run(config_path: &Path) -> Outcome {
             info!(changes = metrics.changes_total(), commits = metrics.commits(), "stopped");
             Ok(exit::OK)
         }
+        // Logged here, once, with its causes; the exit code tells a supervisor whether to restart.
         Err(e) => {
-            error!("{}", error_chain(&e));
-            Err(CliError::new(if e.needs_person() { exit::NEEDS_PERSON } else { exit::FAILED }, e))
+            error!(slot = %config.source.slot, error = %error_chain(&e), "stopping: the error is not one that retrying can fix");
+            Ok(if e.needs_person() { exit::NEEDS_PERSON } else { exit::FAILED })
         }
     }
 }
@@ -99,7 +100,7 @@ pub async fn shutdown_signal() {
 /// On each SIGHUP, re-reads the config's rule files; a valid set replaces the running one
 /// at the next transaction boundary, an invalid one is logged in full and ignored. Other
 /// settings take effect on restart; a warning names those that changed.
-async fn reload_on_sighup(running: Config, rules: watch::Sender<Arc<RuleSet>>) {
+async fn reload_on_sighup(running: Config, rules: watch::Sender<Arc<RuleSet>>, metrics: Arc<Metrics>) {
     let config_path = running.path.clone();
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -113,8 +114,12 @@ async fn reload_on_sighup(running: Config, rules: watch::Sender<Arc<RuleSet>>) {
         let path = config_path.clone();
         let (config, loaded) = match tokio::task::spawn_blocking(move || load_for_reload(&path)).await {
             Ok(Some(found)) => found,
-            Ok(None) => continue,
+            Ok(None) => {
+                metrics.reload_failed();
+                continue;
+            }
             Err(e) => {
+                metrics.reload_failed();
                 error!(error = %e, "reload rejected: loading the rules failed; the rules in use stay");
                 continue;
             }
@@ -133,6 +138,7 @@ async fn reload_on_sighup(running: Config, rules: watch::Sender<Arc<RuleSet>>) {
             for unmet in &refused.server {
                 error!("{unmet}");
             }
+            metrics.reload_failed();
             error!(
                 "reload rejected: the rules name columns the tables lack, or tables the publication leaves out; the rules in use stay"
             );
@@ -184,8 +190,14 @@ fn load_for_reload(config_path: &Path) -> Option<(Config, Loaded)> {
 async fn validate_against_database(config: &Config, rules: &RuleSet) -> Result<(), StartupCheck> {
     let client = match walbust::postgres::connect_sql(&config.source.conninfo).await {
         Ok(c) => c,
-        Err(e) => {
+        // A failure retrying may clear is worth a warning: the pipeline then waits for the
+        // database. Any other (a refused password) stops the pipeline, which reports it once.
+        Err(e) if e.is_transient() => {
             warn!(error = %error_chain(&e), "cannot check the rules against the database now");
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::debug!(error = %error_chain(&e), "cannot check the rules against the database");
             return Ok(());
         }
     };

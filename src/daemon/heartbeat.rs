@@ -52,6 +52,8 @@ pub async fn heartbeat(conninfo: crate::postgres::ConnInfo, every: Duration, non
             let now = heartbeat_body(nonce, crate::postgres::now_pg_micros());
             let sql = "SELECT pg_logical_emit_message(false, $1, $2)";
             if let Err(e) = client.execute(sql, &[&HEARTBEAT_PREFIX, &now]).await {
+                // The SQLSTATE and message (57P01 for a terminated backend), not just "db error".
+                let e = crate::postgres::sql::from_pg_error(e, &conninfo.describe());
                 warn!(error = %error_chain(&e), "writing a heartbeat failed; reconnecting");
                 break;
             }

@@ -70,8 +70,16 @@ const MID_TRANSACTION_PAUSE: Duration = Duration::from_micros(20);
 /// Why the pipeline stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    /// Connecting to, or talking with, Postgres failed.
+    /// Connecting to Postgres for replication failed.
     #[error("replication connection failed")]
+    Connect(#[source] SourceError),
+    /// The server refused to start streaming from the slot (an option it rejects, a slot
+    /// another process holds).
+    #[error("the server refused to start replication")]
+    Start(#[source] SourceError),
+    /// The replication stream failed once it was running: cut mid-way, ended by the server,
+    /// or a status update that could not be sent.
+    #[error("the replication stream failed")]
     Source(#[from] SourceError),
     /// The database is not set up for walbust.
     #[error(transparent)]
@@ -125,7 +133,7 @@ impl PipelineError {
     /// does not restart it in a loop.
     pub fn needs_person(&self) -> bool {
         match self {
-            PipelineError::Source(e) => e.needs_person(),
+            PipelineError::Connect(e) | PipelineError::Start(e) | PipelineError::Source(e) => e.needs_person(),
             PipelineError::Setup(e) => e.needs_person(),
             PipelineError::Decode { .. }
             | PipelineError::Unexpected { .. }
@@ -137,7 +145,7 @@ impl PipelineError {
     /// True when reconnecting may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            PipelineError::Source(e) => e.is_transient(),
+            PipelineError::Connect(e) | PipelineError::Start(e) | PipelineError::Source(e) => e.is_transient(),
             PipelineError::Setup(e) => e.is_transient(),
             PipelineError::Silent(_) => true,
             PipelineError::Decode { .. } | PipelineError::Unexpected { .. } | PipelineError::ShutdownUnapplied(_) => {
@@ -339,6 +347,93 @@ struct Observers {
     health: Arc<Health>,
 }
 
+/// How often the applier pings Redis while no batch comes and Redis answers.
+const PING_IDLE: Duration = Duration::from_secs(5);
+
+/// How often it pings while Redis does not answer, so a recovery shows within seconds.
+const PING_DOWN: Duration = Duration::from_secs(1);
+
+/// How long a ping may take before Redis counts as unreachable.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often a failure that goes on is logged again at WARN (in between at DEBUG).
+const STILL_FAILING_EVERY: Duration = Duration::from_secs(60);
+
+/// A run of failures as the logs tell it: at WARN when it starts and at most once a
+/// minute while it lasts (at DEBUG in between), and at INFO with its length when it ends.
+#[derive(Debug, Default)]
+struct Outage {
+    /// When it began, and when it was last logged at WARN.
+    since: Option<(Instant, Instant)>,
+}
+
+impl Outage {
+    /// One more failure; true when it is worth a WARN.
+    fn failed(&mut self) -> bool {
+        let now = Instant::now();
+        match &mut self.since {
+            None => {
+                self.since = Some((now, now));
+                true
+            }
+            Some((_, warned)) if now.duration_since(*warned) >= STILL_FAILING_EVERY => {
+                *warned = now;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// A success: how long the outage it ends lasted, if there was one.
+    fn ended(&mut self) -> Option<Duration> {
+        self.since.take().map(|(since, _)| since.elapsed())
+    }
+
+    /// How long the current outage has lasted; zero when there is none.
+    fn length(&self) -> Duration {
+        self.since.map_or(Duration::ZERO, |(since, _)| since.elapsed())
+    }
+
+    fn is_on(&self) -> bool {
+        self.since.is_some()
+    }
+}
+
+/// Whether Redis answers, as the applier learns it from batches and pings: it keeps
+/// `/healthz` and the reachable gauge current and logs each outage as [`Outage`] says.
+struct RedisState<'o> {
+    metrics: &'o Metrics,
+    health: &'o Health,
+    outage: Outage,
+}
+
+impl RedisState<'_> {
+    fn answered(&mut self) {
+        self.metrics.set_redis_reachable(true);
+        self.health.redis_reachable();
+        if let Some(outage) = self.outage.ended() {
+            info!(outage = ?outage, "redis reachable again after {}", rounded(outage));
+        }
+    }
+
+    /// Redis failed for `reason`; true when this is worth a WARN.
+    fn failed(&mut self, reason: &str) -> bool {
+        self.metrics.set_redis_reachable(false);
+        self.health.redis_unreachable(reason);
+        self.outage.failed()
+    }
+}
+
+/// A duration as a person reads it in a log line: `16 s`, `850 ms`, `3 min 20 s`.
+fn rounded(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{} ms", d.as_millis()),
+        1..=119 => format!("{secs} s"),
+        _ => format!("{} min {} s", secs / 60, secs % 60),
+    }
+}
+
 async fn apply_loop<S: Sink>(
     mut sink: S,
     mut rx: mpsc::Receiver<Sealed>,
@@ -347,23 +442,62 @@ async fn apply_loop<S: Sink>(
     abandon: Arc<tokio::sync::Notify>,
 ) {
     let Observers { events, dead_letter_file, metrics, health } = observers;
-    while let Some(batch) = rx.recv().await {
+    let mut redis = RedisState { metrics: &metrics, health: &health, outage: Outage::default() };
+    // The first ping goes at once: a wrong URL or a Redis that is down shows before any write.
+    let mut next_ping = tokio::time::Instant::now();
+    loop {
+        let batch = tokio::select! {
+            batch = rx.recv() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
+            _ = tokio::time::sleep_until(next_ping) => {
+                match tokio::time::timeout(PING_TIMEOUT, sink.ping()).await {
+                    Ok(Ok(())) => redis.answered(),
+                    Ok(Err(e)) => {
+                        let reason = error_chain(&e);
+                        if redis.failed(&reason) {
+                            warn!(error = %reason, down_for = ?redis.outage.length(), "redis does not answer a ping; /healthz reports it until it does");
+                        } else {
+                            debug!(error = %reason, "redis still does not answer a ping");
+                        }
+                    }
+                    Err(_) => {
+                        let reason = format!("no answer to PING within {}", rounded(PING_TIMEOUT));
+                        if redis.failed(&reason) {
+                            warn!(error = %reason, down_for = ?redis.outage.length(), "redis does not answer a ping; /healthz reports it until it does");
+                        }
+                    }
+                }
+                next_ping = tokio::time::Instant::now() + if redis.outage.is_on() { PING_DOWN } else { PING_IDLE };
+                continue;
+            }
+        };
         let mut backoff = Duration::from_millis(50);
-        let since = Instant::now();
         loop {
             let started = Instant::now();
-            match sink.apply(&batch.actions).await {
+            let result = sink.apply(&batch.actions).await;
+            metrics.observe_redis_apply(started.elapsed());
+            let costs = sink.take_costs();
+            metrics.keys_deleted(costs.deleted_keys);
+            metrics.keys_scanned(costs.scanned_keys);
+            for took in costs.scans {
+                metrics.observe_scan(took);
+            }
+            match result {
                 Ok(()) => {
-                    metrics.observe_redis_apply(started.elapsed());
-                    health.redis_reachable();
+                    redis.answered();
                     break;
                 }
                 Err(e) => {
-                    metrics.observe_redis_apply(started.elapsed());
                     metrics.redis_error();
-                    health.redis_unreachable(&error_chain(&e));
-                    warn!(error = %e, cause = %error_chain(&e), retry_in = ?backoff, actions = batch.actions.len(), failing_for = ?since.elapsed(),
-                        "applying a batch failed; retrying, nothing is acknowledged meanwhile");
+                    let reason = error_chain(&e);
+                    if redis.failed(&reason) {
+                        warn!(error = %reason, retry_in = ?backoff, actions = batch.actions.len(), failing_for = ?redis.outage.length(),
+                            "applying a batch failed; retrying, nothing is acknowledged meanwhile");
+                    } else {
+                        debug!(error = %reason, retry_in = ?backoff, failing_for = ?redis.outage.length(), "applying a batch failed again");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = abandon.notified() => return,
@@ -372,6 +506,7 @@ async fn apply_loop<S: Sink>(
                 }
             }
         }
+        next_ping = tokio::time::Instant::now() + PING_IDLE;
         for dead in sink.take_dead_letters() {
             set_aside(&batch, &dead, &metrics, dead_letter_file.as_deref());
         }
@@ -459,6 +594,8 @@ struct ReaderTally<'r> {
     counters: &'r mut CounterCache<(usize, usize)>,
     widened_counters: &'r mut CounterCache<(usize, usize)>,
     change_counters: &'r mut CounterCache<(u32, Op)>,
+    unmatched_counters: &'r mut CounterCache<u32>,
+    transaction: &'r mut TransactionLog,
     /// An observer wants each change with its actions.
     observe: bool,
     xid: u32,
@@ -471,6 +608,15 @@ impl Tally for ReaderTally<'_> {
         self.change_counters
             .get((relation.oid, op), || metrics.changes_counter(&relation.qualified_name(), op.as_str()))
             .inc();
+        if routed.is_empty() {
+            self.unmatched_counters.get(relation.oid, || metrics.unmatched_counter(&relation.qualified_name())).inc();
+        }
+        if self.transaction.on {
+            self.transaction.change(relation, op, routed);
+        }
+        // Keys may carry row values: only at TRACE, which the docs warn about.
+        tracing::trace!(target: TRANSACTIONS, table = %relation.qualified_name(), op = op.as_str(), lsn = %lsn,
+            actions = %ActionList(routed), "change");
         if self.observe {
             let mut actions: Vec<Action> = Vec::with_capacity(routed.len());
             for r in routed {
@@ -498,6 +644,9 @@ impl Tally for ReaderTally<'_> {
     fn manual(&mut self, actions: &[Action], batch: &mut Batch) {
         let metrics = self.metrics;
         metrics.manual_message();
+        if self.transaction.on {
+            self.transaction.message(actions.len());
+        }
         for a in actions {
             let kind = a.kind();
             let key = (MANUAL_RULE.as_ptr() as usize, kind.as_ptr() as usize);
@@ -519,6 +668,87 @@ impl Tally for ReaderTally<'_> {
         self.metrics.manual_message();
         self.metrics.manual_refused("malformed");
         warn!(lsn = %self.lsn, error = %error_chain(error), "skipping a manual invalidation message");
+    }
+}
+
+/// The target of the per-transaction log lines: one at DEBUG per transaction (tables, ops,
+/// rules fired, number of actions), and one at TRACE per change with its actions, keys
+/// included. Off unless asked for, e.g. `--log-level info,walbust::transactions=debug`.
+pub const TRANSACTIONS: &str = "walbust::transactions";
+
+/// What one transaction did, gathered for its DEBUG line only while that line is enabled.
+#[derive(Debug, Default)]
+struct TransactionLog {
+    /// Gathering for the transaction in progress.
+    on: bool,
+    /// `(table, op)` and how many changes of it, in order of first appearance.
+    changes: Vec<(String, &'static str, u64)>,
+    /// The rules that produced an action, in order of first appearance.
+    rules: Vec<Arc<str>>,
+    actions: usize,
+}
+
+impl TransactionLog {
+    fn begin(&mut self) {
+        self.on = tracing::enabled!(target: TRANSACTIONS, tracing::Level::DEBUG);
+        self.changes.clear();
+        self.rules.clear();
+        self.actions = 0;
+    }
+
+    fn change(&mut self, relation: &Relation, op: Op, routed: &[Routed]) {
+        self.change_named(&relation.qualified_name(), op.as_str());
+        for r in routed {
+            if !self.rules.contains(&r.rule) {
+                self.rules.push(r.rule.clone());
+            }
+        }
+        self.actions += routed.len();
+    }
+
+    fn message(&mut self, actions: usize) {
+        self.change_named(MANUAL_RULE, "message");
+        if actions > 0 && !self.rules.iter().any(|r| &**r == MANUAL_RULE) {
+            self.rules.push(MANUAL_RULE.into());
+        }
+        self.actions += actions;
+    }
+
+    fn change_named(&mut self, table: &str, op: &'static str) {
+        match self.changes.iter_mut().find(|(t, o, _)| t == table && *o == op) {
+            Some((_, _, n)) => *n += 1,
+            None => self.changes.push((table.to_string(), op, 1)),
+        }
+    }
+
+    /// Logs the transaction that committed at `lsn`, when gathering.
+    fn commit(&mut self, xid: u32, lsn: Lsn) {
+        if !std::mem::take(&mut self.on) {
+            return;
+        }
+        let changes = self
+            .changes
+            .iter()
+            .map(|(t, o, n)| if *n == 1 { format!("{t} {o}") } else { format!("{t} {o} x{n}") })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = self.rules.iter().map(|r| &**r).collect::<Vec<_>>().join(", ");
+        debug!(target: TRANSACTIONS, xid, lsn = %lsn, changes = %changes, rules = %rules, actions = self.actions, "transaction");
+    }
+}
+
+/// The actions of routed changes, for a TRACE line.
+struct ActionList<'a>(&'a [Routed]);
+
+impl std::fmt::Display for ActionList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, r) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{} ({})", r.action, r.rule)?;
+        }
+        Ok(())
     }
 }
 
@@ -544,6 +774,12 @@ struct Reader<'a> {
     widened_counters: CounterCache<(usize, usize)>,
     /// Change counters by (relation OID, op).
     change_counters: CounterCache<(u32, Op)>,
+    /// Counters of changes no rule acted on, by relation OID.
+    unmatched_counters: CounterCache<u32>,
+    /// The transaction in progress, for its DEBUG line.
+    transaction: TransactionLog,
+    /// Replication is down and being retried.
+    outage: Outage,
     /// Identifies this process's own heartbeats.
     heartbeat_nonce: u64,
 }
@@ -604,6 +840,9 @@ impl<'a> Reader<'a> {
             counters: CounterCache::default(),
             widened_counters: CounterCache::default(),
             change_counters: CounterCache::default(),
+            unmatched_counters: CounterCache::default(),
+            transaction: TransactionLog::default(),
+            outage: Outage::default(),
             heartbeat_nonce: heartbeat_nonce(),
         };
         (reader, rx, applied_tx)
@@ -634,22 +873,18 @@ impl Reader<'_> {
                 }
                 Err(PipelineError::Setup(e)) if matches!(*e, SetupError::SlotLost { .. }) => {
                     match self.config.source.on_slot_lost {
-                        OnSlotLost::Error => {
-                            error!(slot = %self.config.source.slot, error = %e, "stopping: the replication slot was lost");
-                            return Err(PipelineError::Setup(e));
-                        }
+                        // The caller reports the error that stops the pipeline, once.
+                        OnSlotLost::Error => return Err(PipelineError::Setup(e)),
                         OnSlotLost::Recreate => {
-                            error!(slot = %self.config.source.slot, error = %e, "the replication slot was lost; recreating it (on_slot_lost = \"recreate\")");
+                            error!(slot = %self.config.source.slot, error = %error_chain(&*e), "the replication slot was lost; recreating it (on_slot_lost = \"recreate\")");
                             self.slot.replace_lost = true;
                             None
                         }
                     }
                 }
                 Err(e) if e.is_transient() => Some(e),
-                Err(e) => {
-                    error!(slot = %self.config.source.slot, error = %error_chain(&e), "stopping: the error is not one that retrying can fix");
-                    return Err(e);
-                }
+                // Not one that retrying can fix: the caller reports it, once.
+                Err(e) => return Err(e),
             };
             if let Some(e) = err {
                 if matches!(&e, PipelineError::Setup(s) if matches!(**s, SetupError::SlotBusy { .. })) {
@@ -661,7 +896,14 @@ impl Reader<'_> {
                     busy = 0;
                 }
                 self.health.not_streaming(&format!("reconnecting after: {}", error_chain(&e)));
-                warn!(slot = %self.config.source.slot, error = %error_chain(&e), retry_in = ?backoff, "replication interrupted; reconnecting");
+                self.metrics.set_streaming(false);
+                if self.outage.failed() {
+                    warn!(slot = %self.config.source.slot, error = %error_chain(&e), retry_in = ?backoff, down_for = ?self.outage.length(),
+                        "replication interrupted; reconnecting");
+                } else {
+                    debug!(slot = %self.config.source.slot, error = %error_chain(&e), retry_in = ?backoff, down_for = ?self.outage.length(),
+                        "replication still interrupted; reconnecting");
+                }
             }
             self.metrics.reconnect();
             tokio::select! {
@@ -682,7 +924,7 @@ impl Reader<'_> {
             held_before: self.slot.held,
         };
         let connect = async {
-            let mut conn = ReplicationConn::connect(&source.conninfo, true).await?;
+            let mut conn = ReplicationConn::connect(&source.conninfo, true).await.map_err(PipelineError::Connect)?;
             let target = slot::Target {
                 slot: &source.slot,
                 publication: &source.publication,
@@ -712,10 +954,15 @@ impl Reader<'_> {
             {
                 PipelineError::from(SetupError::SlotLost { slot: source.slot.clone(), reason: message.clone() })
             }
-            _ => PipelineError::from(e),
+            _ => PipelineError::Start(e),
         })?;
-        info!(slot = %source.slot, lsn = %start, created = position.created, "streaming changes");
+        match self.outage.ended() {
+            Some(outage) => info!(slot = %source.slot, lsn = %start, outage = ?outage,
+                "streaming changes again after {}", rounded(outage)),
+            None => info!(slot = %source.slot, lsn = %start, created = position.created, "streaming changes"),
+        }
         self.health.streaming();
+        self.metrics.set_streaming(true);
         if let Some(obs) = &self.observer {
             let _ = obs.send(Event::Streaming { start });
         }
@@ -725,8 +972,11 @@ impl Reader<'_> {
         match end {
             Ok(SessionEnd::Shutdown) => {
                 self.finish(&mut stream, &mut session).await?;
-                stream.finish().await?;
+                // The final status update is written: only now is everything applied acknowledged.
                 info!(slot = %self.config.source.slot, flushed = %self.progress.flushed(), "stopped; everything applied is acknowledged");
+                if let Err(e) = stream.finish().await {
+                    debug!(error = %error_chain(&e), "closing the replication stream after the final acknowledgement");
+                }
                 Ok(SessionEnd::Shutdown)
             }
             other => other,
@@ -905,9 +1155,11 @@ impl Reader<'_> {
                 }
                 return Ok(reply_requested);
             }
-            StreamEvent::Begin { .. } | StreamEvent::Other { .. } => {}
+            StreamEvent::Begin { .. } => self.transaction.begin(),
+            StreamEvent::Other { .. } => {}
             StreamEvent::Commit { xid, commit, .. } => {
                 self.metrics.commit();
+                self.transaction.commit(xid, commit.end_lsn);
                 let commit_time = pgoutput::pg_time_to_system(commit.commit_time);
                 // A server clock ahead of this one counts as no lag, as for the acknowledgement.
                 self.metrics.observe_receive_lag(SystemTime::now().duration_since(commit_time).unwrap_or_default());
@@ -917,6 +1169,7 @@ impl Reader<'_> {
                 // A Relation message after RENAME or SET SCHEMA brings a new name for a known
                 // OID: counters resolved under the old name must be looked up again.
                 self.change_counters.clear();
+                self.unmatched_counters.clear();
                 for m in self.routing.bind(relation) {
                     error!(rule = %m.rule, table = %m.table, column = %m.column, lsn = %lsn,
                         "rule names a column the table does not have; its keys are widened to patterns");
@@ -969,6 +1222,8 @@ impl Reader<'_> {
             counters: &mut self.counters,
             widened_counters: &mut self.widened_counters,
             change_counters: &mut self.change_counters,
+            unmatched_counters: &mut self.unmatched_counters,
+            transaction: &mut self.transaction,
             observe: self.observer.is_some(),
             xid,
             lsn,

@@ -262,6 +262,8 @@ pub struct ThrowawayRedis {
     bin: PathBuf,
     port: u16,
     tls: bool,
+    /// Extra `redis-server` arguments, given at every start.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -279,15 +281,21 @@ pub struct RedisTls {
 impl ThrowawayRedis {
     /// Starts `redis-server` on a free loopback port.
     pub fn start() -> Result<Self, ThrowawayError> {
-        Self::start_with(None)
+        Self::start_with(None, &[])
+    }
+
+    /// [`start`](Self::start) with extra `redis-server` arguments (config directives such
+    /// as `--rename-command PUBLISH ""`), kept for every restart.
+    pub fn start_with_args(args: &[&str]) -> Result<Self, ThrowawayError> {
+        Self::start_with(None, args)
     }
 
     /// Starts `redis-server` accepting only TLS connections, with the given certificate.
     pub fn start_tls(tls: &RedisTls) -> Result<Self, ThrowawayError> {
-        Self::start_with(Some(tls))
+        Self::start_with(Some(tls), &[])
     }
 
-    fn start_with(tls: Option<&RedisTls>) -> Result<Self, ThrowawayError> {
+    fn start_with(tls: Option<&RedisTls>, args: &[&str]) -> Result<Self, ThrowawayError> {
         let bin = find_in_path("redis-server").ok_or(ThrowawayError::MissingBinary {
             name: "redis-server",
             hint: "install Redis: apt-get install redis-server",
@@ -300,7 +308,8 @@ impl ThrowawayRedis {
                 fs::write(&path, pem).map_err(io("writing a TLS file", &path))?;
             }
         }
-        let mut redis = ThrowawayRedis { root, bin, port: free_port()?, tls: tls.is_some(), child: None };
+        let extra = args.iter().map(|a| a.to_string()).collect();
+        let mut redis = ThrowawayRedis { root, bin, port: free_port()?, tls: tls.is_some(), extra, child: None };
         redis.start_again()?;
         Ok(redis)
     }
@@ -341,6 +350,7 @@ impl ThrowawayRedis {
         let child = cmd
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&ports)
+            .args(&self.extra)
             .args(["--daemonize", "no", "--dir"])
             .arg(&self.root)
             .arg("--pidfile")

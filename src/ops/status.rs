@@ -38,9 +38,9 @@ pub enum StatusError {
     Query {
         /// The slot asked about.
         slot: String,
-        /// Why.
+        /// Why (with the SQLSTATE when the server refused).
         #[source]
-        source: tokio_postgres::Error,
+        source: SourceError,
     },
 }
 
@@ -279,10 +279,10 @@ pub async fn slot_status(config: &Config) -> Result<SlotStatus, StatusError> {
 
 /// Reads `slot` with an open client.
 pub async fn query_status(client: &tokio_postgres::Client, slot: &str) -> Result<SlotStatus, StatusError> {
-    let row = client
-        .query_one(SLOT_QUERY, &[&slot])
-        .await
-        .map_err(|source| StatusError::Query { slot: slot.to_string(), source })?;
+    let row = client.query_one(SLOT_QUERY, &[&slot]).await.map_err(|e| StatusError::Query {
+        slot: slot.to_string(),
+        source: crate::postgres::sql::from_pg_error(e, "the source database"),
+    })?;
     let lsn = |i: usize| row.get::<_, Option<String>>(i).and_then(|s| s.parse::<Lsn>().ok());
     let slot_type: Option<String> = row.get(3);
     Ok(SlotStatus {
@@ -313,7 +313,8 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
     tokio::pin!(shutdown);
     let slot = &config.source.slot;
     let mut client: Option<tokio_postgres::Client> = None;
-    let mut failing = false;
+    // When reading the slot began to fail.
+    let mut failing: Option<std::time::Instant> = None;
     let mut near_limit = false;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -352,12 +353,14 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
                     tracing::info!(slot = %slot, "the slot's retained WAL is back under the warning level");
                 }
                 near_limit = now_near;
-                if std::mem::take(&mut failing) {
-                    tracing::info!(slot = %slot, "slot monitor reads the slot again");
+                if let Some(since) = failing.take() {
+                    tracing::info!(slot = %slot, outage = ?since.elapsed(),
+                        "slot monitor reads the slot again after {} s", since.elapsed().as_secs());
                 }
             }
             Err(e) => {
-                if !std::mem::replace(&mut failing, true) {
+                if failing.is_none() {
+                    failing = Some(std::time::Instant::now());
                     tracing::warn!(slot = %slot, error = %crate::errors::causes::error_chain(&e), retry_in = ?every,
                         "slot monitor cannot read the slot; its gauges keep their last values");
                 }

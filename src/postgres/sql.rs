@@ -77,16 +77,21 @@ pub async fn connect_sql(info: &ConnInfo) -> Result<tokio_postgres::Client, Sour
             Ok(Ok((client, connection))) => {
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
-                        tracing::error!(server = %endpoint, error = %e, "sql connection to postgres failed");
+                        // Its users open a new one when they next need it (the slot monitor,
+                        // the heartbeat), so this is a warning; the SQLSTATE says why.
+                        let e = from_pg_error(e, &endpoint);
+                        tracing::warn!(server = %endpoint, error = %crate::errors::causes::error_chain(&e),
+                            "sql connection to postgres ended");
                     }
                 });
                 return Ok(client);
             }
             Ok(Err(e)) => {
+                let e = connect_error(e, info, host, endpoint.clone()).naming_password_origin(info);
                 if info.hosts.len() > 1 {
-                    tracing::warn!(server = %endpoint, error = %e, "could not connect; trying the next host");
+                    tracing::warn!(server = %endpoint, error = %crate::errors::causes::error_chain(&e), "could not connect; trying the next host");
                 }
-                last_error = Some(connect_error(e, info, host, endpoint).naming_password_origin(info));
+                last_error = Some(e);
             }
             Err(_) => {
                 last_error = Some(SourceError::Timeout {

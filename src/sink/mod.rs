@@ -12,6 +12,7 @@ pub use self::redis::{RedisSink, RedisSinkError, refused_for_good};
 
 use crate::domain::action::Action;
 use std::future::Future;
+use std::time::Duration;
 
 /// Something that can carry out invalidation actions.
 pub trait Sink: Send + 'static {
@@ -27,6 +28,28 @@ pub trait Sink: Send + 'static {
     fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
         Vec::new()
     }
+
+    /// What the applies since the last call cost and did, failed ones included.
+    fn take_costs(&mut self) -> ApplyCosts {
+        ApplyCosts::default()
+    }
+
+    /// Checks that the target answers, without changing anything: the pipeline pings at
+    /// start and while idle, so a target that is down shows in `/healthz` before a batch fails.
+    fn ping(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// What applying batches cost and did, as counted by a sink.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ApplyCosts {
+    /// Keys the target reported deleted.
+    pub deleted_keys: u64,
+    /// Keys `SCAN` returned for pattern actions.
+    pub scanned_keys: u64,
+    /// How long each pattern action took, over all its `SCAN` pages.
+    pub scans: Vec<Duration>,
 }
 
 /// An action the target refused for good.

@@ -1,10 +1,10 @@
 //! The Redis sink: pipelined `UNLINK`s and `SCAN`-based pattern deletes through redis-rs.
 
-use super::{DeadLetter, Sink};
+use super::{ApplyCosts, DeadLetter, Sink};
 use crate::domain::action::Action;
 use crate::domain::config::redact_url;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Keys per `UNLINK` command; large enough to amortise round trips, small enough not to
 /// stall Redis on one command.
@@ -22,6 +22,8 @@ pub struct RedisSink {
     dead: Vec<DeadLetter>,
     /// Keys Redis reported deleted since the last [`RedisSink::take_deleted`].
     deleted: u64,
+    /// Keys deleted, keys scanned and pattern action times since the last [`Sink::take_costs`].
+    costs: ApplyCosts,
 }
 
 /// Why a batch could not be applied to Redis.
@@ -69,13 +71,19 @@ impl RedisSink {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|source| RedisSinkError::Url { url: description.clone(), source })?;
-        Ok(RedisSink { conn, description, dead: Vec::new(), deleted: 0 })
+        Ok(RedisSink { conn, description, dead: Vec::new(), deleted: 0, costs: ApplyCosts::default() })
     }
 
     /// How many keys Redis reported deleted (by `UNLINK`s, pattern deletes and tag busts,
     /// members and sets alike) since the last call.
     pub fn take_deleted(&mut self) -> u64 {
         std::mem::take(&mut self.deleted)
+    }
+
+    /// Counts `n` keys Redis reported deleted.
+    fn count_deleted(&mut self, n: u64) {
+        self.deleted += n;
+        self.costs.deleted_keys += n;
     }
 
     /// The target, safe to log: `redis://host:port/db` without a password.
@@ -134,7 +142,7 @@ impl RedisSink {
             let e = match result {
                 Ok(reply) => {
                     if let [(_, Action::Unlink(_)), ..] = actions {
-                        self.deleted += count(&reply);
+                        self.count_deleted(count(&reply));
                     }
                     continue;
                 }
@@ -182,6 +190,20 @@ impl RedisSink {
         kind: Option<&str>,
         step: PageStep,
     ) -> Result<(), RedisSinkError> {
+        let started = Instant::now();
+        let scanned = self.scan_pages(action, pattern, kind, step).await;
+        self.costs.scans.push(started.elapsed());
+        scanned
+    }
+
+    /// The SCAN loop of [`RedisSink::scan`].
+    async fn scan_pages(
+        &mut self,
+        action: usize,
+        pattern: &str,
+        kind: Option<&str>,
+        step: PageStep,
+    ) -> Result<(), RedisSinkError> {
         let mut cursor: u64 = 0;
         loop {
             let mut cmd = redis::cmd("SCAN");
@@ -191,6 +213,7 @@ impl RedisSink {
             }
             let (next, keys): (u64, Vec<Vec<u8>>) =
                 cmd.query_async(&mut self.conn).await.map_err(self.failed("scanning for a pattern"))?;
+            self.costs.scanned_keys += keys.len() as u64;
             self.page(action, step, &keys).await?;
             if next == 0 {
                 return Ok(());
@@ -231,7 +254,7 @@ impl RedisSink {
             let e = match result {
                 Ok(reply) => {
                     if let PageStep::Unlink = step {
-                        self.deleted += count(&reply);
+                        self.count_deleted(count(&reply));
                     }
                     continue;
                 }
@@ -252,7 +275,7 @@ impl RedisSink {
         let script = redis::Script::new(BUST_TAG);
         match script.key(key).invoke_async::<i64>(&mut self.conn).await {
             Ok(deleted) => {
-                self.deleted += u64::try_from(deleted).unwrap_or(0);
+                self.count_deleted(u64::try_from(deleted).unwrap_or(0));
                 Ok(())
             }
             Err(e) => self.refused(action, "busting a tag set", e),
@@ -357,5 +380,13 @@ impl Sink for RedisSink {
 
     fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
         std::mem::take(&mut self.dead)
+    }
+
+    fn take_costs(&mut self) -> ApplyCosts {
+        std::mem::take(&mut self.costs)
+    }
+
+    async fn ping(&mut self) -> Result<(), RedisSinkError> {
+        redis::cmd("PING").exec_async(&mut self.conn).await.map_err(self.failed("answering a ping"))
     }
 }

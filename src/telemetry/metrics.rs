@@ -11,7 +11,7 @@
 
 use crate::postgres::WalStatus;
 use crate::postgres::lsn::Lsn;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, prometheus_text};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, prometheus_text};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
@@ -76,11 +76,76 @@ pub const RELOADS: &str = "walbust_rule_reloads_total";
 pub const HEARTBEATS: &str = "walbust_heartbeats_total";
 /// Gauge: Unix time carried by the last heartbeat that came back through the replication stream.
 pub const LAST_HEARTBEAT: &str = "walbust_last_heartbeat_timestamp_seconds";
+/// Counter: reloads (SIGHUP) rejected because the config or the rules had an error; the
+/// rules in use stayed.
+pub const RELOAD_FAILURES: &str = "walbust_rule_reload_failures_total";
+/// Gauge: Unix time of the last rule set swapped in after a reload.
+pub const LAST_RELOAD: &str = "walbust_last_rule_reload_timestamp_seconds";
+/// Gauge: 1 while the replication stream is running, 0 otherwise.
+pub const STREAMING: &str = "walbust_streaming";
+/// Gauge: 1 while Redis answers (the last batch or ping succeeded), 0 otherwise.
+pub const REDIS_REACHABLE: &str = "walbust_redis_reachable";
+/// Counter: keys Redis reported deleted (unlinked keys that existed, keys of pattern
+/// deletes, tag sets and their members).
+pub const DELETED_KEYS: &str = "walbust_redis_deleted_keys_total";
+/// Counter: keys `SCAN` returned for pattern actions.
+pub const SCANNED_KEYS: &str = "walbust_redis_scanned_keys_total";
+/// Histogram: seconds one pattern action took, over all its `SCAN` pages.
+pub const SCAN: &str = "walbust_redis_scan_seconds";
+/// Counter, label `table`: row changes that no rule turned into an action.
+pub const UNMATCHED: &str = "walbust_unmatched_changes_total";
+/// Gauge, label `version`: always 1; the version of this walbust.
+pub const BUILD_INFO: &str = "walbust_build_info";
+/// Gauge: this process's resident memory in bytes (Linux).
+pub const PROCESS_RESIDENT_MEMORY: &str = "walbust_process_resident_memory_bytes";
+/// Counter: CPU time this process used, user and system, in seconds (Linux).
+pub const PROCESS_CPU: &str = "walbust_process_cpu_seconds_total";
+/// Gauge: when this process started, in Unix seconds (Linux).
+pub const PROCESS_START_TIME: &str = "walbust_process_start_time_seconds";
+
+/// Every metric name walbust can expose, in the order a scrape lists them (histograms by
+/// their base name): the dashboard and alert rule checks accept no other.
+pub const ALL: &[&str] = &[
+    BUILD_INFO,
+    PROCESS_START_TIME,
+    PROCESS_RESIDENT_MEMORY,
+    PROCESS_CPU,
+    STREAMING,
+    REDIS_REACHABLE,
+    RECEIVED_LSN,
+    FLUSHED_LSN,
+    LAG,
+    ACK_LAG,
+    RECEIVE_LAG,
+    CHANGES,
+    UNMATCHED,
+    COMMITS,
+    ACTIONS,
+    WIDENED,
+    DEAD_LETTERS,
+    MANUAL_MESSAGES,
+    MANUAL_REFUSED,
+    BATCHES,
+    REDIS_ERRORS,
+    REDIS_APPLY,
+    DELETED_KEYS,
+    SCANNED_KEYS,
+    SCAN,
+    RECONNECTS,
+    RELOADS,
+    RELOAD_FAILURES,
+    LAST_RELOAD,
+    SLOT_RETAINED_WAL,
+    SLOT_WAL_STATUS,
+    SLOT_SAFE_WAL_SIZE,
+    HEARTBEATS,
+    LAST_HEARTBEAT,
+];
 
 /// Bucket bounds of [`ACK_LAG`] and [`RECEIVE_LAG`], in seconds.
 pub const ACK_LAG_BUCKETS: &[f64] =
     &[0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
-/// Bucket bounds of [`REDIS_APPLY`], in seconds.
+/// Bucket bounds of [`REDIS_APPLY`] and [`SCAN`], in seconds.
 pub const REDIS_APPLY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -180,6 +245,11 @@ struct Reason {
     reason: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Table {
+    table: String,
+}
+
 /// The counters of one labelled metric, one per label set, made on first use. Each is
 /// also kept in a list, so their sum is read without a scrape.
 #[derive(Debug)]
@@ -258,6 +328,46 @@ impl<N: prometheus_client::encoding::EncodeGaugeValue> EncodeMetric for Computed
     }
 }
 
+/// A counter read when scraped, as [`Computed`] is a gauge.
+struct ComputedCounter(Box<dyn Fn() -> Option<f64> + Send + Sync>);
+
+impl std::fmt::Debug for ComputedCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComputedCounter").finish_non_exhaustive()
+    }
+}
+
+impl EncodeMetric for ComputedCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        match (self.0)() {
+            Some(value) => encoder.encode_counter::<NoLabelSet, _, u64>(&value, None),
+            None => Ok(()),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+
+    fn is_empty(&self) -> bool {
+        (self.0)().is_none()
+    }
+}
+
+/// [`BUILD_INFO`]: one series, its `version` label this crate's version, always 1.
+#[derive(Debug)]
+struct BuildInfo;
+
+impl EncodeMetric for BuildInfo {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?.encode_gauge(&1i64)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
 /// A gauge of what the slot monitor last read; no sample while `field` is unknown.
 fn slot_gauge<N: 'static>(slot: &Arc<Mutex<Option<SlotHealth>>>, field: fn(&SlotHealth) -> Option<N>) -> Computed<N> {
     let slot = slot.clone();
@@ -318,6 +428,15 @@ pub struct Metrics {
     heartbeats: Counter,
     // f64 bits of the Unix time; 0 means never.
     heartbeat: Arc<AtomicU64>,
+    reload_failures: Counter,
+    // f64 bits of the Unix time; 0 means never.
+    last_reload: Arc<AtomicU64>,
+    streaming: Gauge,
+    redis_reachable: Gauge,
+    deleted_keys: Counter,
+    scanned_keys: Counter,
+    scan: Histogram,
+    unmatched: Labelled<Table>,
 }
 
 /// Lag from the server's WAL end and the flushed position; `None` until both are known.
@@ -359,6 +478,14 @@ impl Default for Metrics {
             slot: Arc::default(),
             heartbeats: Counter::default(),
             heartbeat: Arc::default(),
+            reload_failures: Counter::default(),
+            last_reload: Arc::default(),
+            streaming: Gauge::default(),
+            redis_reachable: Gauge::default(),
+            deleted_keys: Counter::default(),
+            scanned_keys: Counter::default(),
+            scan: Histogram::new(REDIS_APPLY_BUCKETS.iter().copied()),
+            unmatched: Labelled::default(),
         };
         m.registered()
     }
@@ -372,6 +499,32 @@ impl Metrics {
     /// Registers every metric, in the order a scrape lists them.
     fn registered(mut self) -> Self {
         let r = &mut self.registry;
+        register(r, BUILD_INFO, "Always 1; the label version is this walbust's version.", BuildInfo);
+        register(
+            r,
+            PROCESS_START_TIME,
+            "When this process started, in Unix seconds.",
+            Computed::new(crate::telemetry::process::start_time_seconds),
+        );
+        register(
+            r,
+            PROCESS_RESIDENT_MEMORY,
+            "Resident memory of this process, in bytes.",
+            Computed::new(|| crate::telemetry::process::stat().map(|s| s.resident_bytes)),
+        );
+        register(
+            r,
+            PROCESS_CPU,
+            "CPU time this process used, user and system, in seconds.",
+            ComputedCounter(Box::new(|| crate::telemetry::process::stat().map(|s| s.cpu_seconds))),
+        );
+        register(r, STREAMING, "1 while the replication stream is running, else 0.", self.streaming.clone());
+        register(
+            r,
+            REDIS_REACHABLE,
+            "1 while Redis answers (the last batch or ping succeeded), else 0.",
+            self.redis_reachable.clone(),
+        );
         register(
             r,
             RECEIVED_LSN,
@@ -403,6 +556,12 @@ impl Metrics {
             CHANGES,
             "Row changes routed, by table and op (a TRUNCATE counts once per table).",
             self.changes.family.clone(),
+        );
+        register(
+            r,
+            UNMATCHED,
+            "Row changes that no rule turned into an action, by table.",
+            self.unmatched.family.clone(),
         );
         register(r, COMMITS, "Commits seen on the replication stream.", self.commits.clone());
         register(
@@ -438,8 +597,29 @@ impl Metrics {
         register(r, BATCHES, "Batches Redis acknowledged.", self.batches.clone());
         register(r, REDIS_ERRORS, "Failed batch applies to Redis; each is retried.", self.redis_errors.clone());
         register(r, REDIS_APPLY, "Seconds one batch apply to Redis took, successful or not.", self.redis_apply.clone());
+        register(
+            r,
+            DELETED_KEYS,
+            "Keys Redis reported deleted: unlinked keys that existed, keys of pattern deletes, tag sets and their members.",
+            self.deleted_keys.clone(),
+        );
+        register(r, SCANNED_KEYS, "Keys SCAN returned for pattern actions.", self.scanned_keys.clone());
+        register(r, SCAN, "Seconds one pattern action took, over all its SCAN pages.", self.scan.clone());
         register(r, RECONNECTS, "Replication reconnects.", self.reconnects.clone());
         register(r, RELOADS, "Rule sets swapped in after a reload.", self.reloads.clone());
+        register(
+            r,
+            RELOAD_FAILURES,
+            "Reloads rejected because the config or the rules had an error; the rules in use stayed.",
+            self.reload_failures.clone(),
+        );
+        let last_reload = self.last_reload.clone();
+        register(
+            r,
+            LAST_RELOAD,
+            "Unix time of the last rule set swapped in after a reload.",
+            Computed::new(move || Some(f64::from_bits(last_reload.load(Ordering::Relaxed))).filter(|&t| t > 0.0)),
+        );
         register(
             r,
             SLOT_RETAINED_WAL,
@@ -586,9 +766,66 @@ impl Metrics {
         self.reconnects.inc();
     }
 
-    /// Counts one rule set swapped in after a reload.
+    /// Counts one rule set swapped in after a reload, and notes when.
     pub fn reload(&self) {
         self.reloads.inc();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.last_reload.store(now.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Counts one reload rejected for an error in the config or the rules.
+    pub fn reload_failed(&self) {
+        self.reload_failures.inc();
+    }
+
+    /// Counts the reloads rejected so far.
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures.get()
+    }
+
+    /// Sets whether the replication stream is running.
+    pub fn set_streaming(&self, streaming: bool) {
+        self.streaming.set(i64::from(streaming));
+    }
+
+    /// Sets whether Redis answers.
+    pub fn set_redis_reachable(&self, reachable: bool) {
+        self.redis_reachable.set(i64::from(reachable));
+    }
+
+    /// Counts keys Redis reported deleted.
+    pub fn keys_deleted(&self, n: u64) {
+        self.deleted_keys.inc_by(n);
+    }
+
+    /// Counts the keys deleted so far.
+    pub fn deleted_keys(&self) -> u64 {
+        self.deleted_keys.get()
+    }
+
+    /// Counts keys SCAN returned for pattern actions.
+    pub fn keys_scanned(&self, n: u64) {
+        self.scanned_keys.inc_by(n);
+    }
+
+    /// Counts the keys SCAN returned so far.
+    pub fn scanned_keys(&self) -> u64 {
+        self.scanned_keys.get()
+    }
+
+    /// Records how long one pattern action took, over all its SCAN pages.
+    pub fn observe_scan(&self, took: Duration) {
+        self.scan.observe(took.as_secs_f64());
+    }
+
+    /// The counter of changes of `table` that no rule turned into an action, to cache per relation.
+    pub fn unmatched_counter(&self, table: &str) -> Counter {
+        self.unmatched.counter(Table { table: table.into() })
+    }
+
+    /// Counts the changes that no rule turned into an action so far, every table.
+    pub fn unmatched_total(&self) -> u64 {
+        self.unmatched.total()
     }
 
     /// Replaces what is known about the slot.
@@ -708,6 +945,11 @@ mod tests {
         m.redis_error();
         m.reconnect();
         m.reload();
+        m.reload_failed();
+        m.keys_deleted(1);
+        m.keys_scanned(1);
+        m.observe_scan(Duration::from_millis(1));
+        m.unmatched_counter("public.t").inc();
         m.set_slot(SlotHealth {
             retained_wal_bytes: Some(1),
             wal_status: Some(WalStatus::Reserved),
@@ -720,30 +962,7 @@ mod tests {
     #[test]
     fn every_metric_has_help_and_type_and_a_conventional_name() {
         let text = everything_counted().render();
-        let all = [
-            RECEIVED_LSN,
-            FLUSHED_LSN,
-            LAG,
-            ACK_LAG,
-            RECEIVE_LAG,
-            CHANGES,
-            COMMITS,
-            ACTIONS,
-            WIDENED,
-            DEAD_LETTERS,
-            MANUAL_MESSAGES,
-            MANUAL_REFUSED,
-            BATCHES,
-            REDIS_ERRORS,
-            REDIS_APPLY,
-            RECONNECTS,
-            RELOADS,
-            SLOT_RETAINED_WAL,
-            SLOT_WAL_STATUS,
-            SLOT_SAFE_WAL_SIZE,
-            HEARTBEATS,
-            LAST_HEARTBEAT,
-        ];
+        let all = ALL;
         for name in all {
             assert!(name.starts_with("walbust_"), "{name}");
             assert!(text.contains(&format!("# HELP {name} ")), "{name} has no HELP:\n{text}");
@@ -774,6 +993,59 @@ mod tests {
         assert_eq!(samples(&text, RELOADS), ["walbust_rule_reloads_total 0"]);
         assert_eq!(samples(&text, HEARTBEATS), ["walbust_heartbeats_total 0"]);
         assert_eq!(samples(&text, "walbust_ack_lag_seconds_count"), ["walbust_ack_lag_seconds_count 0"]);
+        for absent in [UNMATCHED, LAST_RELOAD] {
+            assert!(!text.contains(absent), "{absent} before anything was counted:\n{text}");
+        }
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(samples(&text, BUILD_INFO), [format!("walbust_build_info{{version=\"{version}\"}} 1")]);
+        assert_eq!(samples(&text, STREAMING), ["walbust_streaming 0"]);
+        assert_eq!(samples(&text, REDIS_REACHABLE), ["walbust_redis_reachable 0"], "unknown until Redis answers");
+        assert_eq!(samples(&text, RELOAD_FAILURES), ["walbust_rule_reload_failures_total 0"]);
+        assert_eq!(samples(&text, DELETED_KEYS), ["walbust_redis_deleted_keys_total 0"]);
+        assert_eq!(samples(&text, SCANNED_KEYS), ["walbust_redis_scanned_keys_total 0"]);
+    }
+
+    #[test]
+    fn process_metrics_read_this_process() {
+        let text = Metrics::new().render();
+        let value = |name: &str| -> f64 {
+            let line = samples(&text, name).first().copied().unwrap_or_else(|| panic!("no {name}:\n{text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert!(value(PROCESS_RESIDENT_MEMORY) > 1e6, "{text}");
+        assert!(value(PROCESS_CPU) >= 0.0, "{text}");
+        assert!(text.contains("# TYPE walbust_process_cpu_seconds_total counter"), "{text}");
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+        let started = value(PROCESS_START_TIME);
+        assert!(started <= now + 1.0 && started > now - 86_400.0, "{started} vs {now}");
+    }
+
+    #[test]
+    fn reloads_gauges_and_redis_costs_are_counted() {
+        let m = Metrics::new();
+        m.reload();
+        m.reload_failed();
+        m.reload_failed();
+        m.set_streaming(true);
+        m.set_redis_reachable(true);
+        m.keys_deleted(3);
+        m.keys_deleted(2);
+        m.keys_scanned(1000);
+        m.observe_scan(Duration::from_millis(30));
+        m.unmatched_counter("public.audit").inc_by(4);
+        let text = m.render();
+        assert_eq!(samples(&text, RELOADS), ["walbust_rule_reloads_total 1"]);
+        assert_eq!(samples(&text, RELOAD_FAILURES), ["walbust_rule_reload_failures_total 2"]);
+        let last: f64 = samples(&text, LAST_RELOAD)[0].rsplit(' ').next().unwrap().parse().unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!((now - last).abs() < 60.0, "{last} vs {now}");
+        assert_eq!(samples(&text, STREAMING), ["walbust_streaming 1"]);
+        assert_eq!(samples(&text, REDIS_REACHABLE), ["walbust_redis_reachable 1"]);
+        assert_eq!(samples(&text, DELETED_KEYS), ["walbust_redis_deleted_keys_total 5"]);
+        assert_eq!(samples(&text, SCANNED_KEYS), ["walbust_redis_scanned_keys_total 1000"]);
+        assert_eq!(samples(&text, "walbust_redis_scan_seconds_count"), ["walbust_redis_scan_seconds_count 1"]);
+        assert_eq!(samples(&text, UNMATCHED), [r#"walbust_unmatched_changes_total{table="public.audit"} 4"#]);
+        assert_eq!((m.deleted_keys(), m.scanned_keys(), m.unmatched_total(), m.reload_failures()), (5, 1000, 4, 2));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! and an idle database does not pin WAL.
 
 use crate::routing::current_lsn;
-use crate::support::{self, Running, Walbust, cache, existing, fresh_db, redis_conn, wait_until, write_config};
+use crate::support::{
+    self, Running, StderrLog, Walbust, cache, existing, fresh_db, redis_conn, wait_until, write_config,
+};
 use std::process::Stdio;
 use std::time::Duration;
 use walbust::daemon::pipeline::Event;
@@ -263,35 +265,6 @@ async fn transactions_arriving_while_redis_is_busy_share_the_next_batch() {
     assert_eq!(batches[2], (300, 1), "the large transaction, whole: {batches:?}");
 }
 
-/// Lines of a child's stderr, as they come.
-fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{line}");
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits for a line containing `needle`, or panics after `timeout`.
-fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return,
-            Ok(_) => {}
-            Err(_) => panic!("no log line containing {needle:?} within {timeout:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_redis_is_down_and_the_walsender_goes_away_exits_0_without_panicking() {
     let s = support::shared();
@@ -301,7 +274,7 @@ async fn sigterm_while_redis_is_down_and_the_walsender_goes_away_exits_0_without
     let keys = item_keys(&db.name, [1]);
     cache(&mut redis_conn(&redis.url()).await, &keys).await;
     let mut walbust = Walbust::spawn(&["--log-level", "info", "run", "--config"], &files.path, Stdio::piped());
-    let lines = stderr_lines(&mut walbust.0);
+    let log = StderrLog::capture(&mut walbust.0);
     wait_for_slot(&db.client, &db.name).await;
 
     // Redis stops taking writes (paused, so its port is never handed to another server), a row
@@ -309,9 +282,9 @@ async fn sigterm_while_redis_is_down_and_the_walsender_goes_away_exits_0_without
     let mut admin = redis_conn(&redis.url()).await;
     let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(120_000).arg("WRITE").query_async(&mut admin).await.unwrap();
     db.client.execute("INSERT INTO items (id) VALUES (1)", &[]).await.expect("insert");
-    wait_for_line(&lines, "applying a batch failed", Duration::from_secs(60));
+    log.wait_for("applying a batch failed", Duration::from_secs(60)).await;
     walbust.signal(libc::SIGTERM);
-    wait_for_line(&lines, "SIGTERM", Duration::from_secs(60));
+    log.wait_for("SIGTERM", Duration::from_secs(60)).await;
     // The server side of the replication connection goes away meanwhile.
     let pid: i32 = db
         .client

@@ -101,7 +101,7 @@ async fn misspelt_publication_is_reported_against_the_config_with_did_you_mean()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_password_exits_3_so_systemd_does_not_restart_it() {
+async fn wrong_password_exits_3_so_systemd_does_not_restart_it_and_is_logged_once() {
     let s = support::shared();
     let db = fresh_db(&s.pg, PLANS).await;
     let url =
@@ -111,7 +111,8 @@ async fn wrong_password_exits_3_so_systemd_does_not_restart_it() {
     let files = write_config(&wrong, &s.redis.url(), PLAN_RULE, "");
     let out = walbust(&["run"], &files.path).await;
     assert_eq!(out.code, Some(3), "{out}");
-    assert!(out.stderr.contains("28P01"), "{out}");
+    assert_eq!(out.stderr.matches("28P01").count(), 1, "the failure, once, with its cause:\n{out}");
+    assert!(out.stderr.contains(" ERROR ") && out.stderr.contains("stopping:"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -318,3 +318,45 @@ impl Drop for Walbust {
         }
     }
 }
+
+/// Every line a child process writes to stderr, collected as it comes and echoed, so a
+/// failing test shows them.
+pub struct StderrLog {
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl StderrLog {
+    /// Starts collecting the piped stderr of `child`.
+    pub fn capture(child: &mut std::process::Child) -> StderrLog {
+        use std::io::BufRead;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let collected = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                collected.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        StderrLog { lines }
+    }
+
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The lines so far that contain `needle`.
+    pub fn matching(&self, needle: &str) -> Vec<String> {
+        self.lines().into_iter().filter(|l| l.contains(needle)).collect()
+    }
+
+    /// Waits for a line containing `needle`; panics at the caller's line after `timeout`.
+    #[track_caller]
+    pub fn wait_for<'a>(&'a self, needle: &'a str, timeout: Duration) -> impl Future<Output = ()> + 'a {
+        wait_until(timeout, needle, move || {
+            let found = !self.matching(needle).is_empty();
+            async move { found }
+        })
+    }
+}
