@@ -8,6 +8,7 @@ mod connection;
 mod demo;
 mod durability;
 mod metrics;
+mod observability;
 mod operations;
 mod poison;
 mod replay;
