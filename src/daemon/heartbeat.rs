@@ -2,10 +2,11 @@
 //! at a steady interval, so the slot advances on an idle database and the message's arrival
 //! measures the whole path's latency. Only this process's own heartbeats count.
 
+use crate::daemon::outage::{Outage, rounded};
 use crate::errors::causes::error_chain;
 use crate::postgres::HEARTBEAT_PREFIX;
 use std::time::Duration;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// A number this process picks at random and writes into each of its heartbeats: any role
 /// may emit a message with the heartbeat prefix, but only this process's own heartbeats
@@ -33,14 +34,13 @@ pub fn heartbeat_time(nonce: u64, body: &[u8]) -> Option<i64> {
 /// written: the slot advances even when the database is idle, and its arrival measures the
 /// whole path's latency.
 pub async fn heartbeat(conninfo: crate::postgres::ConnInfo, every: Duration, nonce: u64) {
-    let mut warned = false;
+    let mut outage = Outage::default();
     loop {
         let client = match crate::postgres::connect_sql(&conninfo).await {
             Ok(c) => c,
             Err(e) => {
-                if !warned {
-                    warn!(error = %error_chain(&e), "heartbeat cannot connect; retrying");
-                    warned = true;
+                if outage.failed() {
+                    warn!(error = %error_chain(&e), down_for = ?outage.length(), "heartbeat cannot connect; retrying");
                 }
                 tokio::time::sleep(every).await;
                 continue;
@@ -54,10 +54,14 @@ pub async fn heartbeat(conninfo: crate::postgres::ConnInfo, every: Duration, non
             if let Err(e) = client.execute(sql, &[&HEARTBEAT_PREFIX, &now]).await {
                 // The SQLSTATE and message (57P01 for a terminated backend), not just "db error".
                 let e = crate::postgres::sql::from_pg_error(e, &conninfo.describe());
-                warn!(error = %error_chain(&e), "writing a heartbeat failed; reconnecting");
+                if outage.failed() {
+                    warn!(error = %error_chain(&e), "writing a heartbeat failed; reconnecting");
+                }
                 break;
             }
-            warned = false;
+            if let Some(down) = outage.ended() {
+                info!(outage = ?down, "heartbeat written again after {}", rounded(down));
+            }
         }
         tokio::time::sleep(every).await;
     }

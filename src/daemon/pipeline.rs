@@ -14,6 +14,7 @@
 //! sees a position that has not been applied.
 
 use crate::daemon::heartbeat::{heartbeat, heartbeat_nonce, heartbeat_time};
+use crate::daemon::outage::{Outage, rounded};
 use crate::daemon::slot::{self, SetupError, SlotPolicy};
 use crate::domain::action::Action;
 use crate::domain::batch::{Batch, ChangeRecord, CommitRecord, Origin};
@@ -356,49 +357,6 @@ const PING_DOWN: Duration = Duration::from_secs(1);
 /// How long a ping may take before Redis counts as unreachable.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How often a failure that goes on is logged again at WARN (in between at DEBUG).
-const STILL_FAILING_EVERY: Duration = Duration::from_secs(60);
-
-/// A run of failures as the logs tell it: at WARN when it starts and at most once a
-/// minute while it lasts (at DEBUG in between), and at INFO with its length when it ends.
-#[derive(Debug, Default)]
-struct Outage {
-    /// When it began, and when it was last logged at WARN.
-    since: Option<(Instant, Instant)>,
-}
-
-impl Outage {
-    /// One more failure; true when it is worth a WARN.
-    fn failed(&mut self) -> bool {
-        let now = Instant::now();
-        match &mut self.since {
-            None => {
-                self.since = Some((now, now));
-                true
-            }
-            Some((_, warned)) if now.duration_since(*warned) >= STILL_FAILING_EVERY => {
-                *warned = now;
-                true
-            }
-            Some(_) => false,
-        }
-    }
-
-    /// A success: how long the outage it ends lasted, if there was one.
-    fn ended(&mut self) -> Option<Duration> {
-        self.since.take().map(|(since, _)| since.elapsed())
-    }
-
-    /// How long the current outage has lasted; zero when there is none.
-    fn length(&self) -> Duration {
-        self.since.map_or(Duration::ZERO, |(since, _)| since.elapsed())
-    }
-
-    fn is_on(&self) -> bool {
-        self.since.is_some()
-    }
-}
-
 /// Whether Redis answers, as the applier learns it from batches and pings: it keeps
 /// `/healthz` and the reachable gauge current and logs each outage as [`Outage`] says.
 struct RedisState<'o> {
@@ -421,16 +379,6 @@ impl RedisState<'_> {
         self.metrics.set_redis_reachable(false);
         self.health.redis_unreachable(reason);
         self.outage.failed()
-    }
-}
-
-/// A duration as a person reads it in a log line: `16 s`, `850 ms`, `3 min 20 s`.
-fn rounded(d: Duration) -> String {
-    let secs = d.as_secs();
-    match secs {
-        0 => format!("{} ms", d.as_millis()),
-        1..=119 => format!("{secs} s"),
-        _ => format!("{} min {} s", secs / 60, secs % 60),
     }
 }
 

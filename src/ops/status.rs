@@ -313,8 +313,7 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
     tokio::pin!(shutdown);
     let slot = &config.source.slot;
     let mut client: Option<tokio_postgres::Client> = None;
-    // When reading the slot began to fail.
-    let mut failing: Option<std::time::Instant> = None;
+    let mut failing = crate::daemon::outage::Outage::default();
     let mut near_limit = false;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -353,14 +352,13 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
                     tracing::info!(slot = %slot, "the slot's retained WAL is back under the warning level");
                 }
                 near_limit = now_near;
-                if let Some(since) = failing.take() {
-                    tracing::info!(slot = %slot, outage = ?since.elapsed(),
-                        "slot monitor reads the slot again after {} s", since.elapsed().as_secs());
+                if let Some(outage) = failing.ended() {
+                    tracing::info!(slot = %slot, outage = ?outage,
+                        "slot monitor reads the slot again after {}", crate::daemon::outage::rounded(outage));
                 }
             }
             Err(e) => {
-                if failing.is_none() {
-                    failing = Some(std::time::Instant::now());
+                if failing.failed() {
                     tracing::warn!(slot = %slot, error = %crate::errors::causes::error_chain(&e), retry_in = ?every,
                         "slot monitor cannot read the slot; its gauges keep their last values");
                 }

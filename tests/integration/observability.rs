@@ -422,6 +422,7 @@ async fn a_terminated_backend_is_a_warning_with_its_sqlstate_and_streaming_resum
         .await
         .expect("terminate");
     log.wait_for("streaming changes again after", Duration::from_secs(60)).await;
+    log.wait_for("heartbeat written again after", Duration::from_secs(60)).await;
     log.wait_for("57P01", Duration::from_secs(60)).await;
     assert_eq!(walbust.terminate(), Some(0));
 
