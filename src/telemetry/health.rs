@@ -54,10 +54,10 @@ struct State {
 
 /// Whether walbust is doing its job, shared between the pipeline and `/healthz`.
 ///
-/// It starts "not streaming: starting" with Redis presumed reachable (an idle database
-/// sends no batch that could prove it), and is healthy only while streaming and Redis
-/// reachable. Reasons must not contain keys or row values: they are served to anyone
-/// who can reach the listener.
+/// It starts "not streaming: starting" with Redis presumed reachable until the pipeline's
+/// first ping or batch says otherwise (it pings at start and while idle), and is healthy
+/// only while streaming and Redis reachable. Reasons must not contain keys or row values:
+/// they are served to anyone who can reach the listener.
 #[derive(Debug)]
 pub struct Health {
     state: Mutex<State>,
@@ -114,7 +114,7 @@ impl Health {
         self.with(|s| s.redis = Redis::Reachable);
     }
 
-    /// Redis refused or failed a batch. Keeps the time of the first failure in a row.
+    /// Redis refused or failed a batch or a ping. Keeps the time of the first failure in a row.
     pub fn redis_unreachable(&self, reason: &str) {
         let reason = clip(reason);
         self.with(|s| {

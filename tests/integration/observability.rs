@@ -116,9 +116,26 @@ fn dashboard_queries() -> Vec<(String, Vec<String>)> {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
     assert!(dashboard["title"].is_string() && dashboard["schemaVersion"].as_u64().is_some(), "not a dashboard");
     let panels = dashboard["panels"].as_array().expect("panels");
+    // What Grafana needs to import it: unique panel ids, panels inside the 24-column grid,
+    // and every data source reference to the dashboard's own data source variable.
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert!(variables.contains(&"datasource"), "no data source variable: {variables:?}");
+    let mut ids = BTreeSet::new();
+    for panel in panels {
+        assert!(ids.insert(panel["id"].as_u64().expect("a numeric panel id")), "duplicate id in {panel}");
+        let grid = &panel["gridPos"];
+        let (x, w) = (grid["x"].as_u64().expect("x"), grid["w"].as_u64().expect("w"));
+        assert!(x + w <= 24 && grid["h"].as_u64().is_some_and(|h| h > 0), "off the grid: {panel}");
+    }
     let mut queries = Vec::new();
     for panel in panels.iter().filter(|p| p["type"] != "row") {
         let title = panel["title"].as_str().expect("every panel has a title").to_string();
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "panel {title:?}'s data source");
         let exprs: Vec<String> = panel["targets"]
             .as_array()
             .map(|targets| targets.iter().filter_map(|t| t["expr"].as_str()).map(str::to_string).collect())
