@@ -43,7 +43,8 @@
 //!
 //! [`ops`] and [`offline`] sit on the daemon. [`ops::catalog`] checks the rules against the
 //! live catalog (tables, columns, publication, replica identity) for
-//! `walbust check --online` and before the pipeline starts; [`ops::setup`] writes (or
+//! `walbust check --online` and before the pipeline starts; [`ops::failover`] checks a
+//! primary and its standbys for `[source] failover = true`; [`ops::setup`] writes (or
 //! applies) the SQL that prepares a database; [`ops::status`] reports a slot's state.
 //! [`offline::ruletest`] runs `*.test.toml` rule tests through the same routing step and
 //! batch. [`offline::recording`] captures the change stream to a file from a temporary slot

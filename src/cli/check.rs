@@ -74,6 +74,9 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool, app_ro
                 for u in &unmet {
                     eprintln!("error: {}\n  hint: {}", u.problem, u.fix);
                 }
+                if config.source.failover {
+                    server_ok &= check_failover(&config.source.conninfo).await;
+                }
                 let tables = loaded.rules.tables().len();
                 let publication_missing = found.0.iter().any(|d| d.file == config.path && d.is_error());
                 println!(
@@ -110,6 +113,30 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool, app_ro
         Ok(exit::FAILED)
     } else {
         Ok(exit::OK)
+    }
+}
+
+/// Prints what `failover = true` needs of the primary and the standbys in `[source] url`;
+/// true when nothing is missing.
+async fn check_failover(info: &walbust::postgres::ConnInfo) -> bool {
+    match walbust::ops::failover::check(info).await {
+        Ok(found) => {
+            let standbys: Vec<&str> = found.servers.iter().filter(|s| s.standby).map(|s| s.endpoint.as_str()).collect();
+            println!(
+                "{} failover slot: standbys {}",
+                if found.unmet.is_empty() { "ok  " } else { "FAIL" },
+                if standbys.is_empty() { "none".to_string() } else { standbys.join(", ") }
+            );
+            for u in &found.unmet {
+                eprintln!("error: {}\n  hint: {}", u.problem, u.fix);
+            }
+            found.unmet.is_empty()
+        }
+        Err(e) => {
+            println!("FAIL failover slot");
+            eprintln!("error: {}", walbust::errors::causes::error_chain(&e));
+            false
+        }
     }
 }
 

@@ -123,6 +123,52 @@ pub fn emit_message_grants(roles: &[String], revoke: &[String]) -> String {
     format!("DO ${tag}$\n{body}${tag}$;\n")
 }
 
+/// `ALTER SYSTEM SET name = 'value'; SELECT pg_reload_conf();`, for a setting a reload applies.
+pub fn set_and_reload(name: &str, value: &str) -> String {
+    format!("ALTER SYSTEM SET {name} = {}; SELECT pg_reload_conf();", quote_literal(value))
+}
+
+/// `SELECT pg_create_physical_replication_slot('name');`, the slot a standby streams from
+/// (its `primary_slot_name`).
+pub fn create_physical_slot(name: &str) -> String {
+    format!("SELECT pg_create_physical_replication_slot({});", quote_literal(name))
+}
+
+/// `dbname=...` as a standby's `primary_conninfo` needs it for slot synchronization.
+pub fn primary_conninfo_dbname(database: &str) -> String {
+    if database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        format!("dbname={database}")
+    } else {
+        format!("dbname='{}'", database.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+}
+
+/// What a primary and its standbys need for walbust's failover slot to survive a
+/// promotion (PostgreSQL 17 and later), as SQL comments for `walbust setup`: each
+/// statement runs on a different server. `standby_slot` names the standby's physical slot.
+pub fn failover_settings(standby_slot: &str, database: &str) -> String {
+    let mut out = String::from(
+        "-- Failover (failover = true, PostgreSQL 17 and later): walbust creates its slot with FAILOVER;\n\
+         -- each standby keeps it in step, so that after a promotion walbust resumes from it and loses nothing.\n\
+         -- On the primary: a physical slot per standby, and no change sent to walbust before the standbys have it:\n",
+    );
+    for line in [create_physical_slot(standby_slot), set_and_reload("synchronized_standby_slots", standby_slot)] {
+        let _ = writeln!(out, "--   {line}");
+    }
+    out.push_str("-- On each standby (its own slot name in primary_slot_name):\n");
+    for (name, value) in
+        [("sync_replication_slots", "on"), ("hot_standby_feedback", "on"), ("primary_slot_name", standby_slot)]
+    {
+        let _ = writeln!(out, "--   {}", set_and_reload(name, value));
+    }
+    let _ = writeln!(out, "--   and {} in its primary_conninfo", primary_conninfo_dbname(database));
+    out.push_str(
+        "-- List the standbys in [source] url with target_session_attrs=primary (host=primary,standby), so that\n\
+         -- walbust finds the new primary, and `walbust check --online` checks each standby's settings.\n",
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +194,21 @@ mod tests {
             "ALTER PUBLICATION \"user\" SET (publish = 'insert, update, delete, truncate');"
         );
         assert_eq!(replica_identity_full(&b), "ALTER TABLE \"App\".\"order\" REPLICA IDENTITY FULL;");
+    }
+
+    #[test]
+    fn failover_settings_name_each_server_and_setting() {
+        assert_eq!(
+            set_and_reload("primary_slot_name", "stand'by"),
+            "ALTER SYSTEM SET primary_slot_name = 'stand''by'; SELECT pg_reload_conf();"
+        );
+        let text = failover_settings("standby1", "app");
+        assert!(text.contains("--   SELECT pg_create_physical_replication_slot('standby1');\n"), "{text}");
+        assert!(text.contains("--   ALTER SYSTEM SET synchronized_standby_slots = 'standby1';"), "{text}");
+        assert!(text.contains("--   ALTER SYSTEM SET sync_replication_slots = 'on';"), "{text}");
+        assert!(text.contains("--   ALTER SYSTEM SET hot_standby_feedback = 'on';"), "{text}");
+        assert!(text.contains("dbname=app in its primary_conninfo"), "{text}");
+        assert!(text.lines().all(|l| l.starts_with("--")), "comments only: each line is for another server\n{text}");
     }
 
     #[test]

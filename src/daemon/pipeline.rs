@@ -870,6 +870,7 @@ impl Reader<'_> {
             replace_lost: self.slot.replace_lost,
             known_timeline: self.slot.timeline,
             held_before: self.slot.held,
+            failover: source.failover,
         };
         let connect = async {
             let mut conn = ReplicationConn::connect(&source.conninfo, true).await.map_err(PipelineError::Connect)?;
@@ -895,14 +896,14 @@ impl Reader<'_> {
         self.progress.flush(start);
         let publication = crate::postgres::quote::quote_ident(&source.publication);
         let options = crate::postgres::pgoutput_options(&publication);
-        let mut stream = conn.start_replication(&source.slot, start, &options).await.map_err(|e| match &e {
-            // The slot exists but its WAL is gone (invalidated between the check and the start).
-            SourceError::Server { code, message, .. }
-                if code == "55000" && message.contains("no longer get changes") =>
-            {
-                PipelineError::from(SetupError::SlotLost { slot: source.slot.clone(), reason: message.clone() })
+        let mut stream = conn.start_replication(&source.slot, start, &options).await.map_err(|e| {
+            match e.server_message() {
+                // The slot exists but its WAL is gone (invalidated between the check and the start).
+                Some(message) if e.code() == Some("55000") && message.contains("no longer get changes") => {
+                    PipelineError::from(SetupError::SlotLost { slot: source.slot.clone(), reason: message.to_string() })
+                }
+                _ => PipelineError::Start(e),
             }
-            _ => PipelineError::Start(e),
         })?;
         match self.outage.ended() {
             Some(outage) => info!(slot = %source.slot, lsn = %start, outage = ?outage,

@@ -35,6 +35,14 @@ pub enum SetupError {
         /// `server_version_num`, e.g. `130016`.
         version_num: u32,
     },
+    /// `failover = true` on a server older than PostgreSQL 17, which has no failover slots.
+    #[error(
+        "failover = true needs failover slots, which PostgreSQL 17 added, but the server runs PostgreSQL {version}; upgrade the server to 17 or later, or set failover = false in [source] (after a failover, on_slot_lost then applies)"
+    )]
+    FailoverUnsupported {
+        /// `server_version`.
+        version: String,
+    },
     /// The publication does not exist.
     #[error("publication `{publication}` does not exist in database `{database}`; create it with: {fix}")]
     MissingPublication {
@@ -104,6 +112,7 @@ impl SetupError {
             SetupError::SlotBusy { .. } => false,
             SetupError::WalLevel { .. }
             | SetupError::UnsupportedServer { .. }
+            | SetupError::FailoverUnsupported { .. }
             | SetupError::MissingPublication { .. }
             | SetupError::MissingSlot { .. }
             | SetupError::UnusableSlot { .. }
@@ -134,6 +143,8 @@ pub struct SlotPolicy {
     pub known_timeline: Option<u32>,
     /// True once walbust has streamed from the slot: a missing slot is then a lost one.
     pub held_before: bool,
+    /// Create the slot as a failover slot, or make an existing one so (`[source] failover`).
+    pub failover: bool,
 }
 
 /// What [`prepare`] checks: the slot and the publication, by name.
@@ -163,22 +174,19 @@ pub async fn prepare(
 ) -> Result<SlotPosition, SetupError> {
     let query = |doing: &'static str| move |source| SetupError::Query { doing, source };
     let lost = |reason: String| SetupError::SlotLost { slot: target.slot.to_string(), reason };
-    let rows = conn.simple_query("IDENTIFY_SYSTEM").await.map_err(query("identifying the server"))?;
+    let rows = conn.replication_command("IDENTIFY_SYSTEM").await.map_err(query("identifying the server"))?;
     let timeline = rows.first().and_then(|r| r.get("timeline")).and_then(|t| t.parse().ok()).unwrap_or(0);
-    let mut replace = false;
-    if let Some(known) = policy.known_timeline.filter(|&t| t != timeline) {
-        if !policy.replace_lost {
-            return Err(lost(format!(
-                "the server's timeline changed from {known} to {timeline} (a failover or a restore)"
-            )));
-        }
-        replace = true;
-    }
+    let timeline_change = policy.known_timeline.filter(|&t| t != timeline);
     let rows = conn.simple_query("SHOW server_version_num").await.map_err(query("reading server_version_num"))?;
-    let version_num = rows.first().and_then(|r| r.get("server_version_num")).and_then(|v| v.parse().ok());
-    if let Some(version_num) = version_num.filter(|&n| n < MIN_SERVER_VERSION_NUM) {
-        let version = conn.parameter("server_version").unwrap_or("?").to_string();
+    let version_num: u32 =
+        rows.first().and_then(|r| r.get("server_version_num")).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let version = conn.parameter("server_version").unwrap_or("?").to_string();
+    if version_num < MIN_SERVER_VERSION_NUM {
         return Err(SetupError::UnsupportedServer { version, version_num });
+    }
+    let failover_slots = version_num >= FAILOVER_SLOTS_VERSION_NUM;
+    if policy.failover && !failover_slots {
+        return Err(SetupError::FailoverUnsupported { version });
     }
     let rows = conn.simple_query("SHOW wal_level").await.map_err(query("reading wal_level"))?;
     let wal_level = rows.first().and_then(|r| r.get("wal_level")).unwrap_or_default().to_string();
@@ -194,12 +202,33 @@ pub async fn prepare(
         });
     }
     let sql = format!(
-        "SELECT plugin, slot_type, database, active_pid, confirmed_flush_lsn, wal_status, current_database() AS current \
-         FROM pg_replication_slots WHERE slot_name = {}",
+        "SELECT plugin, slot_type, database, active_pid, confirmed_flush_lsn, wal_status, current_database() AS current, \
+         {} FROM pg_replication_slots WHERE slot_name = {}",
+        if failover_slots { "failover::text, synced::text" } else { "NULL AS failover, NULL AS synced" },
         quote_literal(target.slot)
     );
     let rows = conn.simple_query(&sql).await.map_err(query("looking up the replication slot"))?;
     let mut slot = rows.first();
+    let mut replace = false;
+    if let Some(known) = timeline_change {
+        // A failover slot the standby kept in step survives the promotion: the primary sent
+        // walbust nothing the standby had not received (synchronized_standby_slots), so
+        // resuming from it loses nothing.
+        if slot.is_some_and(|s| s.get("synced") == Some("true")) {
+            tracing::info!(
+                slot = %target.slot,
+                from = known,
+                to = timeline,
+                "the server's timeline changed (a failover); resuming from the failover slot synchronized to this server"
+            );
+        } else if !policy.replace_lost {
+            return Err(lost(format!(
+                "the server's timeline changed from {known} to {timeline} (a failover or a restore), and the slot on this server is not one a standby kept in step (a failover slot with sync_replication_slots on the standby, PostgreSQL 17 and later)"
+            )));
+        } else {
+            replace = true;
+        }
+    }
     if let Some(existing) = slot {
         let is_lost = existing.get("wal_status") == Some("lost");
         if (is_lost || replace) && policy.replace_lost && existing.get("active_pid").is_none() {
@@ -218,8 +247,9 @@ pub async fn prepare(
         if !policy.may_create && !policy.replace_lost {
             return Err(SetupError::MissingSlot { slot: target.slot.to_string() });
         }
-        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')", quote_ident(target.slot));
-        let rows = conn.simple_query(&sql).await.map_err(query("creating the replication slot"))?;
+        let kind = if policy.failover { SlotKind::Failover } else { SlotKind::Permanent };
+        let sql = create_slot_sql(target.slot, kind);
+        let rows = conn.replication_command(&sql).await.map_err(query("creating the replication slot"))?;
         let start =
             rows.first().and_then(|r| r.get("consistent_point")).and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
         tracing::info!(slot = %target.slot, lsn = %start, "created replication slot");
@@ -245,6 +275,11 @@ pub async fn prepare(
     if let Some(pid) = slot.get("active_pid") {
         return Err(SetupError::SlotBusy { slot: target.slot.to_string(), pid: pid.to_string() });
     }
+    if policy.failover && slot.get("failover") == Some("false") {
+        let sql = format!("ALTER_REPLICATION_SLOT {} (FAILOVER true)", quote_ident(target.slot));
+        conn.replication_command(&sql).await.map_err(query("making the replication slot a failover slot"))?;
+        tracing::info!(slot = %target.slot, "made the replication slot a failover slot (failover = true)");
+    }
     let start = slot.get("confirmed_flush_lsn").and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
     Ok(SlotPosition { start, created: false, timeline })
 }
@@ -252,6 +287,41 @@ pub async fn prepare(
 /// The oldest server walbust supports: PostgreSQL 14 (`server_version_num` 140000), the
 /// first with pgoutput's streaming and logical decoding messages.
 pub const MIN_SERVER_VERSION_NUM: u32 = 140000;
+
+/// The first server with failover slots: PostgreSQL 17.
+pub const FAILOVER_SLOTS_VERSION_NUM: u32 = 170000;
+
+/// Which slot [`create_slot_sql`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotKind {
+    /// A slot that outlives the connection (`walbust run`).
+    Permanent,
+    /// A permanent slot that standbys keep in step (PostgreSQL 17 and later).
+    Failover,
+    /// A slot dropped with the connection (`walbust record`).
+    Temporary,
+}
+
+/// `CREATE_REPLICATION_SLOT "slot" [TEMPORARY] LOGICAL pgoutput NOEXPORT_SNAPSHOT`: the
+/// keyword form, which every supported server accepts (the parenthesized option list is
+/// PostgreSQL 15 and later). No snapshot is exported: walbust reads changes only. A
+/// failover slot needs the option list, `(SNAPSHOT 'nothing', FAILOVER)`, of PostgreSQL 17.
+pub fn create_slot_sql(slot: &str, kind: SlotKind) -> String {
+    let slot = quote_ident(slot);
+    match kind {
+        SlotKind::Permanent => format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput NOEXPORT_SNAPSHOT"),
+        SlotKind::Temporary => format!("CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT"),
+        SlotKind::Failover => {
+            format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)")
+        }
+    }
+}
+
+/// The requirement a server older than [`MIN_SERVER_VERSION_NUM`] fails, naming its version
+/// and the minimum; `None` for a supported server.
+pub fn unsupported_server(version: &str, version_num: u32) -> Option<Unmet> {
+    (version_num < MIN_SERVER_VERSION_NUM).then(|| Unmet::server_version(version, version_num))
+}
 
 /// The server settings walbust depends on, as read from the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -322,9 +392,7 @@ impl Unmet {
 /// walsender unless one already streams walbust's slot.
 pub fn requirements(settings: &ServerSettings, slot: &str) -> Vec<Unmet> {
     let mut unmet = Vec::new();
-    if settings.version_num < MIN_SERVER_VERSION_NUM {
-        unmet.push(Unmet::server_version(&settings.version, settings.version_num));
-    }
+    unmet.extend(unsupported_server(&settings.version, settings.version_num));
     if settings.wal_level != "logical" {
         unmet.push(Unmet::wal_level(&settings.wal_level));
     }
@@ -379,6 +447,22 @@ mod tests {
             slot_exists: false,
             slot_active: false,
         }
+    }
+
+    #[test]
+    fn slots_are_created_in_the_keyword_form_every_supported_server_accepts() {
+        assert_eq!(
+            create_slot_sql("walbust", SlotKind::Permanent),
+            r#"CREATE_REPLICATION_SLOT "walbust" LOGICAL pgoutput NOEXPORT_SNAPSHOT"#
+        );
+        assert_eq!(
+            create_slot_sql("rec\"x", SlotKind::Temporary),
+            r#"CREATE_REPLICATION_SLOT "rec""x" TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT"#
+        );
+        assert_eq!(
+            create_slot_sql("walbust", SlotKind::Failover),
+            r#"CREATE_REPLICATION_SLOT "walbust" LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)"#
+        );
     }
 
     #[test]

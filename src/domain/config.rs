@@ -41,6 +41,9 @@ pub struct SourceConfig {
     pub publication: String,
     /// Create the slot when it is missing.
     pub create_slot: bool,
+    /// Make the slot a failover slot (PostgreSQL 17 and later), which standbys with
+    /// `sync_replication_slots = on` keep in step, so that it survives a promotion.
+    pub failover: bool,
     /// How often a standby status update is sent even when nothing changed.
     pub status_interval: Duration,
     /// How long the stream may stay silent (after a status update asking for a reply)
@@ -138,6 +141,8 @@ struct RawSource {
     publication: Option<Spanned<String>>,
     #[serde(default)]
     create_slot: Option<bool>,
+    #[serde(default)]
+    failover: bool,
     #[serde(default)]
     status_interval: Option<Spanned<String>>,
     #[serde(default)]
@@ -394,6 +399,7 @@ impl Validator<'_> {
             slot,
             publication,
             create_slot: raw.create_slot.unwrap_or(true),
+            failover: raw.failover,
             status_interval,
             read_timeout,
             message_prefix: self.message_prefix(raw.message_prefix),
@@ -731,6 +737,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("[source] slot", a.slot != b.slot),
         ("[source] publication", a.publication != b.publication),
         ("[source] create_slot", a.create_slot != b.create_slot),
+        ("[source] failover", a.failover != b.failover),
         ("[source] status_interval", a.status_interval != b.status_interval),
         ("[source] read_timeout", a.read_timeout != b.read_timeout),
         ("[source] message_prefix", a.message_prefix != b.message_prefix),

@@ -74,6 +74,8 @@ pub struct PostgresOptions {
     pub hba: Vec<String>,
     /// Files written into the data directory before start (certificates, keys), mode 0600.
     pub files: Vec<(String, Vec<u8>)>,
+    /// The directory holding `initdb` and `postgres`; [`postgres_bin_dir`] when `None`.
+    pub bin: Option<PathBuf>,
 }
 
 /// A Postgres cluster in a temporary directory, stopped and removed on drop.
@@ -88,7 +90,10 @@ pub struct ThrowawayPostgres {
 impl ThrowawayPostgres {
     /// Creates a cluster with `initdb` and starts it.
     pub fn start(options: &PostgresOptions) -> Result<Self, ThrowawayError> {
-        let bin = postgres_bin_dir()?;
+        let bin = match &options.bin {
+            Some(dir) => dir.clone(),
+            None => postgres_bin_dir()?,
+        };
         let owner = if is_root() { Some(postgres_user()?) } else { None };
         let root = temp_root("pg")?;
         let mut pg = ThrowawayPostgres { root, bin, port: free_port()?, owner, child: None };
@@ -204,8 +209,87 @@ impl ThrowawayPostgres {
         self.child = Some(child);
         let socket = self.root.join(format!(".s.PGSQL.{}", self.port));
         self.wait_ready("postgres", &log_path, from, |text| {
-            text.contains("database system is ready to accept connections") && socket.exists()
+            (text.contains("database system is ready to accept connections")
+                || text.contains("database system is ready to accept read-only connections"))
+                && socket.exists()
         })
+    }
+
+    /// A streaming standby of this cluster, as `pg_basebackup -R` makes one: a copy of the
+    /// data directory with `standby.signal` and a `primary_conninfo` pointing here, started
+    /// on a port of its own with `settings` added (`primary_slot_name`, ...). The copy is
+    /// taken with this server stopped (a fast shutdown, then started again), which needs no
+    /// `pg_basebackup` of the server's version; replication slots are left out of the copy,
+    /// as `pg_basebackup` leaves them out.
+    pub fn start_standby(&mut self, settings: &[String]) -> Result<ThrowawayPostgres, ThrowawayError> {
+        let root = temp_root("pg")?;
+        let mut standby =
+            ThrowawayPostgres { root, bin: self.bin.clone(), port: free_port()?, owner: self.owner, child: None };
+        standby.chown(&standby.root.clone())?;
+        spawn_watchdog(
+            &standby.root,
+            &format!("kill -QUIT $(head -n1 '{}/data/postmaster.pid' 2>/dev/null) 2>/dev/null", standby.root.display()),
+        );
+        self.stop()?;
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(self.data_dir())
+            .arg(standby.data_dir())
+            .status()
+            .map_err(io("copying the data directory", self.data_dir()));
+        self.start_again()?;
+        if !copied?.success() {
+            return Err(ThrowawayError::Startup {
+                what: "standby",
+                reason: "cp -a of the primary's data directory failed".into(),
+                log: "cp".into(),
+                tail: String::new(),
+            });
+        }
+        let slots = standby.data_dir().join("pg_replslot");
+        for entry in fs::read_dir(&slots).map_err(io("reading", &slots))?.flatten() {
+            fs::remove_dir_all(entry.path()).map_err(io("removing a copied slot", entry.path()))?;
+        }
+        let _ = fs::remove_file(standby.data_dir().join("postmaster.pid"));
+        let _ = fs::remove_file(standby.log_path());
+        let signal = standby.data_dir().join("standby.signal");
+        fs::write(&signal, b"").map_err(io("writing", &signal))?;
+        standby.chown(&signal)?;
+        let mut conf = format!(
+            "\n# standby\nport = {}\nunix_socket_directories = '{}'\nhot_standby = on\n\
+             primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres application_name=standby'\n",
+            standby.port,
+            standby.root.display(),
+            self.port
+        );
+        for line in settings {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        append(&standby.data_dir().join("postgresql.conf"), conf.as_bytes())?;
+        standby.start_again()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby with `pg_ctl promote`, waiting until it accepts writes.
+    pub fn promote(&self) -> Result<(), ThrowawayError> {
+        let out = self
+            .command("pg_ctl")
+            .arg("promote")
+            .arg("-w")
+            .arg("-D")
+            .arg(self.data_dir())
+            .output()
+            .map_err(io("running pg_ctl promote", self.bin.join("pg_ctl")))?;
+        if !out.status.success() {
+            return Err(ThrowawayError::Startup {
+                what: "pg_ctl promote",
+                reason: format!("exited with {}", out.status),
+                log: "pg_ctl output".into(),
+                tail: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(())
     }
 
     fn wait_ready(

@@ -353,6 +353,10 @@ pub fn setup_sql_with(config: &Config, rules: &RuleSet, app_roles: &[String], li
         }
     }
     out.push_str("COMMIT;\n");
+    if source.failover {
+        out.push('\n');
+        out.push_str(&fix::failover_settings("walbust_standby", database));
+    }
     out
 }
 

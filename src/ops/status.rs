@@ -42,12 +42,19 @@ pub enum StatusError {
         #[source]
         source: SourceError,
     },
+    /// The server is older than walbust supports.
+    #[error("{0}")]
+    UnsupportedServer(crate::daemon::slot::Unmet),
 }
 
 impl StatusError {
-    /// The exit code for `walbust status`: always [`exit::USAGE`], as for a bad config.
+    /// The exit code for `walbust status`: [`exit::FAILED`] for a server walbust does not
+    /// support, else [`exit::USAGE`], as for a bad config.
     pub fn exit_code(&self) -> u8 {
-        exit::USAGE
+        match self {
+            StatusError::UnsupportedServer(_) => exit::FAILED,
+            StatusError::Connect { .. } | StatusError::Query { .. } => exit::USAGE,
+        }
     }
 }
 
@@ -274,6 +281,14 @@ pub async fn slot_status(config: &Config) -> Result<SlotStatus, StatusError> {
     let client = connect_sql(&config.source.conninfo)
         .await
         .map_err(|source| StatusError::Connect { slot: slot.clone(), source })?;
+    let version = client
+        .query_one("SELECT current_setting('server_version'), current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|source| StatusError::Query { slot: slot.clone(), source })?;
+    let version_num = u32::try_from(version.get::<_, i32>(1)).unwrap_or(0);
+    if let Some(unmet) = crate::daemon::slot::unsupported_server(version.get(0), version_num) {
+        return Err(StatusError::UnsupportedServer(unmet));
+    }
     query_status(&client, slot).await
 }
 

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
-use super::conninfo::{ConnInfo, SslMode, is_unix_host, socket_path};
+use super::conninfo::{ConnInfo, SessionState, SslMode, TargetSessionAttrs, is_unix_host, socket_path};
 use super::quote::{quote_ident, quote_literal};
 use super::tls;
 use super::{SESSION_SETTINGS, SourceError};
@@ -457,49 +457,100 @@ impl ReplicationConn {
         Self::connect_with(info, ConnectOptions { replication, ..ConnectOptions::default() }).await
     }
 
-    /// Connects with explicit [`ConnectOptions`]. Hosts are tried in order and
-    /// the last host's error is returned; each host's attempt (connect, TLS,
-    /// authentication) is bounded by `info.connect_timeout`.
+    /// Connects with explicit [`ConnectOptions`]. Hosts are tried in order, and the
+    /// first whose server suits `target_session_attrs` is kept (a standby first on every
+    /// host, for `prefer-standby`); otherwise the last host's error is returned. Each host's
+    /// attempt (connect, TLS, authentication) is bounded by `info.connect_timeout`.
     pub async fn connect_with(info: &ConnInfo, options: ConnectOptions) -> Result<Self, SourceError> {
         let mut tls_config = None;
         let mut last_error = None;
-        for host in &info.hosts {
-            let endpoint = info.endpoint(host);
-            let attempt = connect_host(info, host, &endpoint, options, &mut tls_config);
-            let result = if info.connect_timeout.is_zero() {
-                attempt.await
-            } else {
-                match tokio::time::timeout(info.connect_timeout, attempt).await {
-                    Ok(r) => r,
-                    Err(_) => Err(SourceError::Timeout {
-                        what: "connecting to",
-                        host: endpoint.clone(),
-                        after: info.connect_timeout,
-                        hint: "check that the server is up and reachable, or raise connect_timeout",
-                    }),
-                }
-            };
-            match result {
-                Ok(conn) => {
-                    tracing::debug!(
-                        server = %endpoint,
-                        tls = conn.tls,
-                        replication = options.replication,
-                        "connected to postgres"
-                    );
-                    return Ok(conn);
-                }
-                Err(e) => {
-                    if info.hosts.len() > 1 {
-                        tracing::warn!(server = %endpoint, error = %e, "could not connect; trying the next host");
+        let passes = info.target_session_attrs.passes();
+        for (pass, &wanted) in passes.iter().enumerate() {
+            let last_pass = pass + 1 == passes.len();
+            for (host, port) in info.targets() {
+                let endpoint = info.endpoint(host, port);
+                match Self::connect_one(info, host, port, &endpoint, options, &mut tls_config).await {
+                    Ok(mut conn) => {
+                        if wanted == TargetSessionAttrs::Any {
+                            return Ok(conn);
+                        }
+                        let state = match conn.session_state().await {
+                            Ok(state) => state,
+                            Err(e) => {
+                                last_error = Some(e);
+                                continue;
+                            }
+                        };
+                        if wanted.accepts(state) {
+                            return Ok(conn);
+                        }
+                        conn.close().await;
+                        if let Some(e) = super::passed_over(info, endpoint, state, last_pass) {
+                            last_error = Some(e);
+                        }
                     }
-                    last_error = Some(e);
+                    Err(e) => {
+                        if info.hosts.len() > 1 {
+                            tracing::warn!(server = %endpoint, error = %e, "could not connect; trying the next host");
+                        }
+                        last_error = Some(e);
+                    }
                 }
             }
         }
         Err(last_error.unwrap_or_else(|| {
             SourceError::ConnInfo(super::ConnInfoError::Syntax("no host to connect to; set host".into()))
         }))
+    }
+
+    /// Whether the server is a standby and whether it takes writes: from the
+    /// `in_hot_standby` and `default_transaction_read_only` parameters servers from
+    /// PostgreSQL 14 report at start-up, else by asking.
+    pub async fn session_state(&mut self) -> Result<SessionState, SourceError> {
+        let on = |v: &str| v == "on";
+        if let (Some(standby), Some(read_only)) =
+            (self.parameter("in_hot_standby"), self.parameter("default_transaction_read_only"))
+        {
+            return Ok(SessionState { in_recovery: on(standby), read_only: on(standby) || on(read_only) });
+        }
+        let rows = self
+            .simple_query(
+                "SELECT pg_is_in_recovery()::text AS standby, current_setting('default_transaction_read_only') AS ro",
+            )
+            .await?;
+        let row = rows.first();
+        let standby = row.and_then(|r| r.get("standby")) == Some("true");
+        let read_only = row.and_then(|r| r.get("ro")).is_some_and(on);
+        Ok(SessionState { in_recovery: standby, read_only: standby || read_only })
+    }
+
+    /// One host's attempt, bounded by `info.connect_timeout`.
+    async fn connect_one(
+        info: &ConnInfo,
+        host: &str,
+        port: u16,
+        endpoint: &str,
+        options: ConnectOptions,
+        tls_config: &mut Option<Arc<ClientConfig>>,
+    ) -> Result<Self, SourceError> {
+        let attempt = connect_host(info, host, port, endpoint, options, tls_config);
+        let result = if info.connect_timeout.is_zero() {
+            attempt.await
+        } else {
+            match tokio::time::timeout(info.connect_timeout, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(SourceError::Timeout {
+                    what: "connecting to",
+                    host: endpoint.to_string(),
+                    after: info.connect_timeout,
+                    hint: "check that the server is up and reachable, or raise connect_timeout",
+                }),
+            }
+        };
+        if let Ok(conn) = &result {
+            tracing::debug!(server = %endpoint, tls = conn.tls, replication = options.replication, "connected to postgres");
+        }
+        result
     }
 
     /// Runs `sql` with the simple query protocol and returns all rows as text.
@@ -588,6 +639,27 @@ impl ReplicationConn {
         }
     }
 
+    /// Runs a replication command (`IDENTIFY_SYSTEM`, `CREATE_REPLICATION_SLOT`, ...) like
+    /// [`simple_query`](Self::simple_query). When the server refuses it, the error names the
+    /// command and the server version ([`SourceError::Rejected`]), since the commands differ
+    /// between major versions.
+    pub async fn replication_command(&mut self, command: &str) -> Result<Vec<SimpleRow>, SourceError> {
+        self.simple_query(command).await.map_err(|e| self.rejected(command, e))
+    }
+
+    /// Wraps a server error in answer to `command` as [`SourceError::Rejected`].
+    fn rejected(&self, command: &str, e: SourceError) -> SourceError {
+        match e {
+            e @ SourceError::Server { .. } => SourceError::Rejected {
+                command: command.to_string(),
+                server_version: self.parameter("server_version").unwrap_or("(version unknown)").to_string(),
+                host: self.wire.endpoint.clone(),
+                source: Box::new(e),
+            },
+            other => other,
+        }
+    }
+
     async fn send_query(&mut self, sql: &str) -> Result<(), SourceError> {
         if self.in_query {
             return Err(self
@@ -640,7 +712,7 @@ impl ReplicationConn {
                 let pid = self.backend_pid();
                 Ok((self.wire, pid))
             }
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => Err(self.rejected(&sql, e)),
             Err(_) => Err(SourceError::Timeout {
                 what: "waiting for START_REPLICATION to be answered by",
                 host: endpoint,
@@ -712,13 +784,14 @@ pub(crate) fn start_replication_sql(slot: &str, start: Lsn, options: &[(&str, &s
 async fn connect_host(
     info: &ConnInfo,
     host: &str,
+    port: u16,
     endpoint: &str,
     options: ConnectOptions,
     tls_config: &mut Option<Arc<ClientConfig>>,
 ) -> Result<ReplicationConn, SourceError> {
     if is_unix_host(host) {
         // Postgres never offers TLS on Unix sockets, and libpq does not ask.
-        let path = socket_path(host, info.port);
+        let path = socket_path(host, port);
         let stream = UnixStream::connect(&path).await.map_err(|e| SourceError::Io {
             action: unix_action(&e),
             host: endpoint.to_string(),
@@ -728,29 +801,29 @@ async fn connect_host(
     }
 
     match tls::effective_sslmode(info) {
-        SslMode::Disable => attempt(info, host, endpoint, options, TlsAttempt::Off, tls_config).await,
+        SslMode::Disable => attempt(info, host, port, endpoint, options, TlsAttempt::Off, tls_config).await,
         SslMode::Allow => {
-            match attempt(info, host, endpoint, options, TlsAttempt::Off, tls_config).await {
+            match attempt(info, host, port, endpoint, options, TlsAttempt::Off, tls_config).await {
                 // Refused without encryption (pg_hba `hostssl`): try with it.
                 Err(SourceError::Server { code, .. }) if code.starts_with("28") => {
                     tracing::debug!(server = %endpoint, "plain connection refused; retrying with tls (sslmode=allow)");
-                    attempt(info, host, endpoint, options, TlsAttempt::Require, tls_config).await
+                    attempt(info, host, port, endpoint, options, TlsAttempt::Require, tls_config).await
                 }
                 other => other,
             }
         }
         SslMode::Prefer => {
-            match attempt(info, host, endpoint, options, TlsAttempt::Try, tls_config).await {
+            match attempt(info, host, port, endpoint, options, TlsAttempt::Try, tls_config).await {
                 // The handshake itself failed (not our configuration): as libpq, retry in plain text.
                 Err(e @ SourceError::Tls { .. }) if tls_config.is_some() => {
                     tracing::debug!(server = %endpoint, error = %e, "tls handshake failed; retrying without tls (sslmode=prefer)");
-                    attempt(info, host, endpoint, options, TlsAttempt::Off, tls_config).await
+                    attempt(info, host, port, endpoint, options, TlsAttempt::Off, tls_config).await
                 }
                 other => other,
             }
         }
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-            attempt(info, host, endpoint, options, TlsAttempt::Require, tls_config).await
+            attempt(info, host, port, endpoint, options, TlsAttempt::Require, tls_config).await
         }
     }
 }
@@ -766,12 +839,13 @@ fn unix_action(e: &io::Error) -> &'static str {
 async fn attempt(
     info: &ConnInfo,
     host: &str,
+    port: u16,
     endpoint: &str,
     options: ConnectOptions,
     tls_mode: TlsAttempt,
     tls_config: &mut Option<Arc<ClientConfig>>,
 ) -> Result<ReplicationConn, SourceError> {
-    let mut tcp = connect_tcp(info, host, endpoint).await?;
+    let mut tcp = connect_tcp(info, host, port, endpoint).await?;
     if tls_mode == TlsAttempt::Off {
         let wire = Wire::new(Transport::Tcp(tcp), endpoint.to_string());
         return startup(wire, info, options, None).await;
@@ -883,8 +957,8 @@ pub(crate) fn describe_handshake_failure(e: &io::Error, info: &ConnInfo, host: &
     format!("could not verify the tls certificate of {endpoint} (sslmode={mode}): {what}")
 }
 
-async fn connect_tcp(info: &ConnInfo, host: &str, endpoint: &str) -> Result<TcpStream, SourceError> {
-    let addrs = tokio::net::lookup_host((host, info.port)).await.map_err(|e| SourceError::Io {
+async fn connect_tcp(info: &ConnInfo, host: &str, port: u16, endpoint: &str) -> Result<TcpStream, SourceError> {
+    let addrs = tokio::net::lookup_host((host, port)).await.map_err(|e| SourceError::Io {
         action: "could not resolve the host name of",
         host: endpoint.to_string(),
         source: e,
@@ -1261,14 +1335,14 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let info = ConnInfo::parse(&format!("host=127.0.0.1 port={port} keepalives_idle=17"), |_| None).unwrap();
-        let stream = connect_tcp(&info, "127.0.0.1", "x").await.unwrap();
+        let stream = connect_tcp(&info, "127.0.0.1", port, "x").await.unwrap();
         let sock = socket2::SockRef::from(&stream);
         assert!(sock.tcp_nodelay().unwrap());
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(17));
 
         let info = ConnInfo::parse(&format!("host=127.0.0.1 port={port} keepalives=0"), |_| None).unwrap();
-        let stream = connect_tcp(&info, "127.0.0.1", "x").await.unwrap();
+        let stream = connect_tcp(&info, "127.0.0.1", port, "x").await.unwrap();
         assert!(!socket2::SockRef::from(&stream).keepalive().unwrap());
     }
 

@@ -3,9 +3,11 @@
 //! [`ConnInfo::parse`] reads either a URL (`postgres://user:pass@host:5432/db?sslmode=require`)
 //! or a `key=value` string (`host=db port=5432 password='a b'`), fills what the
 //! string leaves out from the `PG*` environment variables, then applies libpq's
-//! defaults. Unlike libpq, an empty value counts as "not given", `port` is one
-//! port for all hosts, and there are no `~/.pgpass` or `~/.postgresql/root.crt`
-//! look-ups.
+//! defaults. Several hosts are tried in order, each with its own port or one port for all
+//! (`host=a,b port=5432,5433`, `postgres://a:5432,b:5433/db`), and `target_session_attrs`
+//! picks the kind of server to settle on (the primary, a standby, a writable one), as
+//! libpq. Unlike libpq, an empty value counts as "not given", and there are no
+//! `~/.pgpass` or `~/.postgresql/root.crt` look-ups.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -75,14 +77,109 @@ impl FromStr for SslMode {
     }
 }
 
+/// Which server of several a connection settles on, as libpq's `target_session_attrs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TargetSessionAttrs {
+    /// The first server that accepts the connection.
+    #[default]
+    Any,
+    /// A server that accepts writes: not a standby, and `default_transaction_read_only` off.
+    ReadWrite,
+    /// A server that refuses writes: a standby, or `default_transaction_read_only` on.
+    ReadOnly,
+    /// A server that is not in recovery: the primary.
+    Primary,
+    /// A server in recovery: a standby.
+    Standby,
+    /// A standby if any host is one, else any server.
+    PreferStandby,
+}
+
+impl TargetSessionAttrs {
+    /// Every value, in libpq's order.
+    pub const ALL: [TargetSessionAttrs; 6] = [
+        TargetSessionAttrs::Any,
+        TargetSessionAttrs::ReadWrite,
+        TargetSessionAttrs::ReadOnly,
+        TargetSessionAttrs::Primary,
+        TargetSessionAttrs::Standby,
+        TargetSessionAttrs::PreferStandby,
+    ];
+
+    /// The libpq spelling, e.g. `read-write`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::Standby => "standby",
+            TargetSessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+
+    /// The passes over the host list: `prefer-standby` looks for a standby on every host
+    /// first, then takes any; the others make one pass.
+    pub fn passes(self) -> &'static [TargetSessionAttrs] {
+        match self {
+            TargetSessionAttrs::PreferStandby => &[TargetSessionAttrs::Standby, TargetSessionAttrs::Any],
+            TargetSessionAttrs::Any => &[TargetSessionAttrs::Any],
+            TargetSessionAttrs::ReadWrite => &[TargetSessionAttrs::ReadWrite],
+            TargetSessionAttrs::ReadOnly => &[TargetSessionAttrs::ReadOnly],
+            TargetSessionAttrs::Primary => &[TargetSessionAttrs::Primary],
+            TargetSessionAttrs::Standby => &[TargetSessionAttrs::Standby],
+        }
+    }
+
+    /// Whether a server in `state` is one to settle on (in one pass of [`passes`](Self::passes)).
+    pub fn accepts(self, state: SessionState) -> bool {
+        match self {
+            TargetSessionAttrs::Any | TargetSessionAttrs::PreferStandby => true,
+            TargetSessionAttrs::ReadWrite => !state.in_recovery && !state.read_only,
+            TargetSessionAttrs::ReadOnly => state.in_recovery || state.read_only,
+            TargetSessionAttrs::Primary => !state.in_recovery,
+            TargetSessionAttrs::Standby => state.in_recovery,
+        }
+    }
+}
+
+impl fmt::Display for TargetSessionAttrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a server is, for [`TargetSessionAttrs::accepts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionState {
+    /// The server is a standby (`pg_is_in_recovery()`, `in_hot_standby`).
+    pub in_recovery: bool,
+    /// New transactions are read-only (`default_transaction_read_only`, or a standby).
+    pub read_only: bool,
+}
+
+impl SessionState {
+    /// How a server in this state is named in messages.
+    pub fn describe(self) -> &'static str {
+        match (self.in_recovery, self.read_only) {
+            (true, _) => "a standby (in recovery)",
+            (false, true) => "a primary with default_transaction_read_only = on",
+            (false, false) => "a primary (read-write)",
+        }
+    }
+}
+
 /// Where the Postgres server is and how to log in, as libpq understands it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ConnInfo {
     /// Host names, IP addresses, or Unix socket directories (values starting
     /// with `/`), tried in order.
     pub hosts: Vec<String>,
-    /// The port for every host (also names the Unix socket file `.s.PGSQL.{port}`).
-    pub port: u16,
+    /// The port of each host, as many as [`hosts`](Self::hosts) (a port also names the
+    /// Unix socket file `.s.PGSQL.{port}`).
+    pub ports: Vec<u16>,
+    /// Which server of the hosts to settle on.
+    pub target_session_attrs: TargetSessionAttrs,
     /// The user to log in as.
     pub user: String,
     /// The password, if any. Never printed by `Debug` or [`ConnInfo::describe`].
@@ -117,7 +214,8 @@ impl fmt::Debug for ConnInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnInfo")
             .field("hosts", &self.hosts)
-            .field("port", &self.port)
+            .field("ports", &self.ports)
+            .field("target_session_attrs", &self.target_session_attrs)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("password_from", &self.password_from)
@@ -187,6 +285,7 @@ pub const KEYS: &[&str] = &[
     "application_name",
     "keepalives",
     "keepalives_idle",
+    "target_session_attrs",
 ];
 
 /// The environment variable libpq reads for a key, if any.
@@ -203,6 +302,7 @@ fn env_var(key: &str) -> Option<&'static str> {
         "sslkey" => "PGSSLKEY",
         "connect_timeout" => "PGCONNECT_TIMEOUT",
         "application_name" => "PGAPPNAME",
+        "target_session_attrs" => "PGTARGETSESSIONATTRS",
         _ => return None,
     })
 }
@@ -227,6 +327,8 @@ const ALIASES: &[(&str, &str)] = &[
     ("sslca", "sslrootcert"),
     ("sslrootca", "sslrootcert"),
     ("keepalive", "keepalives"),
+    ("targetsessionattrs", "target_session_attrs"),
+    ("target_session_attr", "target_session_attrs"),
 ];
 
 /// The default TCP keepalive idle time.
@@ -295,13 +397,32 @@ impl ConnInfo {
             Some((v, _)) => v.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_string).collect(),
             None => Vec::new(),
         };
-        let hosts = if hosts.is_empty() { vec!["localhost".to_string()] } else { hosts };
+        let hosts: Vec<String> = if hosts.is_empty() { vec!["localhost".to_string()] } else { hosts };
 
-        let port = match take("port") {
-            Some((v, origin)) => parse_port(v).ok_or_else(|| {
-                invalid("port", v, origin, "a port number between 1 and 65535 (one port for all hosts)")
-            })?,
-            None => 5432,
+        let ports = match take("port") {
+            Some((v, origin)) => {
+                let expected = format!(
+                    "port numbers between 1 and 65535: one for all hosts, or one per host ({} here)",
+                    hosts.len()
+                );
+                let ports = parse_ports(v).ok_or_else(|| invalid("port", v, origin, &expected))?;
+                match ports.len() {
+                    1 => vec![ports[0]; hosts.len()],
+                    n if n == hosts.len() => ports,
+                    _ => return Err(invalid("port", v, origin, &expected)),
+                }
+            }
+            None => vec![5432; hosts.len()],
+        };
+
+        let target_session_attrs = match take("target_session_attrs") {
+            Some((v, origin)) => {
+                TargetSessionAttrs::ALL.into_iter().find(|a| a.as_str() == v.trim()).ok_or_else(|| {
+                    let names = TargetSessionAttrs::ALL.map(TargetSessionAttrs::as_str).join(", ");
+                    invalid("target_session_attrs", v, origin, &format!("one of {names}"))
+                })?
+            }
+            None => TargetSessionAttrs::Any,
         };
 
         let user = match take("user") {
@@ -355,7 +476,8 @@ impl ConnInfo {
 
         Ok(ConnInfo {
             hosts,
-            port,
+            ports,
+            target_session_attrs,
             user,
             password,
             password_from,
@@ -372,20 +494,27 @@ impl ConnInfo {
         })
     }
 
-    /// A description safe for logs: `user@host:port/db`, never the password.
+    /// A description safe for logs: `user@host:port/db` (`user@a:1,b:2/db` for several
+    /// hosts), never the password.
     pub fn describe(&self) -> String {
-        format!("{}@{}:{}/{}", self.user, self.hosts.join(","), self.port, self.dbname)
+        let hosts: Vec<String> = self.targets().map(|(host, port)| format!("{host}:{port}")).collect();
+        format!("{}@{}/{}", self.user, hosts.join(","), self.dbname)
+    }
+
+    /// Each host with its port, in the order they are tried.
+    pub fn targets(&self) -> impl Iterator<Item = (&str, u16)> {
+        self.hosts.iter().enumerate().map(|(i, h)| (h.as_str(), self.ports.get(i).copied().unwrap_or(5432)))
     }
 
     /// How one host of this `ConnInfo` is named in messages: `host:port`,
     /// `[v6]:port`, or the Unix socket path.
-    pub fn endpoint(&self, host: &str) -> String {
+    pub fn endpoint(&self, host: &str, port: u16) -> String {
         if is_unix_host(host) {
-            socket_path(host, self.port).display().to_string()
+            socket_path(host, port).display().to_string()
         } else if host.contains(':') {
-            format!("[{host}]:{}", self.port)
+            format!("[{host}]:{port}")
         } else {
-            format!("{host}:{}", self.port)
+            format!("{host}:{port}")
         }
     }
 }
@@ -400,16 +529,14 @@ pub fn socket_path(dir: &str, port: u16) -> PathBuf {
     PathBuf::from(dir).join(format!(".s.PGSQL.{port}"))
 }
 
-fn parse_port(v: &str) -> Option<u16> {
-    // A comma list is accepted when every entry is the same port.
-    let mut ports = v.split(',').map(|p| p.trim().parse::<u16>().ok().filter(|&p| p > 0));
-    let first = ports.next()??;
-    for p in ports {
-        if p? != first {
-            return None;
-        }
-    }
-    Some(first)
+/// A comma list of ports; an empty entry is the default port, as in libpq.
+fn parse_ports(v: &str) -> Option<Vec<u16>> {
+    v.split(',')
+        .map(|p| match p.trim() {
+            "" => Some(5432),
+            p => p.parse::<u16>().ok().filter(|&p| p > 0),
+        })
+        .collect()
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -543,6 +670,7 @@ fn parse_url(rest: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
     };
 
     let mut hosts = Vec::new();
+    // One entry per host; empty where the host has no port of its own.
     let mut ports: Vec<String> = Vec::new();
     if !hostlist.is_empty() {
         for entry in hostlist.split(',') {
@@ -565,26 +693,22 @@ fn parse_url(rest: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
                     None => (percent_decode(entry, "host")?, None),
                 }
             };
-            if !host.is_empty() {
-                hosts.push(host);
+            let port = match port {
+                Some(p) => percent_decode(p, "port")?,
+                None => String::new(),
+            };
+            if host.is_empty() && port.is_empty() {
+                continue;
             }
-            if let Some(p) = port.filter(|p| !p.is_empty()) {
-                let p = percent_decode(p, "port")?;
-                if ports.iter().any(|q| *q != p) {
-                    return Err(ConnInfoError::Syntax(format!(
-                        "different ports per host are not supported (`{}` and `{p}`); use one port for all hosts",
-                        ports[0]
-                    )));
-                }
-                ports.push(p);
-            }
+            hosts.push(if host.is_empty() { "localhost".to_string() } else { host });
+            ports.push(port);
         }
     }
     if !hosts.is_empty() {
         pairs.push(("host".into(), hosts.join(",")));
     }
-    if let Some(p) = ports.into_iter().next() {
-        pairs.push(("port".into(), p));
+    if ports.iter().any(|p| !p.is_empty()) {
+        pairs.push(("port".into(), ports.join(",")));
     }
     if let Some(db) = path.filter(|p| !p.is_empty()) {
         pairs.push(("dbname".into(), percent_decode(db, "database name")?));
@@ -658,7 +782,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.hosts, ["db.example.com"]);
-        assert_eq!(c.port, 6543);
+        assert_eq!(c.ports, [6543]);
         assert_eq!(c.user, "al@ice");
         assert_eq!(c.password.as_deref(), Some("p@ss:w/rd"));
         assert_eq!(c.dbname, "my db");
@@ -674,7 +798,7 @@ mod tests {
         for url in ["postgresql://", "postgres://", "postgresql:///", "postgres://?"] {
             let c = ConnInfo::parse(url, env_of(&[("USER", "carol")])).unwrap();
             assert_eq!(c.hosts, ["localhost"], "{url}");
-            assert_eq!(c.port, 5432);
+            assert_eq!(c.ports, [5432]);
             assert_eq!(c.user, "carol");
             assert_eq!(c.dbname, "carol");
             assert_eq!(c.password, None);
@@ -695,20 +819,67 @@ mod tests {
         assert_eq!(c.hosts, ["/var/run/postgresql"]);
         assert_eq!(c.dbname, "app");
         assert!(is_unix_host(&c.hosts[0]));
-        assert_eq!(c.endpoint(&c.hosts[0]), "/var/run/postgresql/.s.PGSQL.5432");
+        assert_eq!(c.endpoint(&c.hosts[0], c.ports[0]), "/var/run/postgresql/.s.PGSQL.5432");
         let c = ConnInfo::parse("postgresql://%2Ftmp%2Fpg:5433/app", no_env).unwrap();
         assert_eq!(c.hosts, ["/tmp/pg"]);
-        assert_eq!(c.port, 5433);
+        assert_eq!(c.ports, [5433]);
     }
 
     #[test]
     fn url_multiple_hosts_and_ipv6() {
-        let c = ConnInfo::parse("postgres://u@h1:5433,[::1]:5433,h3/db", no_env).unwrap();
+        let c = ConnInfo::parse("postgres://u@h1:5433,[::1]:5434,h3/db", no_env).unwrap();
         assert_eq!(c.hosts, ["h1", "::1", "h3"]);
-        assert_eq!(c.port, 5433);
-        assert_eq!(c.endpoint("::1"), "[::1]:5433");
-        let err = ConnInfo::parse("postgres://h1:1,h2:2/db", no_env).unwrap_err();
-        assert!(err.to_string().contains("different ports"), "{err}");
+        assert_eq!(c.ports, [5433, 5434, 5432], "a host without a port has the default");
+        assert_eq!(c.endpoint("::1", 5434), "[::1]:5434");
+        assert_eq!(c.describe(), "u@h1:5433,::1:5434,h3:5432/db");
+        let c = ConnInfo::parse("postgres://h1:1,h2:2/db?target_session_attrs=read-write", no_env).unwrap();
+        assert_eq!(c.targets().collect::<Vec<_>>(), [("h1", 1), ("h2", 2)]);
+        assert_eq!(c.target_session_attrs, TargetSessionAttrs::ReadWrite);
+    }
+
+    #[test]
+    fn key_value_hosts_with_a_port_each_or_one_for_all() {
+        let c = ConnInfo::parse("host=a,b port=5432,5433 target_session_attrs=primary", no_env).unwrap();
+        assert_eq!(c.targets().collect::<Vec<_>>(), [("a", 5432), ("b", 5433)]);
+        assert_eq!(c.target_session_attrs, TargetSessionAttrs::Primary);
+        let c = ConnInfo::parse("host=a,b,c port=6000", no_env).unwrap();
+        assert_eq!(c.ports, [6000, 6000, 6000]);
+        let c = ConnInfo::parse("host=a,b port=,6000", no_env).unwrap();
+        assert_eq!(c.ports, [5432, 6000]);
+        let err = ConnInfo::parse("host=a,b,c port=1,2", no_env).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid port `1,2`; expected port numbers between 1 and 65535: one for all hosts, or one per host (3 here)"
+        );
+        let c = ConnInfo::parse("", env_of(&[("PGHOST", "a,b"), ("PGPORT", "1,2")])).unwrap();
+        assert_eq!(c.targets().collect::<Vec<_>>(), [("a", 1), ("b", 2)]);
+        assert_eq!(ConnInfo::parse("", no_env).unwrap().target_session_attrs, TargetSessionAttrs::Any);
+    }
+
+    #[test]
+    fn target_session_attrs_as_libpq() {
+        for a in TargetSessionAttrs::ALL {
+            let c = ConnInfo::parse(&format!("target_session_attrs={a}"), no_env).unwrap();
+            assert_eq!(c.target_session_attrs, a);
+        }
+        let c = ConnInfo::parse("", env_of(&[("PGTARGETSESSIONATTRS", "standby")])).unwrap();
+        assert_eq!(c.target_session_attrs, TargetSessionAttrs::Standby);
+        let err = ConnInfo::parse("target_session_attrs=master", no_env).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid target_session_attrs `master`; expected one of any, read-write, read-only, primary, standby, prefer-standby"
+        );
+        let primary = SessionState { in_recovery: false, read_only: false };
+        let read_only_primary = SessionState { in_recovery: false, read_only: true };
+        let standby = SessionState { in_recovery: true, read_only: true };
+        let accepted = |a: TargetSessionAttrs| [primary, read_only_primary, standby].map(|s| a.accepts(s));
+        assert_eq!(accepted(TargetSessionAttrs::Any), [true, true, true]);
+        assert_eq!(accepted(TargetSessionAttrs::ReadWrite), [true, false, false]);
+        assert_eq!(accepted(TargetSessionAttrs::ReadOnly), [false, true, true]);
+        assert_eq!(accepted(TargetSessionAttrs::Primary), [true, true, false]);
+        assert_eq!(accepted(TargetSessionAttrs::Standby), [false, false, true]);
+        assert_eq!(TargetSessionAttrs::PreferStandby.passes(), [TargetSessionAttrs::Standby, TargetSessionAttrs::Any]);
+        assert_eq!(TargetSessionAttrs::Primary.passes(), [TargetSessionAttrs::Primary]);
     }
 
     #[test]
@@ -737,7 +908,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.hosts, ["db.internal"]);
-        assert_eq!(c.port, 6000);
+        assert_eq!(c.ports, [6000]);
         assert_eq!(c.user, "bob");
         assert_eq!(c.password.as_deref(), Some(r"a b'c\d"));
         assert_eq!(c.dbname, "app");
@@ -749,7 +920,7 @@ mod tests {
     fn key_value_empty_quoted_and_later_wins() {
         let c = ConnInfo::parse("password='' port=1 port=2 host=a,b", no_env).unwrap();
         assert_eq!(c.password, None);
-        assert_eq!(c.port, 2);
+        assert_eq!(c.ports, [2, 2], "one port for both hosts");
         assert_eq!(c.hosts, ["a", "b"]);
     }
 
@@ -807,11 +978,11 @@ mod tests {
             "invalid sslmode `verify_full`; expected one of disable, allow, prefer, require, verify-ca, verify-full"
         );
         let err = ConnInfo::parse("port=abc", no_env).unwrap_err();
-        assert!(err.to_string().starts_with("invalid port `abc`; expected a port number"), "{err}");
+        assert!(err.to_string().starts_with("invalid port `abc`; expected port numbers"), "{err}");
         assert!(ConnInfo::parse("port=0", no_env).is_err());
         assert!(ConnInfo::parse("port=70000", no_env).is_err());
-        assert!(ConnInfo::parse("port=1,2", no_env).is_err());
-        assert_eq!(ConnInfo::parse("port=7,7", no_env).unwrap().port, 7);
+        assert!(ConnInfo::parse("port=1,2", no_env).is_err(), "two ports for one host");
+        assert_eq!(ConnInfo::parse("port=7", no_env).unwrap().ports, [7]);
         let err = ConnInfo::parse("connect_timeout=10s", no_env).unwrap_err();
         assert!(err.to_string().contains("whole number of seconds"), "{err}");
         assert!(ConnInfo::parse("keepalives=maybe", no_env).is_err());
@@ -862,7 +1033,7 @@ mod tests {
         ]);
         let c = ConnInfo::parse("", &env).unwrap();
         assert_eq!(c.hosts, ["envhost"]);
-        assert_eq!(c.port, 7777);
+        assert_eq!(c.ports, [7777]);
         assert_eq!(c.user, "envuser");
         assert_eq!(c.password.as_deref(), Some("envpw"));
         assert_eq!(c.dbname, "envdb");
@@ -873,7 +1044,7 @@ mod tests {
 
         let c = ConnInfo::parse("postgres://me:pw@h:1/db?sslmode=disable&application_name=a", &env).unwrap();
         assert_eq!(c.hosts, ["h"]);
-        assert_eq!(c.port, 1);
+        assert_eq!(c.ports, [1]);
         assert_eq!(c.user, "me");
         assert_eq!(c.password.as_deref(), Some("pw"));
         assert_eq!(c.dbname, "db");

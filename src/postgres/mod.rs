@@ -52,7 +52,7 @@ use std::io;
 use std::time::Duration;
 
 pub use conn::{ConnectOptions, ReplicationConn, SimpleRow};
-pub use conninfo::{ConnInfo, ConnInfoError, SslMode};
+pub use conninfo::{ConnInfo, ConnInfoError, SessionState, SslMode, TargetSessionAttrs};
 pub use logical::{Event as StreamEvent, LogicalStream, RowChange, StreamError};
 pub use sql::connect_sql;
 pub use stream::{ReplicationFrame, ReplicationStream, now_pg_micros};
@@ -172,6 +172,34 @@ pub enum SourceError {
     /// The connection settings are invalid.
     #[error(transparent)]
     ConnInfo(#[from] ConnInfoError),
+    /// Every host answered, but none is the kind of server `target_session_attrs` asks
+    /// for (during a failover, until the standby is promoted).
+    #[error(
+        "server at {host} is {found}, and no host of the connection string is the server target_session_attrs={wanted} asks for"
+    )]
+    SessionAttrs {
+        /// The last host tried, as `host:port` or the Unix socket path.
+        host: String,
+        /// What it is, e.g. "a standby (in recovery)".
+        found: &'static str,
+        /// The `target_session_attrs` asked for.
+        wanted: &'static str,
+    },
+    /// The server refused a replication command (`IDENTIFY_SYSTEM`,
+    /// `CREATE_REPLICATION_SLOT`, `START_REPLICATION`): names the command and the server
+    /// version, since the commands' syntax and options differ between major versions.
+    #[error("PostgreSQL {server_version} at {host} rejected the replication command `{command}`")]
+    Rejected {
+        /// The command as sent.
+        command: String,
+        /// `server_version` as the server reported it, e.g. `14.23`.
+        server_version: String,
+        /// The server, as `host:port` or the Unix socket path.
+        host: String,
+        /// The server's error.
+        #[source]
+        source: Box<SourceError>,
+    },
 }
 
 fn server_display(severity: &str, code: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> String {
@@ -221,10 +249,14 @@ impl SourceError {
     /// 42xxx, configuration) needs a person and is not transient.
     pub fn is_transient(&self) -> bool {
         match self {
-            SourceError::Io { .. } | SourceError::Timeout { .. } | SourceError::Closed { .. } => true,
+            SourceError::Io { .. }
+            | SourceError::Timeout { .. }
+            | SourceError::Closed { .. }
+            | SourceError::SessionAttrs { .. } => true,
             SourceError::Server { code, .. } => is_transient_sqlstate(code),
             SourceError::Tls { source, .. } => source.as_deref().is_some_and(tls_cause_is_transient),
             SourceError::Auth { .. } | SourceError::Protocol { .. } | SourceError::ConnInfo(_) => false,
+            SourceError::Rejected { source, .. } => source.is_transient(),
         }
     }
 
@@ -242,17 +274,52 @@ impl SourceError {
             SourceError::Io { .. }
             | SourceError::Timeout { .. }
             | SourceError::Closed { .. }
-            | SourceError::Protocol { .. } => false,
+            | SourceError::Protocol { .. }
+            | SourceError::SessionAttrs { .. } => false,
+            SourceError::Rejected { source, .. } => source.needs_person(),
         }
     }
 
-    /// The SQLSTATE code when this is a [`SourceError::Server`] error.
+    /// The SQLSTATE code when this is a [`SourceError::Server`] error (or a rejected
+    /// replication command).
     pub fn code(&self) -> Option<&str> {
         match self {
             SourceError::Server { code, .. } => Some(code),
+            SourceError::Rejected { source, .. } => source.code(),
             _ => None,
         }
     }
+
+    /// The server's primary message when this is a [`SourceError::Server`] error (or a
+    /// rejected replication command).
+    pub fn server_message(&self) -> Option<&str> {
+        match self {
+            SourceError::Server { message, .. } => Some(message),
+            SourceError::Rejected { source, .. } => source.server_message(),
+            _ => None,
+        }
+    }
+}
+
+/// Logs that the server at `endpoint`, in `state`, is not the one `target_session_attrs`
+/// asks for; on the last pass over the hosts, the error to return if no later host suits.
+pub(crate) fn passed_over(
+    info: &ConnInfo,
+    endpoint: String,
+    state: SessionState,
+    last_pass: bool,
+) -> Option<SourceError> {
+    tracing::info!(
+        server = %endpoint,
+        target_session_attrs = %info.target_session_attrs,
+        "the server is {}; trying the next host",
+        state.describe()
+    );
+    last_pass.then(|| SourceError::SessionAttrs {
+        host: endpoint,
+        found: state.describe(),
+        wanted: info.target_session_attrs.as_str(),
+    })
 }
 
 /// Whether a SQLSTATE code names a condition that can clear up by itself.

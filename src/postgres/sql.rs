@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::conninfo::{ConnInfo, SslMode, is_unix_host};
+use super::conninfo::{ConnInfo, SessionState, SslMode, TargetSessionAttrs, is_unix_host};
 use super::{SESSION_SETTINGS, SourceError, tls};
 
 /// The `options` startup parameter that pins the session settings
@@ -25,7 +25,7 @@ pub fn session_options() -> String {
 /// tokio-postgres only knows disable/prefer/require: `allow` maps to prefer,
 /// and `verify-ca`/`verify-full` map to require, the verification itself being
 /// done by the rustls configuration. Unix sockets never use TLS.
-pub fn pg_config(info: &ConnInfo, host: &str) -> tokio_postgres::Config {
+pub fn pg_config(info: &ConnInfo, host: &str, port: u16) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     if is_unix_host(host) {
         config.host_path(host);
@@ -33,7 +33,7 @@ pub fn pg_config(info: &ConnInfo, host: &str) -> tokio_postgres::Config {
         config.host(host);
     }
     config
-        .port(info.port)
+        .port(port)
         .user(&info.user)
         .dbname(&info.dbname)
         .application_name(&info.application_name)
@@ -58,54 +58,94 @@ pub fn pg_config(info: &ConnInfo, host: &str) -> tokio_postgres::Config {
     config
 }
 
-/// Connects a tokio-postgres client, trying the hosts of `info` in order, and
-/// spawns its connection task (whose error, if any, is logged).
+/// Connects a tokio-postgres client, trying the hosts of `info` in order until one is the
+/// server `target_session_attrs` asks for (as [`ReplicationConn`](super::ReplicationConn)
+/// does), and spawns its connection task (whose error, if any, is logged).
 pub async fn connect_sql(info: &ConnInfo) -> Result<tokio_postgres::Client, SourceError> {
     let tls = MakeRustlsConnect::new(tls::client_config(info)?);
     let mut last_error = None;
-    for host in &info.hosts {
-        let endpoint = info.endpoint(host);
-        let config = pg_config(info, host);
-        let connecting = config.connect(tls.clone());
-        // tokio-postgres bounds the socket connect; bound TLS and auth too.
-        let result = if info.connect_timeout.is_zero() {
-            Ok(connecting.await)
-        } else {
-            tokio::time::timeout(info.connect_timeout + Duration::from_millis(100), connecting).await
-        };
-        match result {
-            Ok(Ok((client, connection))) => {
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        // Its users open a new one when they next need it (the slot monitor,
-                        // the heartbeat), so this is a warning; the SQLSTATE says why.
-                        let e = from_pg_error(e, &endpoint);
-                        tracing::warn!(server = %endpoint, error = %crate::errors::causes::error_chain(&e),
-                            "sql connection to postgres ended");
+    let passes = info.target_session_attrs.passes();
+    for (pass, &wanted) in passes.iter().enumerate() {
+        for (host, port) in info.targets() {
+            match connect_one(info, host, port, &tls).await {
+                Ok(client) if wanted == TargetSessionAttrs::Any => return Ok(client),
+                Ok(client) => {
+                    let endpoint = info.endpoint(host, port);
+                    let state = match session_state(&client).await {
+                        Ok(state) => state,
+                        Err(e) => {
+                            last_error = Some(connect_error(e, info, host, endpoint));
+                            continue;
+                        }
+                    };
+                    if wanted.accepts(state) {
+                        return Ok(client);
                     }
-                });
-                return Ok(client);
-            }
-            Ok(Err(e)) => {
-                let e = connect_error(e, info, host, endpoint.clone()).naming_password_origin(info);
-                if info.hosts.len() > 1 {
-                    tracing::warn!(server = %endpoint, error = %crate::errors::causes::error_chain(&e), "could not connect; trying the next host");
+                    if let Some(e) = super::passed_over(info, endpoint, state, pass + 1 == passes.len()) {
+                        last_error = Some(e);
+                    }
                 }
-                last_error = Some(e);
-            }
-            Err(_) => {
-                last_error = Some(SourceError::Timeout {
-                    what: "connecting to",
-                    host: endpoint,
-                    after: info.connect_timeout,
-                    hint: "check that the server is up and reachable, or raise connect_timeout",
-                });
+                Err(e) => last_error = Some(e),
             }
         }
     }
     Err(last_error.unwrap_or_else(|| {
         SourceError::ConnInfo(super::ConnInfoError::Syntax("no host to connect to; set host".into()))
     }))
+}
+
+/// Whether the server is a standby and whether it takes writes.
+async fn session_state(client: &tokio_postgres::Client) -> Result<SessionState, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on'", &[])
+        .await?;
+    let standby: bool = row.get(0);
+    Ok(SessionState { in_recovery: standby, read_only: standby || row.get::<_, bool>(1) })
+}
+
+/// One host's attempt; tokio-postgres bounds the socket connect, this bounds TLS and
+/// authentication too.
+async fn connect_one(
+    info: &ConnInfo,
+    host: &str,
+    port: u16,
+    tls: &MakeRustlsConnect,
+) -> Result<tokio_postgres::Client, SourceError> {
+    let endpoint = info.endpoint(host, port);
+    let config = pg_config(info, host, port);
+    let connecting = config.connect(tls.clone());
+    let result = if info.connect_timeout.is_zero() {
+        Ok(connecting.await)
+    } else {
+        tokio::time::timeout(info.connect_timeout + Duration::from_millis(100), connecting).await
+    };
+    match result {
+        Ok(Ok((client, connection))) => {
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    // Its users open a new one when they next need it (the slot monitor,
+                    // the heartbeat), so this is a warning; the SQLSTATE says why.
+                    let e = from_pg_error(e, &endpoint);
+                    tracing::warn!(server = %endpoint, error = %crate::errors::causes::error_chain(&e),
+                        "sql connection to postgres ended");
+                }
+            });
+            Ok(client)
+        }
+        Ok(Err(e)) => {
+            let e = connect_error(e, info, host, endpoint.clone()).naming_password_origin(info);
+            if info.hosts.len() > 1 {
+                tracing::warn!(server = %endpoint, error = %crate::errors::causes::error_chain(&e), "could not connect; trying the next host");
+            }
+            Err(e)
+        }
+        Err(_) => Err(SourceError::Timeout {
+            what: "connecting to",
+            host: endpoint,
+            after: info.connect_timeout,
+            hint: "check that the server is up and reachable, or raise connect_timeout",
+        }),
+    }
 }
 
 /// The I/O error carrying a rustls error in the cause chain of `e`, if any.
@@ -245,7 +285,7 @@ mod tests {
             |_| None,
         )
         .unwrap();
-        let c = pg_config(&info, "db");
+        let c = pg_config(&info, "db", 6000);
         assert_eq!(c.get_ssl_mode(), PgSslMode::Require);
         assert_eq!(c.get_ports(), [6000]);
         assert_eq!(c.get_user(), Some("u"));
@@ -254,11 +294,11 @@ mod tests {
         assert_eq!(c.get_connect_timeout(), None);
         assert_eq!(c.get_application_name(), Some("walbust"));
         assert!(c.get_options().unwrap().contains("TimeZone=UTC"));
-        let c = pg_config(&info, "/tmp/sock");
+        let c = pg_config(&info, "/tmp/sock", 6000);
         assert_eq!(c.get_ssl_mode(), PgSslMode::Disable);
         assert!(matches!(c.get_hosts(), [tokio_postgres::config::Host::Unix(_)]));
         let info = ConnInfo::parse("sslmode=allow", |_| None).unwrap();
-        assert_eq!(pg_config(&info, "h").get_ssl_mode(), PgSslMode::Prefer);
-        assert_eq!(pg_config(&info, "h").get_connect_timeout(), Some(&Duration::from_secs(10)));
+        assert_eq!(pg_config(&info, "h", 5432).get_ssl_mode(), PgSslMode::Prefer);
+        assert_eq!(pg_config(&info, "h", 5432).get_connect_timeout(), Some(&Duration::from_secs(10)));
     }
 }

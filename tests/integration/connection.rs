@@ -160,3 +160,35 @@ async fn a_role_without_replication_gets_an_error_naming_the_fix() {
     let text = walbust::errors::causes::error_chain(&err);
     assert!(text.contains("REPLICATION"), "{text}");
 }
+
+#[tokio::test]
+async fn several_hosts_are_tried_in_order_and_target_session_attrs_picks_the_server() {
+    let port = support::shared().pg.port();
+    // Nothing listens on the first port: a free one, taken and let go.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let hosts = format!("host=127.0.0.1,localhost port={dead},{port} user=postgres dbname=postgres sslmode=disable");
+    for attrs in ["any", "read-write", "primary", "prefer-standby"] {
+        let info = conninfo(&format!("{hosts} target_session_attrs={attrs}"));
+        let conn = ReplicationConn::connect(&info, true).await.unwrap_or_else(|e| panic!("{attrs}: {e}"));
+        assert_eq!(conn.endpoint(), format!("localhost:{port}"), "{attrs}");
+        let client = walbust::postgres::connect_sql(&info).await.unwrap_or_else(|e| panic!("{attrs}: {e}"));
+        assert_eq!(client.query_one("SELECT 1", &[]).await.expect("query").get::<_, i32>(0), 1);
+    }
+    let url = format!("postgres://postgres@127.0.0.1:{dead},localhost:{port}/postgres?sslmode=disable");
+    let conn = replication(&url).await.expect("the url form");
+    assert_eq!(conn.endpoint(), format!("localhost:{port}"));
+
+    // The only server is a primary: a standby is asked for in vain, by both kinds of connection.
+    let info = conninfo(&format!("{hosts} target_session_attrs=standby"));
+    let err = ReplicationConn::connect(&info, true).await.expect_err("no standby");
+    assert!(matches!(err, SourceError::SessionAttrs { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "server at localhost:{port} is a primary (read-write), and no host of the connection string is the server target_session_attrs=standby asks for"
+        )
+    );
+    assert!(err.is_transient(), "a promotion may be under way");
+    let err = walbust::postgres::connect_sql(&info).await.expect_err("no standby");
+    assert!(matches!(err, SourceError::SessionAttrs { .. }), "{err:?}");
+}

@@ -150,6 +150,9 @@ pub enum RecordError {
         /// The database.
         database: String,
     },
+    /// The server is older than walbust supports.
+    #[error("{0}")]
+    UnsupportedServer(crate::daemon::slot::Unmet),
     /// The recording file cannot be written.
     #[error("cannot write the recording `{path}`; check that its directory exists and is writable")]
     Write {
@@ -278,14 +281,18 @@ async fn prepare(conn: &mut ReplicationConn, source: &SourceConfig, slot: &str) 
         .map_err(source_error("identifying the database"))?;
     let database = rows.first().and_then(|r| r.get("db")).unwrap_or_default().to_string();
     let version_num: u32 = rows.first().and_then(|r| r.get("num")).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let version = conn.parameter("server_version").unwrap_or("?");
+    if let Some(unmet) = crate::daemon::slot::unsupported_server(version, version_num) {
+        return Err(RecordError::UnsupportedServer(unmet));
+    }
     let found = crate::daemon::slot::publication_exists(conn, &source.publication)
         .await
         .map_err(source_error("looking up the publication"))?;
     if !found {
         return Err(RecordError::MissingPublication { publication: source.publication.clone(), database });
     }
-    let sql = format!("CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')", quote_ident(slot));
-    let rows = conn.simple_query(&sql).await.map_err(source_error("creating the temporary replication slot"))?;
+    let sql = crate::daemon::slot::create_slot_sql(slot, crate::daemon::slot::SlotKind::Temporary);
+    let rows = conn.replication_command(&sql).await.map_err(source_error("creating the temporary replication slot"))?;
     let start = rows.first().and_then(|r| r.get("consistent_point")).and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO);
     let relations = published_relations(conn, &source.publication, version_num).await?;
     Ok(Header {

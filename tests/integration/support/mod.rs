@@ -62,6 +62,28 @@ pub fn shared() -> &'static Shared {
     })
 }
 
+/// The directory holding `initdb` and `postgres` of one Postgres major version, for the
+/// tests that need a version other than the suite's: `WALBUST_PG{major}_BIN`, else where
+/// `.ci/pg-matrix install` puts it (under `WALBUST_PG_CACHE`, by default
+/// /var/tmp/walbust-postgres). Panics with the install command when it is missing.
+pub fn pg_bin(major: u32) -> PathBuf {
+    let var = format!("WALBUST_PG{major}_BIN");
+    let dir = match std::env::var_os(&var) {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::var_os("WALBUST_PG_CACHE")
+            .map_or_else(|| PathBuf::from("/var/tmp/walbust-postgres"), PathBuf::from)
+            .join(format!("{major}/bin")),
+    };
+    if !dir.join("initdb").is_file() || !dir.join("postgres").is_file() {
+        panic!(
+            "no PostgreSQL {major} server binaries in {}; install them with `.ci/pg-matrix install {major}` \
+             (or set {var} to the directory holding initdb and postgres)",
+            dir.display()
+        );
+    }
+    dir
+}
+
 /// Options for a cluster like the shared one: TLS and password users.
 pub fn postgres_options(certs: &certs::TestCerts) -> PostgresOptions {
     PostgresOptions {
@@ -79,6 +101,7 @@ pub fn postgres_options(certs: &certs::TestCerts) -> PostgresOptions {
             ("server.crt".into(), certs.server_cert_pem.clone().into_bytes()),
             ("server.key".into(), certs.server_key_pem.clone().into_bytes()),
         ],
+        bin: None,
     }
 }
 
