@@ -62,6 +62,9 @@ pub const REDIS_ERRORS: &str = "walbust_redis_errors_total";
 pub const REDIS_APPLY: &str = "walbust_redis_apply_seconds";
 /// Counter: replication reconnects.
 pub const RECONNECTS: &str = "walbust_reconnects_total";
+/// Gauge: 1 while this instance holds the slot (the active one), 0 while it stands by or
+/// reconnects.
+pub const ACTIVE: &str = "walbust_active";
 /// Gauge: WAL the slot keeps on the server (current WAL position minus `restart_lsn`).
 pub const SLOT_RETAINED_WAL: &str = "walbust_slot_retained_wal_bytes";
 /// Gauge, label `status`: 1 for the slot's current `wal_status`, 0 for the others.
@@ -313,6 +316,7 @@ pub struct Metrics {
     redis_errors: Counter,
     redis_apply: Histogram,
     reconnects: Counter,
+    active: Gauge,
     reloads: Counter,
     slot: Arc<Mutex<Option<SlotHealth>>>,
     heartbeats: Counter,
@@ -355,6 +359,7 @@ impl Default for Metrics {
             redis_errors: Counter::default(),
             redis_apply: Histogram::new(REDIS_APPLY_BUCKETS.iter().copied()),
             reconnects: Counter::default(),
+            active: Gauge::default(),
             reloads: Counter::default(),
             slot: Arc::default(),
             heartbeats: Counter::default(),
@@ -439,6 +444,12 @@ impl Metrics {
         register(r, REDIS_ERRORS, "Failed batch applies to Redis; each is retried.", self.redis_errors.clone());
         register(r, REDIS_APPLY, "Seconds one batch apply to Redis took, successful or not.", self.redis_apply.clone());
         register(r, RECONNECTS, "Replication reconnects.", self.reconnects.clone());
+        register(
+            r,
+            ACTIVE,
+            "1 while this instance holds the slot and streams (the active one); 0 while it stands by or reconnects.",
+            self.active.clone(),
+        );
         register(r, RELOADS, "Rule sets swapped in after a reload.", self.reloads.clone());
         register(
             r,
@@ -644,6 +655,16 @@ impl Metrics {
         self.redis_errors.get()
     }
 
+    /// Records whether this instance holds the slot and streams.
+    pub fn set_active(&self, active: bool) {
+        self.active.set(i64::from(active));
+    }
+
+    /// Whether this instance holds the slot and streams.
+    pub fn active(&self) -> bool {
+        self.active.get() == 1
+    }
+
     /// Counts the reconnects so far.
     pub fn reconnects(&self) -> u64 {
         self.reconnects.get()
@@ -737,6 +758,7 @@ mod tests {
             REDIS_ERRORS,
             REDIS_APPLY,
             RECONNECTS,
+            ACTIVE,
             RELOADS,
             SLOT_RETAINED_WAL,
             SLOT_WAL_STATUS,
