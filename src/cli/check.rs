@@ -1,5 +1,6 @@
 //! `walbust check`: the config and every rule file, validated offline, and with `--online`
-//! against the database's catalog too (tables, columns, publication, replica identity).
+//! against the database's catalog too (tables, columns, publication, replica identity) and
+//! the Redis side (one node, every cluster primary, or the master the Sentinels name).
 
 use super::{CliError, Outcome};
 use std::path::Path;
@@ -87,6 +88,12 @@ pub async fn check(config_path: &Path, online: bool, deny_warnings: bool, app_ro
                     if tables == 1 { "" } else { "s" }
                 );
                 diagnostics.0.extend(found.0);
+                let redis = walbust::sink::inspect(&config.redis).await;
+                println!("{} redis {}", if redis.problems.is_empty() { "ok  " } else { "FAIL" }, redis.summary);
+                for problem in &redis.problems {
+                    eprintln!("error: {problem}");
+                }
+                server_ok &= redis.problems.is_empty();
             }
             Err(e) => {
                 println!("FAIL database {}", config.source.conninfo.describe());

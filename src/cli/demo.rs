@@ -102,7 +102,7 @@ async fn run_demo() -> anyhow::Result<()> {
         .rules;
     let pattern_deletes = Arc::new(Mutex::new(Vec::new()));
     let sink = CountingSink {
-        inner: RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref())?,
+        inner: RedisSink::from_config(&config.redis)?,
         deleted: pattern_deletes.clone(),
         dead: Vec::new(),
     };

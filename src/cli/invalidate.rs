@@ -21,7 +21,7 @@ pub async fn invalidate(config_path: &Path, keys: Vec<String>, patterns: Vec<Str
         )));
     }
     let config = super::load_config(config_path)?;
-    let mut sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).map_err(CliError::usage)?;
+    let mut sink = RedisSink::from_config(&config.redis).map_err(CliError::usage)?;
     sink.apply(&actions).await.map_err(CliError::failed)?;
     for a in &actions {
         println!("{a}");

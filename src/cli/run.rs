@@ -33,7 +33,7 @@ pub async fn run(config_path: &Path) -> Outcome {
         let database = refused.publication_unfit || !refused.server.is_empty();
         return Ok(if database { exit::NEEDS_PERSON } else { exit::USAGE });
     }
-    let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).map_err(CliError::usage)?;
+    let sink = RedisSink::from_config(&config.redis).map_err(CliError::usage)?;
     info!(source = %config.source.conninfo.describe(), redis = %sink.description(), rules = loaded.rules.rules().len(),
         slot = %config.source.slot, "starting");
     let rules = Arc::new(loaded.rules);

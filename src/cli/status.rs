@@ -9,6 +9,14 @@ pub async fn status(config_path: &Path, json: bool) -> Outcome {
     let config = super::load_config(config_path)?;
     let s = slot_status(&config).await.map_err(|e| CliError::new(e.exit_code(), e))?;
     print!("{}", if json { s.render_json() } else { s.render_human() });
+    if !json {
+        // The Redis side too: one node, the cluster's state and slot coverage, or Sentinel's master.
+        let redis = walbust::sink::inspect(&config.redis).await;
+        println!("{:<20} {}", "redis:", redis.summary);
+        for problem in &redis.problems {
+            eprintln!("warning: {problem}");
+        }
+    }
     if let Some(problem) = s.problem() {
         return Err(CliError::new(s.exit_code(), anyhow::anyhow!(problem)));
     }

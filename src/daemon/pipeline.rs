@@ -39,6 +39,7 @@ use futures_util::future::FusedFuture;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -54,9 +55,6 @@ const MAX_BATCH_BYTES: usize = 16 << 20;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 pub use crate::postgres::HEARTBEAT_PREFIX;
-
-/// How many times in a row a busy slot is retried before walbust gives up.
-const SLOT_BUSY_ATTEMPTS: u32 = 10;
 
 /// Frames already in the read buffer handled in one go before timers, shutdown and the
 /// applier are looked at again.
@@ -305,6 +303,8 @@ pub async fn run<S: Sink>(
             dead_letter_file: config.redis.dead_letter_file.clone(),
             metrics: metrics.clone(),
             health: health.clone(),
+            sessions: reader.sessions.clone(),
+            slot: config.source.slot.clone(),
         },
         abandon.clone(),
     ));
@@ -346,6 +346,9 @@ struct Observers {
     dead_letter_file: Option<std::path::PathBuf>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// The reader's session count, and the slot the fence is claimed for.
+    sessions: Arc<AtomicU64>,
+    slot: String,
 }
 
 /// How often the applier pings Redis while no batch comes and Redis answers.
@@ -389,7 +392,8 @@ async fn apply_loop<S: Sink>(
     observers: Observers,
     abandon: Arc<tokio::sync::Notify>,
 ) {
-    let Observers { events, dead_letter_file, metrics, health } = observers;
+    let Observers { events, dead_letter_file, metrics, health, sessions, slot } = observers;
+    let mut claimed = 0;
     let mut redis = RedisState { metrics: &metrics, health: &health, outage: Outage::default() };
     // The first ping goes at once: a wrong URL or a Redis that is down shows before any write.
     let mut next_ping = tokio::time::Instant::now();
@@ -424,7 +428,18 @@ async fn apply_loop<S: Sink>(
         let mut backoff = Duration::from_millis(50);
         loop {
             let started = Instant::now();
-            let result = sink.apply(&batch.actions).await;
+            // A new session may follow another instance's: fence it off before writing.
+            let session = sessions.load(Ordering::Acquire);
+            let mut result = Ok(());
+            if session != claimed {
+                result = sink.claim(&slot).await;
+                if result.is_ok() {
+                    claimed = session;
+                }
+            }
+            if result.is_ok() {
+                result = sink.apply(&batch.actions).await;
+            }
             metrics.observe_redis_apply(started.elapsed());
             let costs = sink.take_costs();
             metrics.keys_deleted(costs.deleted_keys);
@@ -730,6 +745,10 @@ struct Reader<'a> {
     outage: Outage,
     /// Identifies this process's own heartbeats.
     heartbeat_nonce: u64,
+    /// Sessions that reached streaming; when it changes, the applier claims the Redis
+    /// fence before the next batch, so a write-through from an instance that held the slot
+    /// before is refused from then on.
+    sessions: Arc<AtomicU64>,
 }
 
 /// What the reader knows about its slot across reconnects.
@@ -792,6 +811,7 @@ impl<'a> Reader<'a> {
             transaction: TransactionLog::default(),
             outage: Outage::default(),
             heartbeat_nonce: heartbeat_nonce(),
+            sessions: Arc::default(),
         };
         (reader, rx, applied_tx)
     }
@@ -800,7 +820,6 @@ impl<'a> Reader<'a> {
 impl Reader<'_> {
     async fn run(&mut self, mut shutdown: Pin<&mut impl FusedFuture<Output = ()>>) -> Result<(), PipelineError> {
         let mut backoff = Duration::from_millis(100);
-        let mut busy = 0;
         loop {
             let attempt = self.session(shutdown.as_mut()).await;
             if shutdown.is_terminated() {
@@ -834,14 +853,25 @@ impl Reader<'_> {
                 // Not one that retrying can fix: the caller reports it, once.
                 Err(e) => return Err(e),
             };
+            self.metrics.set_active(false);
             if let Some(e) = err {
                 if matches!(&e, PipelineError::Setup(s) if matches!(**s, SetupError::SlotBusy { .. })) {
-                    busy += 1;
-                    if busy >= SLOT_BUSY_ATTEMPTS {
-                        return Err(e);
+                    // Another instance holds the slot: stand by, saying so once, and ask
+                    // again often enough to take over within standby_takeover of its release.
+                    let every = self.config.source.standby_takeover / 2;
+                    if !self.health.is_standby() {
+                        warn!(slot = %self.config.source.slot, error = %error_chain(&e), takeover = ?self.config.source.standby_takeover,
+                            "standing by: another process holds the slot; taking it over once it lets go");
+                        self.health.standby();
+                    } else {
+                        debug!(slot = %self.config.source.slot, "still standing by");
                     }
-                } else {
-                    busy = 0;
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = shutdown.as_mut() => return Ok(()),
+                    }
+                    backoff = Duration::from_millis(100);
+                    continue;
                 }
                 self.health.not_streaming(&format!("reconnecting after: {}", error_chain(&e)));
                 self.metrics.set_streaming(false);
@@ -905,6 +935,10 @@ impl Reader<'_> {
                 _ => PipelineError::Start(e),
             }
         })?;
+        if self.health.is_standby() {
+            info!(slot = %source.slot, "the slot was released; taking over from standby");
+        }
+        self.sessions.fetch_add(1, Ordering::AcqRel);
         match self.outage.ended() {
             Some(outage) => info!(slot = %source.slot, lsn = %start, outage = ?outage,
                 "streaming changes again after {}", rounded(outage)),
@@ -912,6 +946,7 @@ impl Reader<'_> {
         }
         self.health.streaming();
         self.metrics.set_streaming(true);
+        self.metrics.set_active(true);
         if let Some(obs) = &self.observer {
             let _ = obs.send(Event::Streaming { start });
         }

@@ -59,6 +59,9 @@ pub struct SourceConfig {
     pub flush: Vec<crate::domain::action::Action>,
     /// How often a heartbeat message is written; `None` when disabled.
     pub heartbeat_interval: Option<Duration>,
+    /// While another process holds the slot, walbust stands by and takes the slot over
+    /// within this long of its release.
+    pub standby_takeover: Duration,
 }
 
 /// `on_slot_lost`: the policy for a slot that was invalidated, dropped, or left behind by a failover.
@@ -92,6 +95,30 @@ pub struct RedisConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// JSON Lines file that actions Redis refused for good are appended to, if any.
     pub dead_letter_file: Option<PathBuf>,
+    /// One node, a cluster, or a master found through Sentinel.
+    pub topology: RedisTopology,
+}
+
+/// How the Redis behind `[redis]` is laid out.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RedisTopology {
+    /// One node at `url`.
+    #[default]
+    Single,
+    /// A Redis Cluster (`cluster = true`): `url` and these URLs are seed nodes.
+    Cluster {
+        /// More seed nodes from `nodes`, besides `url`.
+        nodes: Vec<String>,
+    },
+    /// A master found through Sentinel: `url` gives its credentials, database and TLS only.
+    Sentinel {
+        /// The Sentinel URLs from `sentinels`.
+        sentinels: Vec<String>,
+        /// The name the Sentinels monitor the master under (`master_name`).
+        master_name: String,
+        /// Replicas that must confirm a batch (`WAIT`) before it counts as applied.
+        wait_replicas: u32,
+    },
 }
 
 /// `[batch]`: how actions are grouped before they are sent.
@@ -159,6 +186,8 @@ struct RawSource {
     flush: Option<crate::domain::action::Invalidation>,
     #[serde(default)]
     heartbeat_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    standby_takeover: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +198,16 @@ struct RawRedis {
     ca_file: Option<Spanned<String>>,
     #[serde(default)]
     dead_letter_file: Option<String>,
+    #[serde(default)]
+    cluster: bool,
+    #[serde(default)]
+    nodes: Vec<Spanned<String>>,
+    #[serde(default)]
+    sentinels: Vec<Spanned<String>>,
+    #[serde(default)]
+    master_name: Option<Spanned<String>>,
+    #[serde(default)]
+    wait_replicas: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -391,8 +430,11 @@ impl Validator<'_> {
             Some(s) if s.get_ref() == "off" => None,
             other => Some(self.duration("heartbeat_interval", other, Duration::from_secs(30), HEARTBEAT_INTERVAL)),
         };
+        let standby_takeover =
+            self.duration("standby_takeover", raw.standby_takeover.as_ref(), Duration::from_secs(5), STANDBY_TAKEOVER);
         Some(SourceConfig {
             conninfo,
+            standby_takeover,
             on_slot_lost,
             flush: flush.unwrap_or_default(),
             heartbeat_interval,
@@ -493,8 +535,116 @@ impl Validator<'_> {
                 }
             },
         };
+        let topology = self.topology(&raw, &url, tls)?;
         let dead_letter_file = raw.dead_letter_file.map(|f| self.relative(&f));
-        Some(RedisConfig { url, ca_pem, dead_letter_file })
+        Some(RedisConfig { url, ca_pem, dead_letter_file, topology })
+    }
+
+    /// `cluster`, `nodes`, `sentinels` and `master_name`: at most one topology, and URLs
+    /// redis-rs accepts, with TLS the same as `url`'s for the seed nodes.
+    fn topology(&mut self, raw: &RawRedis, url: &str, tls: bool) -> Option<RedisTopology> {
+        if let Some(n) = raw.wait_replicas.as_ref().filter(|_| raw.sentinels.is_empty()) {
+            self.error(
+                n.span(),
+                "`wait_replicas` is set without `sentinels`".into(),
+                Some("wait_replicas applies to a master found through Sentinel; remove it"),
+            );
+            return None;
+        }
+        let nodes = self.urls(&raw.nodes, "nodes", url, tls)?;
+        let sentinels = self.urls(&raw.sentinels, "sentinels", url, tls)?;
+        if !raw.nodes.is_empty() && !raw.cluster {
+            self.error(
+                raw.nodes[0].span(),
+                "`nodes` is set but `cluster` is not".into(),
+                Some("add cluster = true for a Redis Cluster, or remove nodes"),
+            );
+            return None;
+        }
+        match (raw.cluster, sentinels.is_empty(), &raw.master_name) {
+            (false, true, None) => Some(RedisTopology::Single),
+            (true, true, None) => {
+                if url.starts_with("redis+unix://") {
+                    self.error(
+                        raw.url.span(),
+                        "a cluster cannot be reached over a Unix socket".into(),
+                        Some("give a cluster node as redis://host:port"),
+                    );
+                    return None;
+                }
+                Some(RedisTopology::Cluster { nodes })
+            }
+            (false, false, Some(name)) if !name.get_ref().is_empty() => {
+                let wait_replicas = match &raw.wait_replicas {
+                    None => 1,
+                    Some(n) => match u32::try_from(*n.get_ref()) {
+                        Ok(n) if n <= 16 => n,
+                        _ => {
+                            self.error(
+                                n.span(),
+                                format!("wait_replicas = {} is out of range", n.get_ref()),
+                                Some("give how many replicas must confirm a batch, 0 to 16 (default 1)"),
+                            );
+                            return None;
+                        }
+                    },
+                };
+                Some(RedisTopology::Sentinel { sentinels, master_name: name.get_ref().clone(), wait_replicas })
+            }
+            (false, false, _) => {
+                self.error(
+                    raw.sentinels[0].span(),
+                    "`sentinels` is set without `master_name`".into(),
+                    Some("add master_name = \"mymaster\", the name the Sentinels monitor the master under"),
+                );
+                None
+            }
+            (false, true, Some(name)) => {
+                self.error(
+                    name.span(),
+                    "`master_name` is set without `sentinels`".into(),
+                    Some("add sentinels = [\"redis://sentinel-1:26379\", ...], or remove master_name"),
+                );
+                None
+            }
+            (true, _, _) => {
+                self.error(
+                    raw.url.span(),
+                    "`cluster = true` and `sentinels` both set: a Redis Cluster is not run with Sentinel".into(),
+                    Some("keep cluster = true for a Redis Cluster, or sentinels and master_name for Sentinel"),
+                );
+                None
+            }
+        }
+    }
+
+    /// The URLs of `nodes` or `sentinels`, each one redis-rs accepts; cluster nodes with
+    /// the same TLS as `url`.
+    fn urls(&mut self, list: &[Spanned<String>], what: &str, url: &str, tls: bool) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        for item in list {
+            let value = self.interpolate(item)?;
+            match redis::IntoConnectionInfo::into_connection_info(value.as_str()) {
+                Ok(info) if what == "nodes" && matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) != tls => {
+                    self.error(
+                        item.span(),
+                        format!("node `{}` and url `{}` differ in TLS", redact_url(&value), redact_url(url)),
+                        Some("give every cluster node as rediss:// when url is rediss://, and as redis:// otherwise"),
+                    );
+                    return None;
+                }
+                Ok(_) => out.push(value),
+                Err(e) => {
+                    self.error(
+                        item.span(),
+                        format!("invalid {what} url `{}`: {e}", redact_url(&value)),
+                        Some("use redis://host:port, or rediss://host:port for TLS"),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(out)
     }
 
     /// A path from the file, relative to the config file's directory.
@@ -693,6 +843,9 @@ pub const STATUS_INTERVAL: Bounds = Duration::from_millis(100)..=Duration::from_
 /// `[source] read_timeout`: a silent server is noticed within an hour at most, and a
 /// timeout shorter than a second would drop healthy connections in a loop.
 pub const READ_TIMEOUT: Bounds = Duration::from_secs(1)..=Duration::from_secs(3600);
+/// `[source] standby_takeover`: a standby asks for the slot at least twice a second at
+/// most, and takes over within ten minutes at worst.
+pub const STANDBY_TAKEOVER: Bounds = Duration::from_secs(1)..=Duration::from_secs(600);
 /// `[source] heartbeat_interval` (unless `"off"`).
 pub const HEARTBEAT_INTERVAL: Bounds = Duration::from_millis(100)..=Duration::from_secs(3600);
 /// `[batch] max_delay`: a batch older than a minute is a stale cache for a minute.
@@ -744,8 +897,10 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("[source] on_slot_lost", a.on_slot_lost != b.on_slot_lost),
         ("[source] flush", differs(&a.flush, &b.flush)),
         ("[source] heartbeat_interval", a.heartbeat_interval != b.heartbeat_interval),
+        ("[source] standby_takeover", a.standby_takeover != b.standby_takeover),
         ("[redis] url", old.redis.url != new.redis.url),
         ("[redis] ca_file", old.redis.ca_pem != new.redis.ca_pem),
+        ("[redis] cluster, nodes, sentinels, master_name", old.redis.topology != new.redis.topology),
         ("[batch] max_actions", old.batch.max_actions != new.batch.max_actions),
         ("[batch] max_delay", old.batch.max_delay != new.batch.max_delay),
         ("[metrics] listen", old.metrics.listen != new.metrics.listen),
@@ -1019,5 +1174,39 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
         let env = |name: &str| (name == "REDIS_PASSWORD").then(|| "pw".to_string());
         let c = Config::parse_with(Path::new("/etc/walbust/config.toml"), &text, &env, false, true).expect("loads").0;
         assert_eq!(c.source.conninfo.password, None);
+    }
+
+    #[test]
+    fn redis_topologies_load_and_mixed_or_half_given_ones_are_errors() {
+        let with = |extra: &str| GOOD.replace("cache:6379/0\"", &format!("cache:6379/0\"\n{extra}"));
+        assert_eq!(parse(GOOD).unwrap().redis.topology, RedisTopology::Single);
+        let c = parse(&with("cluster = true\nnodes = [\"redis://:${REDIS_PASSWORD}@cache-2:6379\"]")).unwrap();
+        assert_eq!(c.redis.topology, RedisTopology::Cluster { nodes: vec!["redis://:pw@cache-2:6379".into()] });
+        let c = parse(&with("sentinels = [\"redis://s1:26379\", \"redis://s2:26379\"]\nmaster_name = \"mymaster\""))
+            .unwrap();
+        assert_eq!(
+            c.redis.topology,
+            RedisTopology::Sentinel {
+                sentinels: vec!["redis://s1:26379".into(), "redis://s2:26379".into()],
+                master_name: "mymaster".into(),
+                wait_replicas: 1
+            }
+        );
+        let p = problems(&with("nodes = [\"redis://cache-2:6379\"]"));
+        assert!(p.contains("`nodes` is set but `cluster` is not"), "{p}");
+        let p = problems(&with("cluster = true\nnodes = [\"rediss://cache-2:6379\"]"));
+        assert!(p.contains("node `rediss://cache-2:6379` and url `redis://:***@cache:6379/0` differ in TLS"), "{p}");
+        let p = problems(&with("sentinels = [\"redis://s1:26379\"]"));
+        assert!(p.contains("`sentinels` is set without `master_name`"), "{p}");
+        let p = problems(&with("master_name = \"m\""));
+        assert!(p.contains("`master_name` is set without `sentinels`"), "{p}");
+        let p = problems(&with("cluster = true\nsentinels = [\"redis://s1:26379\"]\nmaster_name = \"m\""));
+        assert!(p.contains("a Redis Cluster is not run with Sentinel"), "{p}");
+        let p = problems(&with("sentinels = [\"redis://s1:26379\"]\nmaster_name = \"m\"\nwait_replicas = -1"));
+        assert!(p.contains("wait_replicas = -1 is out of range"), "{p}");
+        let p = problems(&with("wait_replicas = 1"));
+        assert!(p.contains("`wait_replicas` is set without `sentinels`"), "{p}");
+        let p = problems(&with("sentinels = [\"redis://s1:notaport\"]\nmaster_name = \"m\""));
+        assert!(p.contains("invalid sentinels url `redis://s1:notaport`"), "{p}");
     }
 }

@@ -346,8 +346,12 @@ pub struct ThrowawayRedis {
     bin: PathBuf,
     port: u16,
     tls: bool,
-    /// Extra `redis-server` arguments, given at every start.
-    extra: Vec<String>,
+    /// Extra command-line settings (cluster mode, Sentinel).
+    args: Vec<String>,
+    /// Sentinel's config file, given first on the command line; `None` for a server.
+    conf: Option<PathBuf>,
+    /// The line of its log that says it is ready.
+    ready: &'static str,
     child: Option<Child>,
 }
 
@@ -380,10 +384,17 @@ impl ThrowawayRedis {
     }
 
     fn start_with(tls: Option<&RedisTls>, args: &[&str]) -> Result<Self, ThrowawayError> {
-        let bin = find_in_path("redis-server").ok_or(ThrowawayError::MissingBinary {
-            name: "redis-server",
-            hint: "install Redis: apt-get install redis-server",
-        })?;
+        Self::start_configured(tls, args.iter().map(|a| a.to_string()).collect(), "Ready to accept connections")
+    }
+
+    /// Starts `redis-server` with extra settings (`--name value` pairs), on a free port
+    /// unless they give one.
+    fn start_configured(
+        tls: Option<&RedisTls>,
+        args: Vec<String>,
+        ready: &'static str,
+    ) -> Result<Self, ThrowawayError> {
+        let bin = redis_binary("redis-server")?;
         let root = temp_root("redis")?;
         spawn_watchdog(&root, &format!("kill -9 $(cat '{}/redis.pid' 2>/dev/null) 2>/dev/null", root.display()));
         if let Some(tls) = tls {
@@ -392,8 +403,8 @@ impl ThrowawayRedis {
                 fs::write(&path, pem).map_err(io("writing a TLS file", &path))?;
             }
         }
-        let extra = args.iter().map(|a| a.to_string()).collect();
-        let mut redis = ThrowawayRedis { root, bin, port: free_port()?, tls: tls.is_some(), extra, child: None };
+        let mut redis =
+            ThrowawayRedis { root, bin, port: free_port()?, tls: tls.is_some(), args, conf: None, ready, child: None };
         redis.start_again()?;
         Ok(redis)
     }
@@ -426,6 +437,9 @@ impl ThrowawayRedis {
             true => vec!["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no"],
         };
         let mut cmd = Command::new(&self.bin);
+        if let Some(conf) = &self.conf {
+            cmd.arg(conf).arg("--sentinel");
+        }
         if self.tls {
             cmd.arg("--tls-cert-file").arg(self.root.join("redis.crt"));
             cmd.arg("--tls-key-file").arg(self.root.join("redis.key"));
@@ -434,9 +448,9 @@ impl ThrowawayRedis {
         let child = cmd
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&ports)
-            .args(&self.extra)
             .args(["--daemonize", "no", "--dir"])
             .arg(&self.root)
+            .args(&self.args)
             .arg("--pidfile")
             .arg(self.root.join("redis.pid"))
             .arg("--logfile")
@@ -447,9 +461,8 @@ impl ThrowawayRedis {
             .spawn()
             .map_err(io("starting redis-server", &self.bin))?;
         self.child = Some(child);
-        wait_ready(self.child.as_mut(), "redis-server", &log, from, |text| {
-            text.contains("Ready to accept connections")
-        })?;
+        let ready = self.ready;
+        wait_ready(self.child.as_mut(), "redis-server", &log, from, |text| text.contains(ready))?;
         Ok(())
     }
 
@@ -465,6 +478,216 @@ impl ThrowawayRedis {
         }
         Ok(())
     }
+}
+
+/// A Redis Cluster of throwaway nodes: primaries, each with its replicas.
+pub struct ThrowawayRedisCluster {
+    /// Every node, primaries and replicas alike, in start order.
+    pub nodes: Vec<ThrowawayRedis>,
+}
+
+impl ThrowawayRedisCluster {
+    /// Starts `primaries * (1 + replicas)` nodes in cluster mode and joins them with
+    /// `redis-cli --cluster create`; returns once every node says the cluster is ok.
+    pub fn start(primaries: usize, replicas: usize) -> Result<Self, ThrowawayError> {
+        let cli = redis_binary("redis-cli")?;
+        let mut nodes = Vec::new();
+        for _ in 0..primaries * (1 + replicas) {
+            let args = vec![
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                "nodes.conf".into(),
+                "--cluster-node-timeout".into(),
+                "3000".into(),
+                // The bus port is chosen too: the default, port + 10000, may be taken or out of range.
+                "--cluster-port".into(),
+                free_port()?.to_string(),
+            ];
+            nodes.push(ThrowawayRedis::start_configured(None, args, "Ready to accept connections")?);
+        }
+        let mut create = Command::new(&cli);
+        create.arg("--cluster").arg("create");
+        create.args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        run_tool(create, "redis-cli --cluster create")?;
+        let cluster = ThrowawayRedisCluster { nodes };
+        for node in &cluster.nodes {
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                let info = redis_cli(&cli, node.port, &["CLUSTER", "INFO"])?;
+                let nodes = redis_cli(&cli, node.port, &["CLUSTER", "NODES"])?;
+                // Every node sees every replica as one: replicas turn so after the slots are assigned.
+                let replicas_seen =
+                    nodes.lines().filter(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("slave"))).count();
+                if info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{}", cluster.nodes.len()))
+                    && replicas_seen == primaries * replicas
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(ThrowawayError::Startup {
+                        what: "redis cluster",
+                        reason: format!("node {} not ok after {}s", node.port, START_TIMEOUT.as_secs()),
+                        log: node.root.join("redis.log").display().to_string(),
+                        tail: format!("{info}{nodes}"),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// The seed URL walbust is given: the first node.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// Runs `redis-cli -p PORT args...` against `port` and returns what it printed.
+    pub fn cli(&self, port: u16, args: &[&str]) -> Result<String, ThrowawayError> {
+        redis_cli(&redis_binary("redis-cli")?, port, args)
+    }
+}
+
+/// Sentinel over a throwaway master and its replicas.
+pub struct ThrowawaySentinel {
+    /// The master first, then its replicas.
+    pub servers: Vec<ThrowawayRedis>,
+    /// The Sentinels watching them.
+    pub sentinels: Vec<ThrowawayRedis>,
+    /// The name the master is monitored under.
+    pub master_name: String,
+}
+
+impl ThrowawaySentinel {
+    /// Starts a master, `replicas` replicas of it and `sentinels` Sentinels (quorum: a
+    /// majority) monitoring it; returns once every Sentinel knows every replica.
+    pub fn start(replicas: usize, sentinels: usize) -> Result<Self, ThrowawayError> {
+        let cli = redis_binary("redis-cli")?;
+        let master = ThrowawayRedis::start()?;
+        let mut servers = vec![];
+        for _ in 0..replicas {
+            let args = vec!["--replicaof".into(), "127.0.0.1".into(), master.port.to_string()];
+            servers.push(ThrowawayRedis::start_configured(None, args, "Ready to accept connections")?);
+        }
+        servers.insert(0, master);
+        let master_name = "walbust-master".to_string();
+        let quorum = sentinels / 2 + 1;
+        let mut watching = Vec::new();
+        for _ in 0..sentinels {
+            let text = format!(
+                "sentinel monitor {master_name} 127.0.0.1 {port} {quorum}\n\
+                 sentinel down-after-milliseconds {master_name} 2000\n\
+                 sentinel failover-timeout {master_name} 10000\n\
+                 sentinel parallel-syncs {master_name} 1\n",
+                port = servers[0].port
+            );
+            watching.push(ThrowawayRedis::start_sentinel(&text)?);
+        }
+        let all = ThrowawaySentinel { servers, sentinels: watching, master_name };
+        for s in &all.sentinels {
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                let replicas_seen =
+                    redis_cli(&cli, s.port, &["SENTINEL", "REPLICAS", &all.master_name]).unwrap_or_default();
+                let others = redis_cli(&cli, s.port, &["SENTINEL", "SENTINELS", &all.master_name]).unwrap_or_default();
+                let seen = all.servers[1..].iter().all(|r| replicas_seen.contains(&r.port.to_string()));
+                let peers =
+                    all.sentinels.iter().filter(|o| o.port != s.port).all(|o| others.contains(&o.port.to_string()));
+                if seen && peers {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(ThrowawayError::Startup {
+                        what: "redis sentinel",
+                        reason: format!("sentinel {} does not see every replica and sentinel", s.port),
+                        log: s.root.join("redis.log").display().to_string(),
+                        tail: format!("{replicas_seen}\n{others}"),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(all)
+    }
+
+    /// The Sentinels' URLs.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(|s| format!("redis://127.0.0.1:{}", s.port)).collect()
+    }
+
+    /// The port of the master as the first Sentinel names it now.
+    pub fn master_port(&self) -> Result<u16, ThrowawayError> {
+        let out = redis_cli(
+            &redis_binary("redis-cli")?,
+            self.sentinels[0].port,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.master_name],
+        )?;
+        out.lines().nth(1).and_then(|p| p.trim().parse().ok()).ok_or_else(|| ThrowawayError::Startup {
+            what: "redis sentinel",
+            reason: "no master address".into(),
+            log: String::new(),
+            tail: out.clone(),
+        })
+    }
+
+    /// Runs `redis-cli -p PORT args...` and returns what it printed.
+    pub fn cli(&self, port: u16, args: &[&str]) -> Result<String, ThrowawayError> {
+        redis_cli(&redis_binary("redis-cli")?, port, args)
+    }
+}
+
+impl ThrowawayRedis {
+    /// Starts a Sentinel with `conf` as its config file (Sentinel rewrites it).
+    fn start_sentinel(conf: &str) -> Result<Self, ThrowawayError> {
+        let bin = redis_binary("redis-server")?;
+        let root = temp_root("sentinel")?;
+        spawn_watchdog(&root, &format!("kill -9 $(cat '{}/redis.pid' 2>/dev/null) 2>/dev/null", root.display()));
+        let path = root.join("sentinel.conf");
+        fs::write(&path, conf).map_err(io("writing sentinel.conf", &path))?;
+        let mut sentinel = ThrowawayRedis {
+            root,
+            bin,
+            port: free_port()?,
+            tls: false,
+            args: Vec::new(),
+            conf: Some(path),
+            ready: "+monitor master",
+            child: None,
+        };
+        sentinel.start_again()?;
+        Ok(sentinel)
+    }
+}
+
+/// A Redis binary on PATH, or the install hint.
+fn redis_binary(name: &'static str) -> Result<PathBuf, ThrowawayError> {
+    find_in_path(name)
+        .ok_or(ThrowawayError::MissingBinary { name, hint: "install Redis: apt-get install redis-server" })
+}
+
+/// `redis-cli -p port args...`, its output.
+fn redis_cli(cli: &Path, port: u16, args: &[&str]) -> Result<String, ThrowawayError> {
+    let mut cmd = Command::new(cli);
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args);
+    run_tool(cmd, "redis-cli")
+}
+
+/// Runs a tool to completion; its standard output, or an error with what it said.
+fn run_tool(mut cmd: Command, what: &'static str) -> Result<String, ThrowawayError> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(io("running", what))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(ThrowawayError::Startup {
+            what,
+            reason: format!("exited with {}", out.status),
+            log: String::new(),
+            tail: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
+        });
+    }
+    Ok(text)
 }
 
 impl Drop for ThrowawayRedis {

@@ -8,7 +8,7 @@ mod memory;
 mod redis;
 
 pub use self::memory::MemorySink;
-pub use self::redis::{RedisSink, RedisSinkError, refused_for_good};
+pub use self::redis::{RedisReport, RedisSink, RedisSinkError, inspect, refused_for_good};
 
 use crate::domain::action::Action;
 use std::future::Future;
@@ -22,6 +22,15 @@ pub trait Sink: Send + 'static {
     /// Applies every action of a batch, returning only once all are acknowledged or
     /// refused for good (see [`Sink::take_dead_letters`]).
     fn apply(&mut self, actions: &[Action]) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Makes this process the only writer of write-throughs for `slot`, before its first
+    /// batch after taking the slot: from then on, a write-through that another instance
+    /// (one that held the slot before) still has in flight is refused, so an old value can
+    /// never land after a newer one. The default does nothing.
+    fn claim(&mut self, slot: &str) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let _ = slot;
+        async { Ok(()) }
+    }
 
     /// The actions of the last successful apply that the target refused for good: an error
     /// reply that retrying cannot fix. The batch counts as applied without them.

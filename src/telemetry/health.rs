@@ -36,7 +36,13 @@ const MAX_REASON: usize = 300;
 #[derive(Debug, Clone)]
 enum Stream {
     Streaming,
-    Down { since: Instant, reason: String },
+    Down {
+        since: Instant,
+        reason: String,
+    },
+    /// Another process holds the slot; this one waits to take over. Healthy: an
+    /// orchestrator must keep a standby running.
+    Standby,
 }
 
 /// The Redis side of health.
@@ -104,9 +110,19 @@ impl Health {
         self.with(|s| {
             s.stream = match &s.stream {
                 Stream::Down { since, .. } => Stream::Down { since: *since, reason },
-                Stream::Streaming => Stream::Down { since: Instant::now(), reason },
+                Stream::Streaming | Stream::Standby => Stream::Down { since: Instant::now(), reason },
             }
         });
+    }
+
+    /// Another process holds the slot and this one stands by to take over.
+    pub fn standby(&self) {
+        self.with(|s| s.stream = Stream::Standby);
+    }
+
+    /// Whether this process stands by for the slot.
+    pub fn is_standby(&self) -> bool {
+        self.with(|s| matches!(s.stream, Stream::Standby))
     }
 
     /// Redis acknowledged a batch (or answered a ping).
@@ -302,6 +318,7 @@ fn respond(method: &Method, path: &str, metrics: &Metrics, health: &Health) -> R
             r
         }
         _ => match health.check() {
+            Ok(()) if health.is_standby() => text(StatusCode::OK, "standby\n".into()),
             Ok(()) => text(StatusCode::OK, "ok\n".into()),
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },

@@ -62,6 +62,9 @@ pub const REDIS_ERRORS: &str = "walbust_redis_errors_total";
 pub const REDIS_APPLY: &str = "walbust_redis_apply_seconds";
 /// Counter: replication reconnects.
 pub const RECONNECTS: &str = "walbust_reconnects_total";
+/// Gauge: 1 while this instance holds the slot (the active one), 0 while it stands by or
+/// reconnects.
+pub const ACTIVE: &str = "walbust_active";
 /// Gauge: WAL the slot keeps on the server (current WAL position minus `restart_lsn`).
 pub const SLOT_RETAINED_WAL: &str = "walbust_slot_retained_wal_bytes";
 /// Gauge, label `status`: 1 for the slot's current `wal_status`, 0 for the others.
@@ -132,6 +135,7 @@ pub const ALL: &[&str] = &[
     SCANNED_KEYS,
     SCAN,
     RECONNECTS,
+    ACTIVE,
     RELOADS,
     RELOAD_FAILURES,
     LAST_RELOAD,
@@ -423,6 +427,7 @@ pub struct Metrics {
     redis_errors: Counter,
     redis_apply: Histogram,
     reconnects: Counter,
+    active: Gauge,
     reloads: Counter,
     slot: Arc<Mutex<Option<SlotHealth>>>,
     heartbeats: Counter,
@@ -474,6 +479,7 @@ impl Default for Metrics {
             redis_errors: Counter::default(),
             redis_apply: Histogram::new(REDIS_APPLY_BUCKETS.iter().copied()),
             reconnects: Counter::default(),
+            active: Gauge::default(),
             reloads: Counter::default(),
             slot: Arc::default(),
             heartbeats: Counter::default(),
@@ -606,6 +612,12 @@ impl Metrics {
         register(r, SCANNED_KEYS, "Keys SCAN returned for pattern actions.", self.scanned_keys.clone());
         register(r, SCAN, "Seconds one pattern action took, over all its SCAN pages.", self.scan.clone());
         register(r, RECONNECTS, "Replication reconnects.", self.reconnects.clone());
+        register(
+            r,
+            ACTIVE,
+            "1 while this instance holds the slot and streams (the active one); 0 while it stands by or reconnects.",
+            self.active.clone(),
+        );
         register(r, RELOADS, "Rule sets swapped in after a reload.", self.reloads.clone());
         register(
             r,
@@ -879,6 +891,16 @@ impl Metrics {
     /// Counts the failed batch applies so far.
     pub fn redis_errors(&self) -> u64 {
         self.redis_errors.get()
+    }
+
+    /// Records whether this instance holds the slot and streams.
+    pub fn set_active(&self, active: bool) {
+        self.active.set(i64::from(active));
+    }
+
+    /// Whether this instance holds the slot and streams.
+    pub fn active(&self) -> bool {
+        self.active.get() == 1
     }
 
     /// Counts the reconnects so far.

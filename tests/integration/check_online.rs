@@ -60,6 +60,7 @@ async fn default_identity_with_a_non_key_column_warns_of_widening_and_gives_the_
     assert!(out.stdout.contains(&format!("warn {file} (1 rule)")), "{out}");
     assert!(out.stdout.contains("ok   database postgres@127.0.0.1:"), "{out}");
     assert!(out.stdout.contains(&format!("/{}, publication `{}` (1 table)", db.name, db.name)), "{out}");
+    assert!(out.stdout.contains(&format!("ok   redis {}: single node, master", s.redis.url())), "{out}");
     // The warning points at `{org_id}` in the second key: line 5, column 30.
     assert!(
         out.stderr.contains(&format!(

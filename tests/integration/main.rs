@@ -3,6 +3,7 @@
 mod actions;
 mod bad_rules;
 mod check_online;
+mod cluster;
 mod config_files;
 mod connection;
 mod demo;
@@ -15,8 +16,10 @@ mod poison;
 mod replay;
 mod routing;
 mod ruletest;
+mod sentinel;
 mod setup_check;
 mod slot_safety;
+mod standby;
 mod startup;
 mod support;
 mod versions;

@@ -1,23 +1,10 @@
 //! `walbust run` serves /metrics and /healthz: counters and positions move under writes,
 //! and health follows Redis going away and coming back.
 
-use crate::support::{self, Walbust, fresh_db, wait_until, write_config_with};
-use std::io::{Read, Write};
+use crate::support::{self, Walbust, free_port, fresh_db, http_get, wait_until, write_config_with};
 use std::process::Stdio;
 use std::time::Duration;
 use walbust::offline::throwaway::ThrowawayRedis;
-
-/// GET `path` from 127.0.0.1:`port`; returns the status code and body.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
-    Some((code, body))
-}
 
 /// The value of the first sample line starting with `prefix`.
 fn sample(metrics: &str, prefix: &str) -> f64 {
@@ -27,10 +14,6 @@ fn sample(metrics: &str, prefix: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,7 +26,7 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
     let rules = format!("[[rule]]\nname = \"items\"\ntable = \"items\"\nkeys = [\"{n}:item:{{id}}\"]\n");
     let files = write_config_with(&db, &redis.url(), &rules, "", "", &format!("127.0.0.1:{port}"));
     let walbust = Walbust::spawn(&["--log-level", "warn", "run", "--config"], &files.path, Stdio::inherit());
-    let healthy = move || async move { get(port, "/healthz").is_some_and(|(code, _)| code == 200) };
+    let healthy = move || async move { http_get(port, "/healthz").is_some_and(|(code, _)| code == 200) };
     wait_until(Duration::from_secs(60), "/healthz to report healthy", healthy).await;
     // The container health check: `walbust health` finds /healthz through the same config.
     let probe = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
@@ -54,13 +37,13 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
     assert_eq!(probe.status.code(), Some(0), "{probe:?}");
     assert_eq!(String::from_utf8_lossy(&probe.stdout), "ok\n");
 
-    let before = get(port, "/metrics").expect("metrics").1;
+    let before = http_get(port, "/metrics").expect("metrics").1;
     for i in 1..=20 {
         db.client.execute("INSERT INTO items VALUES ($1)", &[&i]).await.unwrap();
     }
     let (received, flushed) = (sample(&before, "walbust_received_lsn"), sample(&before, "walbust_flushed_lsn"));
     let moved = move || async move {
-        let m = get(port, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        let m = http_get(port, "/metrics").map(|(_, b)| b).unwrap_or_default();
         sample(&m, "walbust_changes_total{") >= 20.0
             && sample(&m, "walbust_actions_total{") >= 20.0
             && sample(&m, "walbust_receive_lag_seconds_count") >= 20.0
@@ -74,7 +57,7 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
         moved,
     )
     .await;
-    let after = get(port, "/metrics").expect("metrics").1;
+    let after = http_get(port, "/metrics").expect("metrics").1;
     assert!(after.contains("table=\"public.items\""), "{after}");
     // Every commit's arrival is timed once.
     let commits = sample(&after, "walbust_commits_total");
@@ -90,8 +73,9 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
     .await
     .unwrap();
     db.client.execute("INSERT INTO items VALUES (100)", &[]).await.unwrap();
-    let down =
-        move || async move { get(port, "/healthz").is_some_and(|(code, body)| code == 503 && body.contains("redis")) };
+    let down = move || async move {
+        http_get(port, "/healthz").is_some_and(|(code, body)| code == 503 && body.contains("redis"))
+    };
     wait_until(Duration::from_secs(60), "/healthz to turn unhealthy after Redis stopped", down).await;
     let _redis = tokio::task::spawn_blocking(move || {
         redis.start_again().expect("restart redis");
@@ -138,12 +122,12 @@ async fn a_busy_metrics_port_is_retried_while_invalidation_runs() {
     wait_until(Duration::from_secs(60), "an insert to be invalidated while the metrics port is busy", invalidated)
         .await;
     assert!(matches!(walbust.0.try_wait(), Ok(None)), "walbust stopped because the metrics port was busy");
-    assert!(get(port, "/metrics").is_none(), "the squatter still holds the port");
+    assert!(http_get(port, "/metrics").is_none(), "the squatter still holds the port");
 
     // Once the port is free, /metrics comes up without a restart.
     drop(squatter);
     let served = move || async move {
-        get(port, "/metrics").is_some_and(|(code, body)| code == 200 && body.contains("walbust_"))
+        http_get(port, "/metrics").is_some_and(|(code, body)| code == 200 && body.contains("walbust_"))
     };
     wait_until(Duration::from_secs(60), "/metrics to come up after the port was freed", served).await;
     assert_eq!(walbust.terminate(), Some(0));
@@ -187,7 +171,7 @@ async fn a_thousand_idle_connections_do_not_starve_a_scrape() {
     // Every idle connection has been accepted and waits for a request head.
     let scrape = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        let answer = get(port, "/metrics");
+        let answer = http_get(port, "/metrics");
         (answer, started.elapsed())
     });
     let (answer, took) = tokio::time::timeout(Duration::from_secs(5), scrape)

@@ -2,6 +2,7 @@
 //! a fresh database, slot and publication per test, and waits with deadlines.
 
 pub mod certs;
+pub mod markers;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -225,7 +226,7 @@ impl Running {
     async fn start_inner(config: &Path) -> Result<(Running, mpsc::UnboundedReceiver<Event>), PipelineError> {
         let config = Config::load(config).unwrap_or_else(|e| panic!("config: {e}"));
         let rules = RuleSet::load(&config.rules).unwrap_or_else(|e| panic!("rules: {e}")).rules;
-        let sink = RedisSink::new(&config.redis.url, config.redis.ca_pem.as_deref()).expect("redis sink");
+        let sink = RedisSink::from_config(&config.redis).expect("redis sink");
         let (tx, mut events) = mpsc::unbounded_channel();
         let metrics = Metrics::new();
         let (reload_tx, reload) = tokio::sync::watch::channel(Arc::new(rules.clone()));
@@ -382,4 +383,22 @@ impl StderrLog {
             async move { found }
         })
     }
+}
+
+/// GET `path` from 127.0.0.1:`port` over HTTP/1.1: the status code and the body.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+    Some((code, body))
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
