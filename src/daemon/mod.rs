@@ -1,9 +1,13 @@
 //! The long-running `walbust run`: the pipeline that wires the stages and owns shutdown
 //! ([`pipeline`]), the heartbeat it writes ([`heartbeat`]), the slot and publication checks
-//! with the server requirements ([`slot`]), and the statements that fix the database
+//! with the server requirements ([`slot`]), the gate that holds a transaction's
+//! invalidations until it is visible ([`visibility`]), the reader of the server's
+//! `walbust.wait()` counts ([`wait_calls`]), and the statements that fix the database
 //! ([`fix`]).
 
 pub mod fix;
 pub mod heartbeat;
 pub mod pipeline;
 pub mod slot;
+pub mod visibility;
+pub mod wait_calls;

@@ -5,6 +5,7 @@ mod bad_rules;
 mod check_online;
 mod config_files;
 mod connection;
+mod consistency;
 mod demo;
 mod durability;
 mod metrics;
