@@ -86,15 +86,21 @@ impl Redeletes {
     /// was queued: the batch had no delete and nothing was pending before it, so its
     /// position is durable at once.
     pub fn schedule(&mut self, actions: &[Action], visible_at: Instant, ack: Option<Lsn>) -> bool {
-        let deletes = actions.iter().filter(|a| is_delete(a));
-        if self.entries.is_empty() && deletes.clone().next().is_none() {
-            return false;
-        }
         let seq = self.front_seq + self.entries.len() as u64;
         // Batches are applied in order, but a clock step must not reorder the queue.
         let due = self.entries.back().map_or(visible_at + self.after, |last| last.due.max(visible_at + self.after));
-        let mut entry = Entry { due, actions: IndexSet::new(), ack };
-        for action in deletes {
+        self.entries.push_back(Entry { due, actions: IndexSet::new(), ack });
+        // In the batch's order, which is the order Redis applies it in.
+        for action in actions {
+            if let Action::Set { key, .. } = action {
+                // A later write-through of a key supersedes its pending second delete: the
+                // key now holds the new row, which a second delete would only throw away.
+                self.cancel(&Action::Unlink(key.clone()));
+                continue;
+            }
+            if !is_delete(action) {
+                continue;
+            }
             match self.pending.insert(action.clone(), seq) {
                 // Coalesced: pending already; it moves to this later entry.
                 Some(earlier) if earlier != seq => {
@@ -104,10 +110,22 @@ impl Redeletes {
                 Some(_) => continue,
                 None => self.bytes += action.size() + PER_ACTION_OVERHEAD,
             }
-            entry.actions.insert(action.clone());
+            self.entries.back_mut().expect("this batch's entry was just pushed").actions.insert(action.clone());
         }
-        self.entries.push_back(entry);
+        if self.entries.len() == 1 && self.entries[0].actions.is_empty() {
+            // Nothing to repeat and nothing before it: its position is durable now.
+            self.entries.clear();
+            return false;
+        }
         true
+    }
+
+    /// Drops `action` from the queue if it is pending.
+    fn cancel(&mut self, action: &Action) {
+        if let Some(seq) = self.pending.remove(action) {
+            self.entries[(seq - self.front_seq) as usize].actions.swap_remove(action);
+            self.bytes -= action.size() + PER_ACTION_OVERHEAD;
+        }
     }
 
     /// When the first pending entry is due, if any is pending.
@@ -215,6 +233,27 @@ mod tests {
         let second = q.take_due(t + Duration::from_millis(1300));
         assert_eq!(second.actions, [unlink("hot")]);
         assert!(q.is_empty() && q.pending.is_empty());
+    }
+
+    #[test]
+    fn a_later_write_through_of_a_key_cancels_its_pending_second_delete() {
+        let mut q = Redeletes::new(Duration::from_secs(1), DEFAULT_MAX_BYTES);
+        let t = Instant::now();
+        q.schedule(&[unlink("k"), unlink("other")], t, Some(Lsn(10)));
+        let set = Action::Set { key: "k".into(), value: "new row".into(), ttl: None };
+        q.schedule(&[set], t, Some(Lsn(20)));
+        let due = q.take_due(t + Duration::from_secs(2));
+        assert_eq!(due.actions, [unlink("other")], "the written key keeps its new value");
+        assert_eq!(due.ack, Some(Lsn(20)));
+        assert!(q.pending.is_empty() && q.bytes == 0);
+    }
+
+    #[test]
+    fn a_write_through_after_a_delete_in_the_same_batch_is_not_deleted_again() {
+        let mut q = Redeletes::new(Duration::from_secs(1), DEFAULT_MAX_BYTES);
+        let set = Action::Set { key: "k".into(), value: "new row".into(), ttl: None };
+        assert!(!q.schedule(&[unlink("k"), set], Instant::now(), Some(Lsn(10))), "nothing left to repeat");
+        assert!(q.is_empty() && q.pending.is_empty() && q.bytes == 0);
     }
 
     #[test]
