@@ -65,7 +65,7 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
     );
     println!("| off changes/s | on changes/s | ratio on/off | target >= 0.9 | load avg at runs |");
     println!("|---|---|---|---|---|");
-    env.db.batch_execute("DROP PUBLICATION IF EXISTS bench; CREATE PUBLICATION bench FOR TABLE bench_items").await?;
+    env.publish().await?;
     let (mut off_rates, mut on_rates, mut ratios, mut load) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..cli.runs {
         env.db.batch_execute("TRUNCATE bench_items").await?;
