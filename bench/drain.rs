@@ -118,7 +118,8 @@ pub(crate) async fn drain(cli: &Cli, env: &Env) -> anyhow::Result<()> {
     }
     println!(
         "\nTimes run from starting the consumer to pg_recvlogical exiting at --endpos, and to walbust's flushed LSN \
-         (`walbust_flushed_lsn_bytes`, sent to the server) reaching the same position. Every seeded key was checked deleted.\n"
+         (`walbust_applied_lsn_bytes`: every first delete applied, sent to the server as the write position) reaching the \
+         same position. Every seeded key was checked deleted.\n"
     );
     Ok(())
 }
@@ -144,10 +145,22 @@ pub(crate) async fn recvlogical(env: &Env, slot: &str, target: Lsn) -> anyhow::R
     Ok(elapsed)
 }
 
-/// Runs the pipeline in this process until its flushed LSN reaches `target`, on a thread of
-/// its own with a single-threaded runtime, as the `walbust` binary runs it.
+/// Runs the pipeline in this process until every first delete up to `target` is applied
+/// (`walbust_applied_lsn_bytes`; the flushed position trails it by `redelete_after`), on a
+/// thread of its own with a single-threaded runtime, as the `walbust` binary runs it.
 pub(crate) async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> anyhow::Result<Duration> {
-    let config = Config::parse(&env.dir.join("config.toml"), &env.config_text(slot, false, None), &|_| None)?;
+    walbust_in_process_with(env, slot, target, "").await
+}
+
+/// [`walbust_in_process`] with `extra` config sections (`[consistency]`).
+pub(crate) async fn walbust_in_process_with(
+    env: &Env,
+    slot: &str,
+    target: Lsn,
+    extra: &str,
+) -> anyhow::Result<Duration> {
+    let text = env.config_text_with(slot, false, None, extra);
+    let config = Config::parse(&env.dir.join("config.toml"), &text, &|_| None)?;
     let rules = RuleSet::from_sources(&[(PathBuf::from("rules.toml"), RULES.to_string())])
         .map_err(|d| anyhow::anyhow!("{d}"))?
         .rules;
@@ -171,7 +184,7 @@ pub(crate) async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> an
         handle.join().map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?
     };
     let deadline = start + Duration::from_secs(600);
-    while metrics.flushed() < target {
+    while metrics.applied() < target {
         if handle.is_finished() {
             bail!("the pipeline stopped early: {:?}", join(handle));
         }

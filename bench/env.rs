@@ -119,12 +119,13 @@ impl Env {
         Ok(Env { pg, redis, db, cache, dir })
     }
 
-    /// config.toml for walbust over `slot` and `publication`, written next to the rules.
-    pub(crate) fn config_text(&self, slot: &str, create_slot: bool, metrics: Option<u16>) -> String {
+    /// config.toml for walbust over `slot` and `publication`, written next to the rules, with
+    /// `extra` sections at the end (`[consistency]`).
+    pub(crate) fn config_text_with(&self, slot: &str, create_slot: bool, metrics: Option<u16>, extra: &str) -> String {
         let listen = metrics.map_or("off".to_string(), |p| format!("127.0.0.1:{p}"));
         format!(
             "rules = [\"rules.toml\"]\n[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"bench\"\n\
-             create_slot = {create_slot}\nheartbeat_interval = \"off\"\n[redis]\nurl = \"{}\"\n[metrics]\nlisten = \"{listen}\"\n",
+             create_slot = {create_slot}\nheartbeat_interval = \"off\"\n[redis]\nurl = \"{}\"\n[metrics]\nlisten = \"{listen}\"\n{extra}",
             self.pg.url("bench"),
             self.redis.url()
         )
@@ -245,8 +246,20 @@ impl Env {
         create_slot: bool,
         metrics: Option<u16>,
     ) -> anyhow::Result<tokio::process::Child> {
+        self.spawn_walbust_with(bin, slot, create_slot, metrics, "")
+    }
+
+    /// [`Env::spawn_walbust`] with `extra` config sections (`[consistency]`).
+    pub(crate) fn spawn_walbust_with(
+        &self,
+        bin: &Path,
+        slot: &str,
+        create_slot: bool,
+        metrics: Option<u16>,
+        extra: &str,
+    ) -> anyhow::Result<tokio::process::Child> {
         let config = self.dir.join(format!("{slot}.toml"));
-        std::fs::write(&config, self.config_text(slot, create_slot, metrics))?;
+        std::fs::write(&config, self.config_text_with(slot, create_slot, metrics, extra))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("walbust.log"))?;
         let child = tokio::process::Command::new(bin)
             .arg("run")

@@ -8,6 +8,7 @@ use anyhow::{Context, ensure};
 use clap::{Parser, ValueEnum};
 use std::path::{Path, PathBuf};
 
+mod consistency;
 mod cost;
 mod drain;
 mod env;
@@ -31,6 +32,8 @@ enum Scenario {
     All,
     /// Committed writes under a seeded schedule of faults; fails if an invalidation is lost.
     Soak,
+    /// The consistency oracle (stale keys, on and off) and the cost of never-stale.
+    Consistency,
 }
 
 /// walbust benchmarks; every scenario starts its own throwaway Postgres and Redis.
@@ -80,6 +83,8 @@ struct Cli {
     pub(crate) load_wait_secs: u64,
     #[command(flatten)]
     pub(crate) soak: soak::SoakArgs,
+    #[command(flatten)]
+    pub(crate) consistency: consistency::ConsistencyArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -118,6 +123,9 @@ async fn run(cli: Cli, walbust_bin: PathBuf) -> anyhow::Result<()> {
     }
     if all || cli.scenario == Scenario::LargeTxn {
         large_txn::large_txn(&cli, &env, &walbust_bin).await?;
+    }
+    if cli.scenario == Scenario::Consistency {
+        consistency::consistency(&cli, &env, &walbust_bin).await?;
     }
     Ok(())
 }

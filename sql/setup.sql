@@ -30,6 +30,41 @@ BEGIN
 END
 $walbust$;
 
+-- Read-your-writes: after its own COMMIT, an application calls SELECT walbust.wait();
+-- it returns true once walbust has applied the invalidations up to that commit in Redis,
+-- false after the timeout (2s unless given).
+CREATE SCHEMA IF NOT EXISTS walbust;
+CREATE SEQUENCE IF NOT EXISTS walbust.wait_answered;
+CREATE SEQUENCE IF NOT EXISTS walbust.wait_timed_out;
+CREATE OR REPLACE FUNCTION walbust.wait(timeout interval DEFAULT '2s') RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $wait$
+DECLARE
+  target pg_lsn := pg_current_wal_insert_lsn();
+  page_offset bigint := (target - '0/0'::pg_lsn)::numeric % current_setting('wal_block_size')::numeric;
+  segment_offset bigint := (SELECT file_offset FROM pg_walfile_name_offset(target));
+  deadline timestamptz := clock_timestamp() + timeout;
+  pause float8 := 0.0002;
+  done boolean;
+BEGIN
+  IF segment_offset = 40 THEN target := target - 40;
+  ELSIF page_offset = 24 THEN target := target - 24;
+  END IF;
+  LOOP
+    done := EXISTS (SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+                    WHERE s.slot_name = 'walbust' AND r.write_lsn >= target);
+    EXIT WHEN done OR clock_timestamp() >= deadline;
+    PERFORM pg_sleep(pause);
+    pause := least(pause * 2, 0.005);
+  END LOOP;
+  BEGIN
+    PERFORM nextval(CASE WHEN done THEN 'walbust.wait_answered' ELSE 'walbust.wait_timed_out' END::regclass);
+  EXCEPTION WHEN read_only_sql_transaction THEN NULL;
+  END;
+  RETURN done;
+END
+$wait$;
+GRANT USAGE ON SCHEMA walbust TO PUBLIC;
+
 -- Replica identity: old-row columns the rules read.
 -- public.plans: rule "plan lists" reads org_slug, provider from old rows, which REPLICA IDENTITY DEFAULT (primary key plans_pkey: id) leaves out of UPDATE and
 -- DELETE; without FULL walbust widens those keys to pattern deletes.

@@ -1,6 +1,6 @@
 //! The statements walbust shows users to fix their database, and runs in `walbust setup
 //! --apply`: the publication (create it, add tables, publish every op), replica identity,
-//! the role and the `pg_logical_emit_message` grants.
+//! the role, the `pg_logical_emit_message` grants and the `walbust.wait()` function.
 //!
 //! `walbust run` (its start-up gate and its slot checks), `walbust check --online` and
 //! `walbust setup` all take their statements from here, so the same problem gets the same
@@ -167,6 +167,57 @@ pub fn failover_settings(standby_slot: &str, database: &str) -> String {
          -- walbust finds the new primary, and `walbust check --online` checks each standby's settings.\n",
     );
     out
+}
+
+/// The schema holding `walbust.wait()` and its counters.
+pub const WAIT_SCHEMA: &str = "walbust";
+
+/// The statements that install `walbust.wait(timeout interval DEFAULT '2s') RETURNS boolean`:
+/// after its own COMMIT, an application calls it to wait until walbust has applied the
+/// first deletes of every change up to that commit (the write position walbust reports
+/// for `slot` in `pg_stat_replication`). It returns false when `timeout` passes first.
+///
+/// The target is the caller's WAL insert position, which covers its last commit even under
+/// `synchronous_commit = off`; a position just past a page header is taken back to the
+/// page's start, where the server's own positions end. `SECURITY DEFINER`, owned by the
+/// role running setup, so that application roles can read the walsender's positions. Calls
+/// are counted in two sequences (skipped in a read-only transaction), which walbust reads
+/// into `walbust_wait_calls_total`. Idempotent.
+pub fn wait_function(slot: &str) -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};\n\
+         CREATE SEQUENCE IF NOT EXISTS {schema}.wait_answered;\n\
+         CREATE SEQUENCE IF NOT EXISTS {schema}.wait_timed_out;\n\
+         CREATE OR REPLACE FUNCTION {schema}.wait(timeout interval DEFAULT '2s') RETURNS boolean\n\
+         LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $wait$\n\
+         DECLARE\n  \
+           target pg_lsn := pg_current_wal_insert_lsn();\n  \
+           page_offset bigint := (target - '0/0'::pg_lsn)::numeric % current_setting('wal_block_size')::numeric;\n  \
+           segment_offset bigint := (SELECT file_offset FROM pg_walfile_name_offset(target));\n  \
+           deadline timestamptz := clock_timestamp() + timeout;\n  \
+           pause float8 := 0.0002;\n  \
+           done boolean;\n\
+         BEGIN\n  \
+           IF segment_offset = 40 THEN target := target - 40;\n  \
+           ELSIF page_offset = 24 THEN target := target - 24;\n  \
+           END IF;\n  \
+           LOOP\n    \
+             done := EXISTS (SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid\n                    \
+                             WHERE s.slot_name = {slot} AND r.write_lsn >= target);\n    \
+             EXIT WHEN done OR clock_timestamp() >= deadline;\n    \
+             PERFORM pg_sleep(pause);\n    \
+             pause := least(pause * 2, 0.005);\n  \
+           END LOOP;\n  \
+           BEGIN\n    \
+             PERFORM nextval(CASE WHEN done THEN '{schema}.wait_answered' ELSE '{schema}.wait_timed_out' END::regclass);\n  \
+           EXCEPTION WHEN read_only_sql_transaction THEN NULL;\n  \
+           END;\n  \
+           RETURN done;\n\
+         END\n$wait$;\n\
+         GRANT USAGE ON SCHEMA {schema} TO PUBLIC;\n",
+        schema = WAIT_SCHEMA,
+        slot = quote_literal(slot),
+    )
 }
 
 #[cfg(test)]

@@ -8,6 +8,14 @@
 //! Postgres as flushed, so a crash at any point replays from the last commit Redis has
 //! fully applied.
 //!
+//! Before it applies a batch, the applier waits until the batch's transactions are visible
+//! to new snapshots ([`crate::daemon::visibility`]); after it, it schedules every delete of
+//! the batch to be applied again `redelete_after` later ([`crate::domain::redelete`]). Two
+//! positions come back: where the first deletes are applied (the status update's write
+//! position, which `walbust.wait()` waits on, sent as soon as it moves) and where the second
+//! deletes are applied too (the flush position, the slot's confirmed position). A crash
+//! before a second delete replays its batch.
+//!
 //! The reader keeps reading while the applier waits on Redis, so under load one batch
 //! carries many transactions for one round trip. Once a batch is full it stops reading
 //! but still sends status updates, so the server neither times the connection out nor
@@ -16,11 +24,13 @@
 use crate::daemon::heartbeat::{heartbeat, heartbeat_nonce, heartbeat_time};
 use crate::daemon::outage::{Outage, rounded};
 use crate::daemon::slot::{self, SetupError, SlotPolicy};
+use crate::daemon::visibility::{Passed, VisibilityGate};
 use crate::domain::action::Action;
 use crate::domain::batch::{Batch, ChangeRecord, CommitRecord, Origin};
 use crate::domain::config::Config;
 use crate::domain::config::OnSlotLost;
 use crate::domain::progress::Progress;
+use crate::domain::redelete::{self, Redeletes};
 use crate::domain::routing::{MANUAL_RULE, Routing, Tally};
 use crate::domain::rules::manual::{ManualError, Refusal};
 use crate::domain::rules::{Change, Op, Routed, RuleSet};
@@ -184,20 +194,45 @@ struct Sealed {
     ack: Option<Lsn>,
     commits: Vec<CommitRecord>,
     changes: Vec<ChangeRecord>,
+    /// The transactions whose actions are in the batch, for the visibility gate.
+    xids: Vec<u32>,
 }
 
+/// What the applier has done, as the reader sees it.
 #[derive(Debug, Clone, Copy, Default)]
 struct Applied {
+    /// The last batch applied.
     seq: u64,
-    lsn: Lsn,
+    /// Where every first delete is applied.
+    applied: Lsn,
+    /// Where every second delete is applied too.
+    durable: Lsn,
+    /// Second deletes are pending: a position received now is not durable before them.
+    pending: bool,
 }
 
 impl Applied {
-    /// Notes batch `seq` applied, and the position it acknowledges if it has one.
-    fn record(&mut self, seq: u64, ack: Option<Lsn>) {
+    /// Notes batch `seq` applied, and the position it acknowledges if it has one; that
+    /// position is durable too unless second deletes wait before it.
+    fn record(&mut self, seq: u64, ack: Option<Lsn>, pending: bool) {
         self.seq = seq;
+        self.pending = pending;
         if let Some(lsn) = ack {
-            self.lsn = self.lsn.max(lsn);
+            self.applied = self.applied.max(lsn);
+        }
+        if !pending {
+            self.durable = self.applied;
+        }
+    }
+
+    /// Notes second deletes applied through `ack`.
+    fn redeleted(&mut self, ack: Option<Lsn>, pending: bool) {
+        self.pending = pending;
+        if let Some(lsn) = ack {
+            self.durable = self.durable.max(lsn);
+        }
+        if !pending {
+            self.durable = self.applied;
         }
     }
 }
@@ -294,6 +329,11 @@ pub async fn run<S: Sink>(
     let Options { observer, reload, metrics, health } = options;
     let (mut reader, rx, applied_tx) = Reader::detached(config, rules, Progress::default());
     let abandon = Arc::new(tokio::sync::Notify::new());
+    let consistency = &config.consistency;
+    let gate = consistency
+        .visibility_gate
+        .then(|| VisibilityGate::new(config.source.conninfo.clone(), config.source.slot.clone(), metrics.clone()));
+    let redeletes = consistency.redelete_after.map(|after| Redeletes::new(after, redelete::DEFAULT_MAX_BYTES));
     let applier = tokio::spawn(apply_loop(
         sink,
         rx,
@@ -306,6 +346,7 @@ pub async fn run<S: Sink>(
             sessions: reader.sessions.clone(),
             slot: config.source.slot.clone(),
         },
+        Consistency { gate, redeletes },
         abandon.clone(),
     ));
     reader.observer = observer;
@@ -317,6 +358,10 @@ pub async fn run<S: Sink>(
         .source
         .heartbeat_interval
         .map(|every| tokio::spawn(heartbeat(config.source.conninfo.clone(), every, nonce)));
+    let wait_calls = tokio::spawn(crate::daemon::wait_calls::read_wait_calls(
+        config.source.conninfo.clone(),
+        reader.metrics.clone(),
+    ));
     // Fused: after a stop is requested, a failure while finishing must not poll it again.
     let shutdown = shutdown.fuse();
     tokio::pin!(shutdown);
@@ -324,6 +369,7 @@ pub async fn run<S: Sink>(
     if let Some(h) = heartbeat {
         h.abort();
     }
+    wait_calls.abort();
     drop(reader.tx);
     // Let the applier finish what it holds; if Redis is down, stop waiting after a grace period.
     let wait = tokio::time::timeout(SHUTDOWN_GRACE, applier);
@@ -360,29 +406,50 @@ const PING_DOWN: Duration = Duration::from_secs(1);
 /// How long a ping may take before Redis counts as unreachable.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Whether Redis answers, as the applier learns it from batches and pings: it keeps
-/// `/healthz` and the reachable gauge current and logs each outage as [`Outage`] says.
-struct RedisState<'o> {
-    metrics: &'o Metrics,
-    health: &'o Health,
+/// What the applier keeps across batches: whether Redis answers (it keeps `/healthz` and
+/// the reachable gauge current and logs each outage as [`Outage`] says), and the session
+/// the write-through fence was last claimed for.
+#[derive(Default)]
+struct RedisState {
     outage: Outage,
+    claimed: u64,
 }
 
-impl RedisState<'_> {
-    fn answered(&mut self) {
-        self.metrics.set_redis_reachable(true);
-        self.health.redis_reachable();
+impl RedisState {
+    fn answered(&mut self, observers: &Observers) {
+        observers.metrics.set_redis_reachable(true);
+        observers.health.redis_reachable();
         if let Some(outage) = self.outage.ended() {
             info!(outage = ?outage, "redis reachable again after {}", rounded(outage));
         }
     }
 
     /// Redis failed for `reason`; true when this is worth a WARN.
-    fn failed(&mut self, reason: &str) -> bool {
-        self.metrics.set_redis_reachable(false);
-        self.health.redis_unreachable(reason);
+    fn failed(&mut self, observers: &Observers, reason: &str) -> bool {
+        observers.metrics.set_redis_reachable(false);
+        observers.health.redis_unreachable(reason);
         self.outage.failed()
     }
+
+    /// Pings Redis while no batch comes, so that a Redis that is down shows without a write.
+    async fn ping<S: Sink>(&mut self, sink: &mut S, observers: &Observers) {
+        let reason = match tokio::time::timeout(PING_TIMEOUT, sink.ping()).await {
+            Ok(Ok(())) => return self.answered(observers),
+            Ok(Err(e)) => error_chain(&e),
+            Err(_) => format!("no answer to PING within {}", rounded(PING_TIMEOUT)),
+        };
+        if self.failed(observers, &reason) {
+            warn!(error = %reason, down_for = ?self.outage.length(), "redis does not answer a ping; /healthz reports it until it does");
+        } else {
+            debug!(error = %reason, "redis still does not answer a ping");
+        }
+    }
+}
+
+/// The visibility gate and the second deletes, each absent when turned off.
+struct Consistency {
+    gate: Option<VisibilityGate>,
+    redeletes: Option<Redeletes>,
 }
 
 async fn apply_loop<S: Sink>(
@@ -390,96 +457,67 @@ async fn apply_loop<S: Sink>(
     mut rx: mpsc::Receiver<Sealed>,
     applied: watch::Sender<Applied>,
     observers: Observers,
+    consistency: Consistency,
     abandon: Arc<tokio::sync::Notify>,
 ) {
-    let Observers { events, dead_letter_file, metrics, health, sessions, slot } = observers;
-    let mut claimed = 0;
-    let mut redis = RedisState { metrics: &metrics, health: &health, outage: Outage::default() };
+    let Consistency { mut gate, mut redeletes } = consistency;
+    if let Some(gate) = gate.as_mut() {
+        gate.connected().await;
+    }
+    let mut redis = RedisState::default();
     // The first ping goes at once: a wrong URL or a Redis that is down shows before any write.
     let mut next_ping = tokio::time::Instant::now();
     loop {
+        let due = redeletes.as_ref().and_then(Redeletes::next_due).map(tokio::time::Instant::from_std);
         let batch = tokio::select! {
-            batch = rx.recv() => match batch {
-                Some(batch) => batch,
-                None => return,
-            },
-            _ = tokio::time::sleep_until(next_ping) => {
-                match tokio::time::timeout(PING_TIMEOUT, sink.ping()).await {
-                    Ok(Ok(())) => redis.answered(),
-                    Ok(Err(e)) => {
-                        let reason = error_chain(&e);
-                        if redis.failed(&reason) {
-                            warn!(error = %reason, down_for = ?redis.outage.length(), "redis does not answer a ping; /healthz reports it until it does");
-                        } else {
-                            debug!(error = %reason, "redis still does not answer a ping");
-                        }
-                    }
-                    Err(_) => {
-                        let reason = format!("no answer to PING within {}", rounded(PING_TIMEOUT));
-                        if redis.failed(&reason) {
-                            warn!(error = %reason, down_for = ?redis.outage.length(), "redis does not answer a ping; /healthz reports it until it does");
-                        }
-                    }
+            biased;
+            _ = sleep_until_some(due), if due.is_some() => {
+                let queue = redeletes.as_mut().expect("a second delete is due only when they are on");
+                if !redelete_due(&mut sink, queue, &applied, &observers, &mut redis, &abandon).await {
+                    return;
                 }
+                continue;
+            }
+            batch = rx.recv() => batch,
+            _ = tokio::time::sleep_until(next_ping) => {
+                redis.ping(&mut sink, &observers).await;
                 next_ping = tokio::time::Instant::now() + if redis.outage.is_on() { PING_DOWN } else { PING_IDLE };
                 continue;
             }
         };
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let started = Instant::now();
-            // A new session may follow another instance's: fence it off before writing.
-            let session = sessions.load(Ordering::Acquire);
-            let mut result = Ok(());
-            if session != claimed {
-                result = sink.claim(&slot).await;
-                if result.is_ok() {
-                    claimed = session;
-                }
-            }
-            if result.is_ok() {
-                result = sink.apply(&batch.actions).await;
-            }
-            metrics.observe_redis_apply(started.elapsed());
-            let costs = sink.take_costs();
-            metrics.keys_deleted(costs.deleted_keys);
-            metrics.keys_scanned(costs.scanned_keys);
-            for took in costs.scans {
-                metrics.observe_scan(took);
-            }
-            match result {
-                Ok(()) => {
-                    redis.answered();
-                    break;
-                }
-                Err(e) => {
-                    metrics.redis_error();
-                    let reason = error_chain(&e);
-                    if redis.failed(&reason) {
-                        warn!(error = %reason, retry_in = ?backoff, actions = batch.actions.len(), failing_for = ?redis.outage.length(),
-                            "applying a batch failed; retrying, nothing is acknowledged meanwhile");
-                    } else {
-                        debug!(error = %reason, retry_in = ?backoff, failing_for = ?redis.outage.length(), "applying a batch failed again");
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = abandon.notified() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+        let Some(batch) = batch else { break };
+        let visible_at = match gate.as_mut() {
+            Some(gate) => match gate.pass(&batch.xids, &abandon).await {
+                Passed::Abandoned => return,
+                Passed::Visible { .. } | Passed::Bypassed => Instant::now(),
+            },
+            None => Instant::now(),
+        };
+        if !apply_with_retry(&mut sink, &batch.actions, &observers, &mut redis, &abandon).await {
+            return;
         }
         next_ping = tokio::time::Instant::now() + PING_IDLE;
+        let Observers { events, dead_letter_file, metrics, .. } = &observers;
         for dead in sink.take_dead_letters() {
-            set_aside(&batch, &dead, &metrics, dead_letter_file.as_deref());
+            set_aside(&batch.actions, &batch.origins, &dead, metrics, dead_letter_file.as_deref());
         }
         metrics.batch_applied();
         let now = SystemTime::now();
         for c in &batch.commits {
             metrics.observe_ack_lag(now.duration_since(c.commit_time).unwrap_or_default());
         }
-        applied.send_modify(|a| a.record(batch.seq, batch.ack));
-        if let Some(obs) = &events {
+        // Queued when it has deletes or second deletes wait before it: then its position is
+        // not durable yet.
+        let queued = redeletes.as_mut().is_some_and(|q| q.schedule(&batch.actions, visible_at, batch.ack));
+        applied.send_modify(|a| a.record(batch.seq, batch.ack, queued));
+        if let Some(queue) = redeletes.as_mut() {
+            metrics.set_redeletes_pending(queue.len());
+            // Past the memory bound, the oldest second deletes go now rather than wait.
+            if queue.over_bound() && !redelete_due(&mut sink, queue, &applied, &observers, &mut redis, &abandon).await {
+                return;
+            }
+        }
+        if let Some(obs) = events {
             let _ = obs.send(Event::Applied {
                 changes: batch.changes,
                 commits: batch.commits,
@@ -488,14 +526,121 @@ async fn apply_loop<S: Sink>(
             });
         }
     }
+    // The reader is gone: pending second deletes still go at their time, until shutdown
+    // gives up on them (they are not acknowledged, so the slot replays their batches).
+    while let Some(queue) = redeletes.as_mut().filter(|q| !q.is_empty()) {
+        let due = queue.next_due().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            _ = sleep_until_some(due) => {}
+            _ = abandon.notified() => return,
+        }
+        if !redelete_due(&mut sink, queue, &applied, &observers, &mut redis, &abandon).await {
+            return;
+        }
+    }
+}
+
+/// Applies `actions`, retrying with backoff until Redis takes them; false when shutdown
+/// gave up first. A new replication session may follow another instance's: the
+/// write-through fence is claimed for it before anything is written.
+async fn apply_with_retry<S: Sink>(
+    sink: &mut S,
+    actions: &[Action],
+    observers: &Observers,
+    redis: &mut RedisState,
+    abandon: &tokio::sync::Notify,
+) -> bool {
+    let Observers { metrics, sessions, slot, .. } = observers;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let started = Instant::now();
+        let session = sessions.load(Ordering::Acquire);
+        let mut result = Ok(());
+        if session != redis.claimed {
+            result = sink.claim(slot).await;
+            if result.is_ok() {
+                redis.claimed = session;
+            }
+        }
+        if result.is_ok() {
+            result = sink.apply(actions).await;
+        }
+        metrics.observe_redis_apply(started.elapsed());
+        let costs = sink.take_costs();
+        metrics.keys_deleted(costs.deleted_keys);
+        metrics.keys_scanned(costs.scanned_keys);
+        for took in costs.scans {
+            metrics.observe_scan(took);
+        }
+        let e = match result {
+            Ok(()) => {
+                redis.answered(observers);
+                return true;
+            }
+            Err(e) => e,
+        };
+        metrics.redis_error();
+        let reason = error_chain(&e);
+        if redis.failed(observers, &reason) {
+            warn!(error = %reason, retry_in = ?backoff, actions = actions.len(), failing_for = ?redis.outage.length(),
+                "applying a batch failed; retrying, nothing is acknowledged meanwhile");
+        } else {
+            debug!(error = %reason, retry_in = ?backoff, failing_for = ?redis.outage.length(), "applying a batch failed again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = abandon.notified() => return false,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Applies the second deletes that are due (or over the memory bound) and moves the
+/// durable position past them; false when shutdown gave up first.
+async fn redelete_due<S: Sink>(
+    sink: &mut S,
+    queue: &mut Redeletes,
+    applied: &watch::Sender<Applied>,
+    observers: &Observers,
+    redis: &mut RedisState,
+    abandon: &tokio::sync::Notify,
+) -> bool {
+    let due = queue.take_due(Instant::now());
+    if !due.actions.is_empty() {
+        if !apply_with_retry(sink, &due.actions, observers, redis, abandon).await {
+            return false;
+        }
+        for dead in sink.take_dead_letters() {
+            set_aside(&due.actions, &[], &dead, &observers.metrics, observers.dead_letter_file.as_deref());
+        }
+    }
+    if due.early > 0 {
+        warn!(
+            early = due.early,
+            bound_bytes = queue.max_bytes(),
+            "second deletes applied before redelete_after passed: the queue is at its memory bound"
+        );
+    }
+    observers.metrics.redeletes_applied(due.actions.len(), due.early);
+    observers.metrics.set_redeletes_pending(queue.len());
+    let pending = !queue.is_empty();
+    applied.send_modify(|a| a.redeleted(due.ack, pending));
+    true
 }
 
 /// Logs, counts and (when configured) writes down an action Redis refused for good. The
 /// batch counts as applied: retrying the same command would fail the same way and stop
 /// every invalidation behind it.
-fn set_aside(batch: &Sealed, dead: &DeadLetter, metrics: &Metrics, file: Option<&std::path::Path>) {
-    let Some(action) = batch.actions.get(dead.action) else { return };
-    let origin = batch.origins.get(dead.action).cloned().flatten();
+fn set_aside(
+    actions: &[Action],
+    origins: &[Option<Origin>],
+    dead: &DeadLetter,
+    metrics: &Metrics,
+    file: Option<&std::path::Path>,
+) {
+    let Some(action) = actions.get(dead.action) else { return };
+    let origin = origins.get(dead.action).cloned().flatten();
+    // Flush actions and second deletes carry no origin.
     let rule = origin.as_ref().map_or("(flush)", |o| &*o.rule);
     let lsn = origin.as_ref().map(|o| o.lsn.to_string()).unwrap_or_default();
     metrics.dead_letter(rule, action.kind());
@@ -568,6 +713,9 @@ struct ReaderTally<'r> {
 impl Tally for ReaderTally<'_> {
     fn routed(&mut self, change: &Change<'_>, routed: &[Routed], batch: &mut Batch) {
         let (metrics, relation, op, lsn) = (self.metrics, change.relation, change.op, self.lsn);
+        if !routed.is_empty() {
+            batch.note_xid(self.xid);
+        }
         self.change_counters
             .get((relation.oid, op), || metrics.changes_counter(&relation.qualified_name(), op.as_str()))
             .inc();
@@ -609,6 +757,9 @@ impl Tally for ReaderTally<'_> {
         metrics.manual_message();
         if self.transaction.on {
             self.transaction.message(actions.len());
+        }
+        if !actions.is_empty() {
+            batch.note_xid(self.xid);
         }
         for a in actions {
             let kind = a.kind();
@@ -722,6 +873,8 @@ struct Reader<'a> {
     tx: mpsc::Sender<Sealed>,
     applied: watch::Receiver<Applied>,
     applied_seq: u64,
+    /// Second deletes are pending in the applier.
+    redeletes_pending: bool,
     sent_seq: u64,
     observer: Option<mpsc::UnboundedSender<Event>>,
     last_status: Instant,
@@ -795,6 +948,7 @@ impl<'a> Reader<'a> {
             tx,
             applied,
             applied_seq: 0,
+            redeletes_pending: false,
             sent_seq: 0,
             observer: None,
             last_status: Instant::now(),
@@ -980,6 +1134,7 @@ impl Reader<'_> {
             ack: None,
             commits: Vec::new(),
             changes: Vec::new(),
+            xids: Vec::new(),
         };
         // The applier holds the receiver for as long as the reader runs.
         let _ = self.tx.send(batch).await;
@@ -994,10 +1149,15 @@ impl Reader<'_> {
                 return Err(PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE));
             }
         }
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-        while self.applied_seq < self.sent_seq {
+        // Pending second deletes are waited for at their time, so that their position is
+        // acknowledged too; past the grace period they are left to replay.
+        let grace = SHUTDOWN_GRACE + self.config.consistency.redelete_after.unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.applied_seq < self.sent_seq || self.redeletes_pending {
             if tokio::time::timeout_at(deadline, self.applied.changed()).await.is_err() {
-                return Err(PipelineError::ShutdownUnapplied(SHUTDOWN_GRACE));
+                // Acknowledge what is durable; the rest replays.
+                self.send_status(stream, false).await?;
+                return Err(PipelineError::ShutdownUnapplied(grace));
             }
             self.absorb_applied();
         }
@@ -1216,9 +1376,10 @@ impl Reader<'_> {
     }
 
     /// A keepalive between transactions: its position is reported at once when nothing
-    /// received is unapplied; otherwise it rides on the batch in hand.
+    /// received is unapplied and no second delete is pending; otherwise it rides on the
+    /// batch in hand, behind them.
     fn on_keepalive(&mut self, batch: &mut Batch, wal_end: Lsn) {
-        if batch.is_empty() && self.applied_seq == self.sent_seq {
+        if batch.is_empty() && self.applied_seq == self.sent_seq && !self.redeletes_pending {
             self.flushed(wal_end);
         } else {
             batch.acknowledge_through(wal_end);
@@ -1245,13 +1406,19 @@ impl Reader<'_> {
         let mut b = batch.take();
         self.sent_seq += 1;
         let (actions, origins) = b.take_actions_with_origins();
-        Sealed { seq: self.sent_seq, actions, origins, ack: b.ack, commits: b.commits, changes: b.changes }
+        let (ack, commits, changes, xids) = (b.ack, b.commits, b.changes, b.xids);
+        Sealed { seq: self.sent_seq, actions, origins, ack, commits, changes, xids }
     }
 
     fn absorb_applied(&mut self) {
         let a = *self.applied.borrow_and_update();
         self.applied_seq = a.seq;
-        self.flushed(a.lsn);
+        self.redeletes_pending = a.pending;
+        // A move of the applied position goes out at once: walbust.wait() callers watch it.
+        if self.progress.apply(a.applied) {
+            self.status_due = Some(Instant::now());
+        }
+        self.flushed(a.durable);
     }
 
     fn flushed(&mut self, lsn: Lsn) {
@@ -1261,8 +1428,9 @@ impl Reader<'_> {
     }
 
     async fn send_status(&mut self, stream: &mut ReplicationStream, reply: bool) -> Result<(), PipelineError> {
-        let (received, flushed) = (self.progress.received(), self.progress.flushed());
-        stream.send_status(received, flushed, flushed, reply).await?;
+        let (applied, flushed) = (self.progress.applied(), self.progress.flushed());
+        stream.send_status(applied, flushed, flushed, reply).await?;
+        self.metrics.set_applied(applied);
         self.metrics.set_flushed(flushed);
         self.last_status = Instant::now();
         self.status_due = None;
@@ -1309,7 +1477,7 @@ impl<'a> FrameHarness<'a> {
     pub fn apply(&mut self) {
         if !self.session.batch.is_empty() {
             let sealed = self.reader.seal(&mut self.session.batch);
-            self.applied.send_modify(|a| a.record(sealed.seq, sealed.ack));
+            self.applied.send_modify(|a| a.record(sealed.seq, sealed.ack, false));
         }
         self.reader.absorb_applied();
     }
@@ -1530,6 +1698,80 @@ mod tests {
         assert_eq!(h.flushed(), Lsn(1000), "a keepalive with nothing pending is acknowledged at once");
         assert_eq!(h.received(), Lsn(1000));
         assert!(h.frame(Bytes::from_static(b"w\0")).is_err(), "a frame cut short is an error");
+    }
+
+    #[test]
+    fn a_keepalive_is_not_reported_flushed_past_a_pending_second_delete() {
+        let config = config();
+        let (mut r, _rx, applied) = reader(&config);
+        let mut s = Session::new();
+        r.sent_seq = 1;
+        applied.send_modify(|a| a.record(1, Some(Lsn(300)), true));
+        r.absorb_applied();
+        assert_eq!((r.progress.applied(), r.progress.flushed()), (Lsn(300), Lsn(100)), "applied, not yet durable");
+        r.keepalive(&mut s, Lsn(400));
+        assert_eq!(r.progress.flushed(), Lsn(100), "a keepalive must not jump past the pending second delete");
+        assert_eq!(s.batch.ack, Some(Lsn(400)), "it rides behind it instead");
+        applied.send_modify(|a| a.redeleted(Some(Lsn(300)), false));
+        r.absorb_applied();
+        assert_eq!(r.progress.flushed(), Lsn(300));
+    }
+
+    #[test]
+    fn a_transaction_is_noted_for_the_gate_only_when_it_produced_actions() {
+        let config = config();
+        let (mut r, _rx, _applied) = reader(&config);
+        let mut s = Session::new();
+        let message = |body: &str| logical_message(true, "walbust", body);
+        r.on_message(&mut s, Lsn(200), begin(7)).unwrap();
+        r.on_message(&mut s, Lsn(210), message(r#"{"keys":["a"]}"#)).unwrap();
+        r.on_message(&mut s, Lsn(230), commit(300)).unwrap();
+        r.on_message(&mut s, Lsn(400), begin(8)).unwrap();
+        r.on_message(&mut s, Lsn(410), message(r#"{"keys":["a"]}"#)).unwrap();
+        r.on_message(&mut s, Lsn(430), commit(500)).unwrap();
+        r.on_message(&mut s, Lsn(600), begin(9)).unwrap();
+        r.on_message(&mut s, Lsn(610), message("not json")).unwrap();
+        r.on_message(&mut s, Lsn(630), commit(700)).unwrap();
+        assert_eq!(s.batch.len(), 1, "one action after deduplication");
+        assert_eq!(s.batch.xids, [7, 8], "the deduplicated action needs transaction 8 visible too; 9 routed nothing");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn deletes_are_applied_twice_and_their_position_is_durable_only_after_the_second() {
+        let sink = crate::sink::MemorySink::new();
+        let (tx, rx) = mpsc::channel(1);
+        let (applied_tx, mut applied) = watch::channel(Applied::default());
+        let observers =
+            Observers { events: None, dead_letter_file: None, metrics: Metrics::new(), health: Health::new() };
+        let consistency = Consistency {
+            gate: None,
+            redeletes: Some(Redeletes::new(Duration::from_millis(20), redelete::DEFAULT_MAX_BYTES)),
+        };
+        let metrics = observers.metrics.clone();
+        let applier = tokio::spawn(apply_loop(sink.clone(), rx, applied_tx, observers, consistency, Arc::default()));
+        let batch = |seq, actions: Vec<Action>, ack| Sealed {
+            seq,
+            actions,
+            origins: Vec::new(),
+            ack: Some(Lsn(ack)),
+            commits: Vec::new(),
+            changes: Vec::new(),
+            xids: vec![7],
+        };
+        let bump = Action::Incr("v".into());
+        tx.send(batch(1, vec![Action::Unlink("k".into()), bump.clone()], 300)).await.unwrap();
+        let a = *applied.wait_for(|a| a.seq == 1).await.unwrap();
+        assert_eq!((a.applied, a.durable, a.pending), (Lsn(300), Lsn(0), true), "applied once, not durable");
+        let a = *applied.wait_for(|a| !a.pending).await.unwrap();
+        assert_eq!(a.durable, Lsn(300), "durable after the second delete");
+        assert_eq!(
+            sink.applied(),
+            [Action::Unlink("k".into()), bump, Action::Unlink("k".into())],
+            "the bump is not repeated"
+        );
+        assert_eq!(metrics.redeletes_applied_total(), 1);
+        drop(tx);
+        applier.await.unwrap();
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct Batch {
     pub commits: Vec<CommitRecord>,
     /// Changes with their actions, when recording was asked for.
     pub changes: Vec<ChangeRecord>,
+    /// The transactions that produced actions in this batch, each once, in commit order:
+    /// the visibility gate waits for these before the batch is applied.
+    pub xids: Vec<u32>,
     opened: Option<Instant>,
 }
 
@@ -107,6 +110,16 @@ impl Batch {
         if self.actions.insert(action) {
             self.origins.push(origin);
             self.bytes += size;
+        }
+    }
+
+    /// Notes that transaction `xid` produced actions for this batch (deduplicated actions
+    /// included: a later transaction's change needs its own visibility). The invalid xid 0
+    /// (a non-transactional message) is not noted.
+    pub fn note_xid(&mut self, xid: u32) {
+        // Transactions arrive one after another, so a repeat is always the last one noted.
+        if xid != 0 && self.xids.last() != Some(&xid) {
+            self.xids.push(xid);
         }
     }
 

@@ -28,6 +28,29 @@ pub struct Config {
     pub batch: BatchConfig,
     /// The metrics and health endpoint.
     pub metrics: MetricsConfig,
+    /// What keeps caches from going stale although no invalidation was lost.
+    pub consistency: ConsistencyConfig,
+}
+
+/// `[consistency]`: the visibility gate and the delayed second delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsistencyConfig {
+    /// Apply a transaction's actions only once it is visible to new snapshots.
+    pub visibility_gate: bool,
+    /// Apply every delete-type action again this long after its transaction became
+    /// visible; `None` when `redelete_after = "off"`.
+    pub redelete_after: Option<Duration>,
+}
+
+/// The default `redelete_after`: longer than any cache-aside reader's SELECT-to-SET time
+/// seen under load (well under a second), short enough that the flushed position, which
+/// waits for the second delete, trails by about a second.
+pub const DEFAULT_REDELETE_AFTER: Duration = Duration::from_secs(1);
+
+impl Default for ConsistencyConfig {
+    fn default() -> Self {
+        ConsistencyConfig { visibility_gate: true, redelete_after: Some(DEFAULT_REDELETE_AFTER) }
+    }
 }
 
 /// `[source]`: the database, slot and publication.
@@ -147,6 +170,17 @@ struct RawConfig {
     batch: Option<RawBatch>,
     #[serde(default)]
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    consistency: Option<RawConsistency>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsistency {
+    #[serde(default)]
+    visibility_gate: Option<bool>,
+    #[serde(default)]
+    redelete_after: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,6 +359,7 @@ impl Validator<'_> {
         let source = self.source(raw.source.into_inner(), source_span);
         let redis = self.redis(raw.redis.into_inner());
         let batch = raw.batch.map(|b| self.batch(b)).unwrap_or_default();
+        let consistency = raw.consistency.map(|c| self.consistency(c)).unwrap_or_default();
         let listen = match raw.metrics.and_then(|m| m.listen) {
             None => Some(DEFAULT_METRICS_LISTEN.to_string()),
             Some(l) if l.get_ref() == "off" => None,
@@ -346,6 +381,7 @@ impl Validator<'_> {
             redis: redis?,
             batch,
             metrics: MetricsConfig { listen },
+            consistency,
         })
     }
 
@@ -671,6 +707,15 @@ impl Validator<'_> {
         BatchConfig { max_actions, max_delay }
     }
 
+    fn consistency(&mut self, raw: RawConsistency) -> ConsistencyConfig {
+        let default = ConsistencyConfig::default();
+        let redelete_after = match raw.redelete_after.as_ref() {
+            Some(s) if s.get_ref() == "off" => None,
+            other => Some(self.duration("redelete_after", other, DEFAULT_REDELETE_AFTER, REDELETE_AFTER)),
+        };
+        ConsistencyConfig { visibility_gate: raw.visibility_gate.unwrap_or(default.visibility_gate), redelete_after }
+    }
+
     /// The duration `raw` gives for the setting `key`, or `default`; a value outside `bounds`
     /// is an error, so that no setting overflows a deadline or spins in a loop.
     fn duration(&mut self, key: &str, raw: Option<&Spanned<String>>, default: Duration, bounds: Bounds) -> Duration {
@@ -851,6 +896,10 @@ pub const HEARTBEAT_INTERVAL: Bounds = Duration::from_millis(100)..=Duration::fr
 /// `[batch] max_delay`: a batch older than a minute is a stale cache for a minute.
 pub const MAX_DELAY: Bounds = Duration::ZERO..=Duration::from_secs(60);
 
+/// `[consistency] redelete_after` (unless `"off"`): shutdown waits for pending second
+/// deletes, so a minute at most.
+pub const REDELETE_AFTER: Bounds = Duration::from_millis(1)..=Duration::from_secs(60);
+
 /// `d` as a config file writes it: `250ms`, `10s`, `5m`, `1h`.
 fn show_duration(d: Duration) -> String {
     match (d.as_millis(), d.as_secs()) {
@@ -904,6 +953,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("[batch] max_actions", old.batch.max_actions != new.batch.max_actions),
         ("[batch] max_delay", old.batch.max_delay != new.batch.max_delay),
         ("[metrics] listen", old.metrics.listen != new.metrics.listen),
+        ("[consistency] visibility_gate", old.consistency.visibility_gate != new.consistency.visibility_gate),
+        ("[consistency] redelete_after", old.consistency.redelete_after != new.consistency.redelete_after),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
@@ -1157,6 +1208,22 @@ url = "redis://:${REDIS_PASSWORD}@cache:6379/0"
         let e = Config::load(&path).unwrap_err().to_string();
         assert!(e.contains("cannot use password_file `/run/secrets/missing`"), "{e}");
         assert!(e.contains("environment variable `WALBUST_TEST_UNSET_SECRET` is not set"), "{e}");
+    }
+
+    #[test]
+    fn the_gate_and_the_second_delete_are_on_by_default_and_each_can_be_turned_off() {
+        let c = parse(GOOD).expect("loads");
+        assert_eq!(
+            c.consistency,
+            ConsistencyConfig { visibility_gate: true, redelete_after: Some(Duration::from_secs(1)) }
+        );
+        let off = format!("{GOOD}\n[consistency]\nvisibility_gate = false\nredelete_after = \"off\"\n");
+        let c = parse(&off).expect("loads");
+        assert_eq!(c.consistency, ConsistencyConfig { visibility_gate: false, redelete_after: None });
+        let short = format!("{GOOD}\n[consistency]\nredelete_after = \"250ms\"\n");
+        assert_eq!(parse(&short).expect("loads").consistency.redelete_after, Some(Duration::from_millis(250)));
+        let long = format!("{GOOD}\n[consistency]\nredelete_after = \"2h\"\n");
+        assert!(problems(&long).contains("redelete_after = \"2h\" is out of range"), "{}", problems(&long));
     }
 
     #[test]

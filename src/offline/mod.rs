@@ -1,8 +1,10 @@
 //! Tools beside the daemon, for trying rules before they run: rule tests
 //! ([`ruletest`]), recording a change stream to a file and replaying it without a database
-//! ([`recording`]), and throwaway servers for the demo, the tests and the benchmarks
-//! ([`throwaway`]).
+//! ([`recording`]), throwaway servers for the demo, the tests and the benchmarks
+//! ([`throwaway`]), and the consistency oracle that the tests and the benchmarks run
+//! against walbust ([`oracle`]).
 
+pub mod oracle;
 #[cfg(test)]
 mod parity;
 pub mod recording;

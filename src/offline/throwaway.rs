@@ -340,6 +340,72 @@ impl Drop for ThrowawayPostgres {
     }
 }
 
+/// A synchronous standby for a [`ThrowawayPostgres`]: `pg_receivewal --synchronous` on a
+/// physical slot, under an `application_name` that `synchronous_standby_names` can name.
+/// [`ThrowawayStandby::pause`] (SIGSTOP) stalls every commit waiting for it until
+/// [`ThrowawayStandby::resume`] (SIGCONT). Stopped and removed on drop.
+pub struct ThrowawayStandby {
+    root: PathBuf,
+    child: Child,
+}
+
+impl ThrowawayPostgres {
+    /// Starts a synchronous standby named `name` (its slot and `application_name`).
+    pub fn start_standby(&self, name: &str) -> Result<ThrowawayStandby, ThrowawayError> {
+        let receivewal = self.bin.join("pg_receivewal");
+        let conn = format!("host=127.0.0.1 port={} user=postgres application_name={name}", self.port);
+        let out = Command::new(&receivewal)
+            .args(["--create-slot", "--if-not-exists", "--slot", name, "--dbname", &conn])
+            .output()
+            .map_err(io("running pg_receivewal --create-slot", &receivewal))?;
+        if !out.status.success() {
+            return Err(ThrowawayError::Startup {
+                what: "pg_receivewal",
+                reason: format!("creating its slot exited with {}", out.status),
+                log: "pg_receivewal output".into(),
+                tail: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        let root = temp_root("standby")?;
+        let child = Command::new(&receivewal)
+            .args(["--synchronous", "--no-loop", "--slot", name, "--dbname", &conn, "--directory"])
+            .arg(&root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io("starting pg_receivewal", &receivewal))?;
+        spawn_watchdog(&root, &format!("kill -CONT {pid}; kill {pid}", pid = child.id()));
+        Ok(ThrowawayStandby { root, child })
+    }
+}
+
+impl ThrowawayStandby {
+    /// Stalls the standby (SIGSTOP): synchronous commits wait until [`Self::resume`].
+    pub fn pause(&self) {
+        signal(self.child.id(), libc::SIGSTOP);
+    }
+
+    /// Lets the standby go on (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), libc::SIGCONT);
+    }
+
+    /// Whether `pg_receivewal` still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ThrowawayStandby {
+    fn drop(&mut self) {
+        self.resume();
+        signal(self.child.id(), libc::SIGTERM);
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
 /// A Redis server in a temporary directory, stopped and removed on drop.
 pub struct ThrowawayRedis {
     root: PathBuf,

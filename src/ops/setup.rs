@@ -9,8 +9,10 @@
 //! last part needs the live catalog: [`read_live`] reads it (and the publication as it is,
 //! so an existing one gets the tables it lacks added instead of created again), and
 //! [`setup_sql_with`] includes its statements. [`apply`] does all of it in one transaction,
-//! skipping what already exists. Every statement comes from [`crate::daemon::fix`], as
-//! `check --online`'s and `run`'s advice does.
+//! skipping what already exists. It also installs `walbust.wait()`, which an application
+//! calls after its COMMIT to wait until walbust has applied that commit's invalidations.
+//! Every statement comes from [`crate::daemon::fix`], as `check --online`'s and `run`'s
+//! advice does.
 
 use crate::daemon::fix;
 use crate::domain::config::Config;
@@ -330,6 +332,13 @@ pub fn setup_sql_with(config: &Config, rules: &RuleSet, app_roles: &[String], li
         prefix = comment_safe(&quote_literal(&source.message_prefix)),
         sql = fix::emit_message_grants(&fix::emitters(role, app_roles), &[]),
     );
+    let _ = write!(
+        out,
+        "-- Read-your-writes: after its own COMMIT, an application calls SELECT walbust.wait();\n\
+         -- it returns true once walbust has applied the invalidations up to that commit in Redis,\n\
+         -- false after the timeout (2s unless given).\n{}\n",
+        fix::wait_function(&source.slot),
+    );
     match live.map(|l| l.replica_identity.as_slice()) {
         Err(why) => {
             let _ = write!(
@@ -573,6 +582,9 @@ pub async fn apply(
         .map_err(query("restricting pg_logical_emit_message"))?;
     let names: Vec<String> = emitters.iter().map(|r| quote_ident(r)).collect();
     applied.done.push(format!("revoked pg_logical_emit_message from PUBLIC, granted it to {}", names.join(", ")));
+
+    tx.batch_execute(&fix::wait_function(&source.slot)).await.map_err(query("installing walbust.wait()"))?;
+    applied.done.push(format!("installed walbust.wait() for slot {}", quote_ident(&source.slot)));
 
     for a in &live.replica_identity {
         tx.batch_execute(&a.sql()).await.map_err(query(&format!("setting the replica identity of {}", a.table)))?;

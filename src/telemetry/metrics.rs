@@ -144,7 +144,35 @@ pub const ALL: &[&str] = &[
     SLOT_SAFE_WAL_SIZE,
     HEARTBEATS,
     LAST_HEARTBEAT,
+    APPLIED_LSN,
+    GATE_HELD,
+    GATE_WAIT,
+    GATE_BYPASSED,
+    REDELETES_PENDING,
+    REDELETES_APPLIED,
+    REDELETES_EARLY,
+    WAIT_CALLS,
 ];
+/// Position where every first delete is applied: the status update's write position.
+pub const APPLIED_LSN: &str = "walbust_applied_lsn_bytes";
+/// Transactions the visibility gate found not yet visible, and held.
+pub const GATE_HELD: &str = "walbust_gate_held_transactions_total";
+/// How long the visibility gate held a batch whose transactions were not yet visible.
+pub const GATE_WAIT: &str = "walbust_gate_wait_seconds";
+/// Batches applied without the visibility gate, by reason.
+pub const GATE_BYPASSED: &str = "walbust_gate_bypassed_total";
+/// Second deletes waiting for their time.
+pub const REDELETES_PENDING: &str = "walbust_redeletes_pending";
+/// Second deletes applied.
+pub const REDELETES_APPLIED: &str = "walbust_redeletes_applied_total";
+/// Second deletes applied before their time because the queue was at its memory bound.
+pub const REDELETES_EARLY: &str = "walbust_redeletes_early_total";
+/// `walbust.wait()` calls on the server, by result, as the server counts them.
+pub const WAIT_CALLS: &str = "walbust_wait_calls_total";
+
+/// Bucket bounds of [`GATE_WAIT`], in seconds.
+pub const GATE_WAIT_BUCKETS: &[f64] =
+    &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0];
 
 /// Bucket bounds of [`ACK_LAG`] and [`RECEIVE_LAG`], in seconds.
 pub const ACK_LAG_BUCKETS: &[f64] =
@@ -252,6 +280,11 @@ struct Reason {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Table {
     table: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    result: String,
 }
 
 /// The counters of one labelled metric, one per label set, made on first use. Each is
@@ -442,6 +475,14 @@ pub struct Metrics {
     scanned_keys: Counter,
     scan: Histogram,
     unmatched: Labelled<Table>,
+    applied_lsn: Gauge<u64, AtomicU64>,
+    gate_held: Counter,
+    gate_wait: Histogram,
+    gate_bypassed: Labelled<Reason>,
+    redeletes_pending: Gauge<u64, AtomicU64>,
+    redeletes_applied: Counter,
+    redeletes_early: Counter,
+    wait_calls: Labelled<Outcome>,
 }
 
 /// Lag from the server's WAL end and the flushed position; `None` until both are known.
@@ -492,6 +533,14 @@ impl Default for Metrics {
             scanned_keys: Counter::default(),
             scan: Histogram::new(REDIS_APPLY_BUCKETS.iter().copied()),
             unmatched: Labelled::default(),
+            applied_lsn: Gauge::default(),
+            gate_held: Counter::default(),
+            gate_wait: Histogram::new(GATE_WAIT_BUCKETS.iter().copied()),
+            gate_bypassed: Labelled::default(),
+            redeletes_pending: Gauge::default(),
+            redeletes_applied: Counter::default(),
+            redeletes_early: Counter::default(),
+            wait_calls: Labelled::default(),
         };
         m.registered()
     }
@@ -662,6 +711,49 @@ impl Metrics {
             LAST_HEARTBEAT,
             "Unix time carried by the last heartbeat that came back through the replication stream.",
             Computed::new(move || Some(f64::from_bits(heartbeat.load(Ordering::Relaxed))).filter(|&t| t > 0.0)),
+        );
+        register(
+            r,
+            APPLIED_LSN,
+            "Position where every first delete is applied in Redis (the status update's write position, which walbust.wait() waits for).",
+            self.applied_lsn.clone(),
+        );
+        register(
+            r,
+            GATE_HELD,
+            "Transactions the visibility gate held because they were not yet visible to new snapshots.",
+            self.gate_held.clone(),
+        );
+        register(
+            r,
+            GATE_WAIT,
+            "Seconds the visibility gate held a batch until its transactions were visible.",
+            self.gate_wait.clone(),
+        );
+        register(
+            r,
+            GATE_BYPASSED,
+            "Batches applied without the visibility gate, by reason (connection: the gate's SQL connection was down; synchronous_walsender: walbust is a synchronous standby).",
+            self.gate_bypassed.family.clone(),
+        );
+        register(
+            r,
+            REDELETES_PENDING,
+            "Second deletes waiting for redelete_after to pass.",
+            self.redeletes_pending.clone(),
+        );
+        register(r, REDELETES_APPLIED, "Second deletes applied.", self.redeletes_applied.clone());
+        register(
+            r,
+            REDELETES_EARLY,
+            "Second deletes applied before redelete_after had passed because the queue was at its memory bound.",
+            self.redeletes_early.clone(),
+        );
+        register(
+            r,
+            WAIT_CALLS,
+            "walbust.wait() calls on the server, by result (answered or timed_out), as the server's counters show them.",
+            self.wait_calls.family.clone(),
         );
         self
     }
@@ -913,6 +1005,69 @@ impl Metrics {
         self.manual_messages.get()
     }
 
+    /// Records the position where every first delete is applied; only ever moves forward.
+    pub fn set_applied(&self, lsn: Lsn) {
+        self.applied_lsn.inner().fetch_max(lsn.0, Ordering::Relaxed);
+    }
+
+    /// Counts `n` transactions the visibility gate held.
+    pub fn gate_held(&self, n: u64) {
+        self.gate_held.inc_by(n);
+    }
+
+    /// Records how long the visibility gate held a batch.
+    pub fn observe_gate_wait(&self, held: Duration) {
+        self.gate_wait.observe(held.as_secs_f64());
+    }
+
+    /// Counts a batch applied without the visibility gate, for `reason`.
+    pub fn gate_bypassed(&self, reason: &str) {
+        self.gate_bypassed.counter(Reason { reason: reason.into() }).inc();
+    }
+
+    /// Sets how many second deletes are pending.
+    pub fn set_redeletes_pending(&self, n: usize) {
+        self.redeletes_pending.set(n as u64);
+    }
+
+    /// Counts `applied` second deletes, `early` of them before their time.
+    pub fn redeletes_applied(&self, applied: usize, early: usize) {
+        self.redeletes_applied.inc_by(applied as u64);
+        self.redeletes_early.inc_by(early as u64);
+    }
+
+    /// Raises the `walbust.wait()` count for `result` (`answered` or `timed_out`) to
+    /// `server_count`, the server's own count; a lower count (the counters were reset) is ignored.
+    pub fn set_wait_calls(&self, result: &str, server_count: u64) {
+        let counter = self.wait_calls.counter(Outcome { result: result.into() });
+        counter.inc_by(server_count.saturating_sub(counter.get()));
+    }
+
+    /// The position where every first delete is applied, as last reported.
+    pub fn applied(&self) -> Lsn {
+        Lsn(self.applied_lsn.get())
+    }
+
+    /// The transactions the visibility gate held so far.
+    pub fn gate_held_total(&self) -> u64 {
+        self.gate_held.get()
+    }
+
+    /// The batches applied without the visibility gate so far, every reason.
+    pub fn gate_bypassed_total(&self) -> u64 {
+        self.gate_bypassed.total()
+    }
+
+    /// The second deletes applied so far.
+    pub fn redeletes_applied_total(&self) -> u64 {
+        self.redeletes_applied.get()
+    }
+
+    /// The `walbust.wait()` calls with `result` the server has counted, as last read.
+    pub fn wait_calls(&self, result: &str) -> u64 {
+        self.wait_calls.count(&Outcome { result: result.into() })
+    }
+
     /// Counts the rule sets swapped in so far.
     pub fn reloads(&self) -> u64 {
         self.reloads.get()
@@ -978,6 +1133,13 @@ mod tests {
             safe_wal_size_bytes: Some(1),
         });
         m.set_heartbeat(SystemTime::now());
+        m.set_applied(Lsn(1));
+        m.gate_held(1);
+        m.observe_gate_wait(Duration::from_millis(1));
+        m.gate_bypassed("connection");
+        m.set_redeletes_pending(1);
+        m.redeletes_applied(1, 0);
+        m.set_wait_calls("answered", 1);
         m
     }
 

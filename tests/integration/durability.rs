@@ -48,7 +48,7 @@ async fn slot_active(client: &tokio_postgres::Client, slot: &str) -> bool {
     row.is_some_and(|r| r.get::<_, bool>(0))
 }
 
-async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Lsn {
+pub(crate) async fn confirmed_flush(client: &tokio_postgres::Client, slot: &str) -> Lsn {
     let row = client
         .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
         .await

@@ -6,6 +6,7 @@ mod check_online;
 mod cluster;
 mod config_files;
 mod connection;
+mod consistency;
 mod demo;
 mod durability;
 mod failover;

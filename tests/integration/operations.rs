@@ -295,7 +295,7 @@ async fn setup_apply_creates_a_least_privilege_role_that_streams_heartbeats_and_
 
     let again = setup::apply(&admin, &config, &rules, std::slice::from_ref(&app)).await.expect("setup applies twice");
     assert_eq!(again.skipped, [format!("role \"{role}\" exists"), format!("publication \"{n}\" exists")]);
-    assert_eq!(again.done.len(), 1, "only the idempotent grants run again: {again:?}");
+    assert_eq!(again.done.len(), 2, "only the idempotent grants and walbust.wait() run again: {again:?}");
 
     // The role is enough for walbust: it streams, heartbeats, and applies what granted roles emit.
     let mut redis = redis_conn(&s.redis.url()).await;
