@@ -1741,8 +1741,14 @@ mod tests {
         let sink = crate::sink::MemorySink::new();
         let (tx, rx) = mpsc::channel(1);
         let (applied_tx, mut applied) = watch::channel(Applied::default());
-        let observers =
-            Observers { events: None, dead_letter_file: None, metrics: Metrics::new(), health: Health::new() };
+        let observers = Observers {
+            events: None,
+            dead_letter_file: None,
+            metrics: Metrics::new(),
+            health: Health::new(),
+            sessions: Arc::default(),
+            slot: "walbust".into(),
+        };
         let consistency = Consistency {
             gate: None,
             redeletes: Some(Redeletes::new(Duration::from_millis(20), redelete::DEFAULT_MAX_BYTES)),

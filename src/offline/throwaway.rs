@@ -350,8 +350,9 @@ pub struct ThrowawayStandby {
 }
 
 impl ThrowawayPostgres {
-    /// Starts a synchronous standby named `name` (its slot and `application_name`).
-    pub fn start_standby(&self, name: &str) -> Result<ThrowawayStandby, ThrowawayError> {
+    /// Starts a synchronous WAL receiver named `name` (its slot and `application_name`):
+    /// `pg_receivewal --synchronous`, a standby as far as commits waiting for it go.
+    pub fn start_sync_receiver(&self, name: &str) -> Result<ThrowawayStandby, ThrowawayError> {
         let receivewal = self.bin.join("pg_receivewal");
         let conn = format!("host=127.0.0.1 port={} user=postgres application_name={name}", self.port);
         let out = Command::new(&receivewal)

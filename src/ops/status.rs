@@ -284,7 +284,10 @@ pub async fn slot_status(config: &Config) -> Result<SlotStatus, StatusError> {
     let version = client
         .query_one("SELECT current_setting('server_version'), current_setting('server_version_num')::int", &[])
         .await
-        .map_err(|source| StatusError::Query { slot: slot.clone(), source })?;
+        .map_err(|e| StatusError::Query {
+            slot: slot.clone(),
+            source: crate::postgres::sql::from_pg_error(e, "the source database"),
+        })?;
     let version_num = u32::try_from(version.get::<_, i32>(1)).unwrap_or(0);
     if let Some(unmet) = crate::daemon::slot::unsupported_server(version.get(0), version_num) {
         return Err(StatusError::UnsupportedServer(unmet));

@@ -37,6 +37,7 @@ fn stalled_standby_cluster() -> &'static ThrowawayPostgres {
             ],
             hba: vec![],
             files: vec![],
+            bin: None,
         };
         ThrowawayPostgres::start(&options).unwrap_or_else(|e| panic!("cannot start the stalled-standby Postgres: {e}"))
     })
@@ -261,10 +262,12 @@ fn oracle_cluster() -> &'static (ThrowawayPostgres, ThrowawayStandby) {
             ],
             hba: vec![],
             files: vec![],
+            bin: None,
         };
         let pg =
             ThrowawayPostgres::start(&options).unwrap_or_else(|e| panic!("cannot start the oracle's Postgres: {e}"));
-        let standby = pg.start_standby(ORACLE_STANDBY).unwrap_or_else(|e| panic!("cannot start the standby: {e}"));
+        let standby =
+            pg.start_sync_receiver(ORACLE_STANDBY).unwrap_or_else(|e| panic!("cannot start the standby: {e}"));
         (pg, standby)
     })
 }
