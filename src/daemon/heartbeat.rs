@@ -35,9 +35,17 @@ pub fn heartbeat_time(nonce: u64, body: &[u8]) -> Option<i64> {
 /// whole path's latency.
 pub async fn heartbeat(conninfo: crate::postgres::ConnInfo, every: Duration, nonce: u64) {
     let mut outage = Outage::default();
+    let mut written_once = false;
     loop {
         let client = match crate::postgres::connect_sql(&conninfo).await {
             Ok(c) => c,
+            // Before the first heartbeat, a connection refused for good (a wrong password)
+            // also stops the pipeline, which reports it: said once, not once per task.
+            Err(e) if !written_once && !e.is_transient() => {
+                tracing::debug!(error = %error_chain(&e), "heartbeat cannot connect; the pipeline reports why");
+                tokio::time::sleep(every).await;
+                continue;
+            }
             Err(e) => {
                 if outage.failed() {
                     warn!(error = %error_chain(&e), down_for = ?outage.length(), "heartbeat cannot connect; retrying");
@@ -59,6 +67,7 @@ pub async fn heartbeat(conninfo: crate::postgres::ConnInfo, every: Duration, non
                 }
                 break;
             }
+            written_once = true;
             if let Some(down) = outage.ended() {
                 info!(outage = ?down, "heartbeat written again after {}", rounded(down));
             }

@@ -332,6 +332,7 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
     let slot = &config.source.slot;
     let mut client: Option<tokio_postgres::Client> = None;
     let mut failing = crate::daemon::outage::Outage::default();
+    let mut read_once = false;
     let mut near_limit = false;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -357,6 +358,7 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
         match result {
             Ok((c, status)) => {
                 client = Some(c);
+                read_once = true;
                 if let Some(lsn) = status.current_wal_lsn {
                     metrics.set_server_wal_end(lsn);
                 }
@@ -374,6 +376,12 @@ pub async fn monitor(config: &Config, metrics: Arc<Metrics>, every: Duration, sh
                     tracing::info!(slot = %slot, outage = ?outage,
                         "slot monitor reads the slot again after {}", crate::daemon::outage::rounded(outage));
                 }
+            }
+            // Before the first read, a connection refused for good (a wrong password) also stops
+            // the pipeline, which reports it: said once, not once per task.
+            Err(StatusError::Connect { source, .. }) if !read_once && !source.is_transient() => {
+                tracing::debug!(slot = %slot, error = %crate::errors::causes::error_chain(&source),
+                    "slot monitor cannot connect; the pipeline reports why");
             }
             Err(e) => {
                 if failing.failed() {

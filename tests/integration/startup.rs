@@ -108,7 +108,8 @@ async fn wrong_password_exits_3_so_systemd_does_not_restart_it_and_is_logged_onc
         format!("postgres://{SCRAM_USER}:not-{}@127.0.0.1:{}/{}?sslmode=disable", "the-password", s.pg.port(), db.name);
     assert!(!url.contains(PASSWORD));
     let wrong = TestDb { url, ..db };
-    let files = write_config(&wrong, &s.redis.url(), PLAN_RULE, "");
+    // The heartbeat and the slot monitor connect too, and meet the same refusal.
+    let files = write_config(&wrong, &s.redis.url(), PLAN_RULE, "heartbeat_interval = \"100ms\"");
     let out = walbust(&["run"], &files.path).await;
     assert_eq!(out.code, Some(3), "{out}");
     assert_eq!(out.stderr.matches("28P01").count(), 1, "the failure, once, with its cause:\n{out}");
