@@ -626,6 +626,26 @@ keys = ["odd:{id}"]
 "#;
 
     #[test]
+    fn with_failover_the_script_ends_with_the_settings_of_primary_and_standbys() {
+        let mut config = config("walbust", "walbust");
+        let without = setup_sql(&config, &rules(RULES), &[]);
+        assert!(!without.contains("Failover"), "{without}");
+        config.source.failover = true;
+        let sql = setup_sql(&config, &rules(RULES), &[]);
+        let tail = sql.split_once("COMMIT;\n").expect("the transaction").1;
+        assert!(tail.starts_with("\n-- Failover (failover = true, PostgreSQL 17 and later)"), "{sql}");
+        assert!(
+            tail.contains("--   ALTER SYSTEM SET sync_replication_slots = 'on'; SELECT pg_reload_conf();\n"),
+            "{sql}"
+        );
+        assert!(tail.contains("--   and dbname=app in its primary_conninfo\n"), "{sql}");
+        assert!(
+            tail.lines().all(|l| l.is_empty() || l.starts_with("--")),
+            "outside the transaction, comments only: {sql}"
+        );
+    }
+
+    #[test]
     fn the_script_creates_a_least_privilege_role_and_the_publication() {
         let sql = setup_sql(&config("walbust", "walbust"), &rules(RULES), &["app".into()]);
         assert!(

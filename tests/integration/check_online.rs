@@ -257,9 +257,10 @@ async fn pg_logical_emit_message_open_to_public_or_other_roles_is_a_warning_with
     let (app, other) = (format!("{}_app", db.name), format!("{}_reports", db.name));
     db.client
         .batch_execute(&format!(
-            "CREATE ROLE {app}; CREATE ROLE {other}; {}\
-             GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {other};",
-            walbust::daemon::fix::emit_message_grants(std::slice::from_ref(&app), &[])
+            "CREATE ROLE {app}; CREATE ROLE {other}; {}{}",
+            walbust::daemon::fix::emit_message_grants(std::slice::from_ref(&app), &[]),
+            // Every overload: PostgreSQL 17 adds a `flush` argument to each.
+            walbust::daemon::fix::emit_message_grants(std::slice::from_ref(&other), &[])
         ))
         .await
         .expect("grants");
