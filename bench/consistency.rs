@@ -267,11 +267,11 @@ async fn oracle_scenarios(cli: &Cli, bin: &Path) -> anyhow::Result<()> {
         "synchronous_commit = local".to_string(),
         "autovacuum = off".to_string(),
     ];
-    let pg = tokio::task::spawn_blocking(move || {
+    let mut pg = tokio::task::spawn_blocking(move || {
         ThrowawayPostgres::start(&PostgresOptions { settings, ..Default::default() })
     })
     .await??;
-    let standby = pg.start_sync_receiver("oracle_standby")?;
+    let standby = pg.start_sync_standby("oracle_standby")?;
     let redis = tokio::task::spawn_blocking(walbust::offline::throwaway::ThrowawayRedis::start).await??;
     connect(&pg.url("postgres")).await?.batch_execute("CREATE DATABASE oracle").await?;
     let db = connect(&pg.url("oracle")).await?;

@@ -20,7 +20,7 @@ use crate::telemetry::metrics::Metrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// The longest the gate waits for one query before it takes the connection for down.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -100,6 +100,8 @@ pub struct VisibilityGate {
     last_attempt: Option<Instant>,
     /// The connection was down at the last batch: logged once until it is back.
     down_logged: bool,
+    /// A connection was made at least once.
+    connected_once: bool,
 }
 
 impl VisibilityGate {
@@ -114,6 +116,7 @@ impl VisibilityGate {
             connecting: None,
             last_attempt: None,
             down_logged: false,
+            connected_once: false,
         };
         gate.reconnect();
         gate
@@ -140,7 +143,13 @@ impl VisibilityGate {
                     info!("visibility gate connected again");
                 }
                 self.down_logged = false;
+                self.connected_once = true;
                 self.client = Some(client);
+            }
+            // Before the first connection, one refused for good (a wrong password) also
+            // stops the pipeline, which reports it: said once, not once per task.
+            Ok(Err(e)) if !self.connected_once && !e.is_transient() => {
+                debug!(error = %crate::errors::causes::error_chain(&e), "visibility gate cannot connect; the pipeline reports why");
             }
             Ok(Err(e)) if !self.down_logged => {
                 self.down_logged = true;

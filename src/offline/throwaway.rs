@@ -340,70 +340,67 @@ impl Drop for ThrowawayPostgres {
     }
 }
 
-/// A synchronous standby for a [`ThrowawayPostgres`]: `pg_receivewal --synchronous` on a
-/// physical slot, under an `application_name` that `synchronous_standby_names` can name.
-/// [`ThrowawayStandby::pause`] (SIGSTOP) stalls every commit waiting for it until
-/// [`ThrowawayStandby::resume`] (SIGCONT). Stopped and removed on drop.
+/// A synchronous standby for a [`ThrowawayPostgres`]: a streaming replica
+/// ([`ThrowawayPostgres::start_standby`]) under an `application_name` that
+/// `synchronous_standby_names` can name. A full server rather than `pg_receivewal`, since the
+/// server builds of other majors the tests run against (`WALBUST_PG_BIN`) ship no
+/// `pg_receivewal`, and one of another major refuses a newer server.
+/// [`ThrowawayStandby::pause`] (SIGSTOP of the standby's processes, its WAL receiver among
+/// them) stalls every commit waiting for it until [`ThrowawayStandby::resume`] (SIGCONT).
+/// Stopped and removed on drop.
 pub struct ThrowawayStandby {
-    root: PathBuf,
-    child: Child,
+    server: ThrowawayPostgres,
 }
 
 impl ThrowawayPostgres {
-    /// Starts a synchronous WAL receiver named `name` (its slot and `application_name`):
-    /// `pg_receivewal --synchronous`, a standby as far as commits waiting for it go.
-    pub fn start_sync_receiver(&self, name: &str) -> Result<ThrowawayStandby, ThrowawayError> {
-        let receivewal = self.bin.join("pg_receivewal");
-        let conn = format!("host=127.0.0.1 port={} user=postgres application_name={name}", self.port);
-        let out = Command::new(&receivewal)
-            .args(["--create-slot", "--if-not-exists", "--slot", name, "--dbname", &conn])
-            .output()
-            .map_err(io("running pg_receivewal --create-slot", &receivewal))?;
-        if !out.status.success() {
-            return Err(ThrowawayError::Startup {
-                what: "pg_receivewal",
-                reason: format!("creating its slot exited with {}", out.status),
-                log: "pg_receivewal output".into(),
-                tail: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        let root = temp_root("standby")?;
-        let child = Command::new(&receivewal)
-            .args(["--synchronous", "--no-loop", "--slot", name, "--dbname", &conn, "--directory"])
-            .arg(&root)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(io("starting pg_receivewal", &receivewal))?;
-        spawn_watchdog(&root, &format!("kill -CONT {pid}; kill {pid}", pid = child.id()));
-        Ok(ThrowawayStandby { root, child })
+    /// Starts a synchronous standby named `name` (its `application_name`). This server
+    /// restarts once, as [`start_standby`](Self::start_standby) copies its data directory.
+    pub fn start_sync_standby(&mut self, name: &str) -> Result<ThrowawayStandby, ThrowawayError> {
+        let conninfo = format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres application_name={name}'",
+            self.port
+        );
+        Ok(ThrowawayStandby { server: self.start_standby(&[conninfo])? })
     }
 }
 
 impl ThrowawayStandby {
+    /// The standby's postmaster and its children, read from `/proc`.
+    fn processes(&self) -> Vec<u32> {
+        let Some(postmaster) = self.server.child.as_ref().map(Child::id) else { return Vec::new() };
+        let mut pids = vec![postmaster];
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+            // The parent is the second field after the command name, which ends at the last ')'.
+            let parent =
+                stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if parent == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// Stalls the standby (SIGSTOP): synchronous commits wait until [`Self::resume`].
     pub fn pause(&self) {
-        signal(self.child.id(), libc::SIGSTOP);
+        for pid in self.processes() {
+            signal(pid, libc::SIGSTOP);
+        }
     }
 
     /// Lets the standby go on (SIGCONT).
     pub fn resume(&self) {
-        signal(self.child.id(), libc::SIGCONT);
-    }
-
-    /// Whether `pg_receivewal` still runs.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        for pid in self.processes() {
+            signal(pid, libc::SIGCONT);
+        }
     }
 }
 
 impl Drop for ThrowawayStandby {
     fn drop(&mut self) {
+        // A stopped server would not act on the shutdown signal its own drop sends.
         self.resume();
-        signal(self.child.id(), libc::SIGTERM);
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.root);
     }
 }
 

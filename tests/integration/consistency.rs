@@ -248,7 +248,7 @@ async fn wait_returns_false_on_timeout_while_redis_is_down() {
     running.stop().await.expect("stops cleanly");
 }
 
-/// A cluster whose synchronous standby is a `pg_receivewal` the oracle stalls in bursts.
+/// A cluster whose synchronous standby (a streaming replica) the oracle stalls in bursts.
 fn oracle_cluster() -> &'static (ThrowawayPostgres, ThrowawayStandby) {
     static PG: OnceLock<(ThrowawayPostgres, ThrowawayStandby)> = OnceLock::new();
     PG.get_or_init(|| {
@@ -264,10 +264,9 @@ fn oracle_cluster() -> &'static (ThrowawayPostgres, ThrowawayStandby) {
             files: vec![],
             bin: None,
         };
-        let pg =
+        let mut pg =
             ThrowawayPostgres::start(&options).unwrap_or_else(|e| panic!("cannot start the oracle's Postgres: {e}"));
-        let standby =
-            pg.start_sync_receiver(ORACLE_STANDBY).unwrap_or_else(|e| panic!("cannot start the standby: {e}"));
+        let standby = pg.start_sync_standby(ORACLE_STANDBY).unwrap_or_else(|e| panic!("cannot start the standby: {e}"));
         (pg, standby)
     })
 }
