@@ -322,7 +322,9 @@ async fn cluster_failover_and_slot_migration_under_writes_leave_no_marker() {
     assert!(reshard.status.success(), "reshard: {}", String::from_utf8_lossy(&reshard.stderr));
 
     let cached = load.await.unwrap();
-    assert!(cached.len() > 300, "the load wrote {} markers", cached.len());
+    // A floor, not a rate: writes stall while the failover is under way, and a loaded
+    // machine writes fewer; a hundred still spread over the whole 20 s.
+    assert!(cached.len() > 100, "the load wrote {} markers", cached.len());
     drained(&run, &db.client).await;
     markers.all_gone(&cached, Duration::from_secs(5)).await;
     run.stop().await.expect("clean stop");

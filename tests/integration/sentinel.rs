@@ -52,7 +52,9 @@ async fn sentinel_failover_under_writes_is_followed_without_restart_and_leaves_n
     .await;
 
     let cached = load.await.unwrap();
-    assert!(cached.len() > 300, "the load wrote {} markers", cached.len());
+    // A floor, not a rate: writes stall while the failover is under way, and a loaded
+    // machine writes fewer; a hundred still spread over the whole 20 s.
+    assert!(cached.len() > 100, "the load wrote {} markers", cached.len());
     drained(&run, &db.client).await;
     markers.all_gone(&cached, Duration::from_secs(5)).await;
     let now = setup.master_port().unwrap();
