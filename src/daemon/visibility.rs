@@ -188,13 +188,17 @@ impl VisibilityGate {
 
     async fn snapshot(&mut self) -> Option<Snapshot> {
         let client = self.client().await?;
-        let query = client.query_one("SELECT pg_current_snapshot()::text", &[]);
+        // The simple protocol: one round trip, where an unprepared extended query takes two.
+        let query = client.simple_query("SELECT pg_current_snapshot()::text");
         match tokio::time::timeout(QUERY_TIMEOUT, query).await {
-            Ok(Ok(row)) => {
-                let text: String = row.get(0);
-                let snapshot = Snapshot::parse(&text);
+            Ok(Ok(messages)) => {
+                let text = messages.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    _ => None,
+                });
+                let snapshot = text.as_deref().and_then(Snapshot::parse);
                 if snapshot.is_none() {
-                    error!(snapshot = %text, "visibility gate cannot read the server's snapshot");
+                    error!(snapshot = ?text, "visibility gate cannot read the server's snapshot");
                 }
                 snapshot
             }
