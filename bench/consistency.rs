@@ -90,7 +90,7 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
             if step == 0 {
                 load.push(l);
             }
-            let took = walbust_in_process_with(env, &format!("bench_{name}"), target, extra).await?;
+            let took = walbust_in_process_with(env, &format!("bench_{name}"), target, None, extra).await?;
             ensure!(env.dbsize().await? == 0, "keys left after the {name} drain");
             rate[m] = w as f64 / took.as_secs_f64();
             eprintln!("  consistency drain run {} {name}: {:.3}s ({:.0}/s)", run + 1, took.as_secs_f64(), rate[m]);

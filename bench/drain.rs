@@ -31,16 +31,29 @@ pub(crate) const VARIANTS: [Variant; 4] = [
 
 pub(crate) async fn drain(cli: &Cli, env: &Env) -> anyhow::Result<()> {
     let w = cli.changes;
+    let cluster = match cli.cluster {
+        true => Some(ClusterCache::start().await?),
+        false => None,
+    };
     println!("## drain: {w} pre-written changes, pg_recvlogical vs walbust (two keys per change, real Redis)\n");
-    println!(
-        "| variant | pg_recvlogical changes/s | walbust changes/s | ratio walbust/recvlogical | target >= 0.9 | load avg at runs |"
-    );
-    println!("|---|---|---|---|---|---|");
+    if cluster.is_some() {
+        println!(
+            "| variant | pg_recvlogical changes/s | walbust changes/s | ratio walbust/recvlogical | target >= 0.9 | walbust, Redis Cluster changes/s | cluster/single | load avg at runs |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+    } else {
+        println!(
+            "| variant | pg_recvlogical changes/s | walbust changes/s | ratio walbust/recvlogical | target >= 0.9 | load avg at runs |"
+        );
+        println!("|---|---|---|---|---|---|");
+    }
     env.db.batch_execute("DROP PUBLICATION IF EXISTS bench; CREATE PUBLICATION bench FOR TABLE bench_items").await?;
     for (_, variant) in VARIANTS.iter().enumerate().filter(|(i, _)| cli.variants.contains(&(i + 1))) {
         let mut recv_rates = Vec::new();
         let mut walbust_rates = Vec::new();
         let mut ratios = Vec::new();
+        let mut cluster_rates = Vec::new();
+        let mut cluster_ratios = Vec::new();
         let mut load = Vec::new();
         for run in 0..cli.runs {
             // Prepare: a clean table (and rows to update and delete), then both slots at one LSN.
@@ -57,9 +70,14 @@ pub(crate) async fn drain(cli: &Cli, env: &Env) -> anyhow::Result<()> {
                     .await?;
             }
             env.db.batch_execute("CHECKPOINT").await?;
-            for slot in ["bench_recv", "bench_walbust"] {
+            if let Some(c) = &cluster {
+                c.flushall().await?;
+            }
+            for slot in ["bench_recv", "bench_walbust", "bench_cluster"] {
                 env.drop_slot(slot).await?;
-                env.db.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
+                if slot != "bench_cluster" || cluster.is_some() {
+                    env.db.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
+                }
             }
             let call = "CALL bench_write($1, $2, $3, $4)";
             env.db.execute(call, &[&first, &w, &variant.per_txn, &variant.mixed]).await?;
@@ -67,11 +85,12 @@ pub(crate) async fn drain(cli: &Cli, env: &Env) -> anyhow::Result<()> {
             // Seed every key the changes invalidate, so that the deletes are real.
             let ids: Vec<i64> =
                 (first..first + w).map(|g| if variant.mixed && g % 3 == 0 { g + w } else { g }).collect();
-            let seeded = env
-                .seed(
-                    ids.iter().map(|id| format!("item:{id}")).chain((0..ORGS.min(w)).map(|o| format!("org:{o}:items"))),
-                )
-                .await?;
+            let keys =
+                || ids.iter().map(|id| format!("item:{id}")).chain((0..ORGS.min(w)).map(|o| format!("org:{o}:items")));
+            let seeded = env.seed(keys()).await?;
+            if let Some(c) = &cluster {
+                c.seed(keys()).await?;
+            }
             // Alternate which consumer goes first, so that neither always gets a warmer cache.
             let mut recv = Duration::ZERO;
             let mut wal = Duration::ZERO;
@@ -83,11 +102,30 @@ pub(crate) async fn drain(cli: &Cli, env: &Env) -> anyhow::Result<()> {
                 if (step + run) % 2 == 0 {
                     recv = recvlogical(env, "bench_recv", target).await?;
                 } else {
-                    wal = walbust_in_process(env, "bench_walbust", target).await?;
+                    wal = walbust_in_process(env, "bench_walbust", target, None).await?;
                 }
             }
             let left = env.dbsize().await?;
             ensure!(left == 0, "{left} of {seeded} seeded keys were not invalidated ({})", variant.name);
+            if let Some(c) = &cluster {
+                settle(cli).await;
+                let took = walbust_in_process(env, "bench_cluster", target, Some(&c.url())).await?;
+                let left = c.dbsize().await?;
+                ensure!(
+                    left == 0,
+                    "{left} of {seeded} keys seeded in the cluster were not invalidated ({})",
+                    variant.name
+                );
+                let rate = w as f64 / took.as_secs_f64();
+                eprintln!(
+                    "  drain {} run {}: walbust into the cluster {:.3}s ({rate:.0}/s)",
+                    variant.name,
+                    run + 1,
+                    took.as_secs_f64()
+                );
+                cluster_rates.push(rate);
+                cluster_ratios.push(rate / (w as f64 / wal.as_secs_f64()));
+            }
             let (r, b) = (w as f64 / recv.as_secs_f64(), w as f64 / wal.as_secs_f64());
             eprintln!(
                 "  drain {} run {}: recvlogical {:.3}s ({:.0}/s), walbust {:.3}s ({:.0}/s), ratio {:.2}",
@@ -102,18 +140,30 @@ pub(crate) async fn drain(cli: &Cli, env: &Env) -> anyhow::Result<()> {
             recv_rates.push(r);
             walbust_rates.push(b);
             ratios.push(b / r);
-            for slot in ["bench_recv", "bench_walbust"] {
+            for slot in ["bench_recv", "bench_walbust", "bench_cluster"] {
                 env.drop_slot(slot).await?;
             }
         }
+        let cluster_columns = match cluster {
+            Some(_) => {
+                format!(" {} | {} |", spread(&cluster_rates, thousands), spread(&cluster_ratios, |v| format!("{v:.2}")))
+            }
+            None => String::new(),
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |{cluster_columns} {} |",
             variant.name,
             spread(&recv_rates, thousands),
             spread(&walbust_rates, thousands),
             spread(&ratios, |v| format!("{v:.2}")),
             verdict(median(&ratios) >= 0.9),
             loads(&load)
+        );
+    }
+    if cluster.is_some() {
+        println!(
+            "\nThe cluster: three primaries without replicas on this machine, one slot of its own for walbust, \
+             the same WAL and keys; every key seeded there was checked deleted."
         );
     }
     println!(
@@ -147,9 +197,15 @@ pub(crate) async fn recvlogical(env: &Env, slot: &str, target: Lsn) -> anyhow::R
 
 /// Runs the pipeline in this process until every first delete up to `target` is applied
 /// (`walbust_applied_lsn_bytes`; the flushed position trails it by `redelete_after`), on a
-/// thread of its own with a single-threaded runtime, as the `walbust` binary runs it.
-pub(crate) async fn walbust_in_process(env: &Env, slot: &str, target: Lsn) -> anyhow::Result<Duration> {
-    walbust_in_process_with(env, slot, target, "").await
+/// thread of its own with a single-threaded runtime, as the `walbust` binary runs it; into
+/// the Redis Cluster seeded by `cluster` when given.
+pub(crate) async fn walbust_in_process(
+    env: &Env,
+    slot: &str,
+    target: Lsn,
+    cluster: Option<&str>,
+) -> anyhow::Result<Duration> {
+    walbust_in_process_with(env, slot, target, cluster, "").await
 }
 
 /// [`walbust_in_process`] with `extra` config sections (`[consistency]`).
@@ -157,14 +213,18 @@ pub(crate) async fn walbust_in_process_with(
     env: &Env,
     slot: &str,
     target: Lsn,
+    cluster: Option<&str>,
     extra: &str,
 ) -> anyhow::Result<Duration> {
-    let text = env.config_text_with(slot, false, None, extra);
+    let mut text = env.config_text_with(slot, false, None, extra);
+    if let Some(url) = cluster {
+        text = text.replace(&format!("url = \"{}\"\n", env.redis.url()), &format!("url = \"{url}\"\ncluster = true\n"));
+    }
     let config = Config::parse(&env.dir.join("config.toml"), &text, &|_| None)?;
     let rules = RuleSet::from_sources(&[(PathBuf::from("rules.toml"), RULES.to_string())])
         .map_err(|d| anyhow::anyhow!("{d}"))?
         .rules;
-    let sink = RedisSink::new(&config.redis.url, None)?;
+    let sink = RedisSink::from_config(&config.redis)?;
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<pipeline::StopHandle>();
     let start = Instant::now();
@@ -197,4 +257,55 @@ pub(crate) async fn walbust_in_process_with(
     }
     tokio::task::spawn_blocking(move || join(handle)).await??;
     Ok(elapsed)
+}
+
+/// A throwaway Redis Cluster for the drain, and a connection to seed and count its keys.
+struct ClusterCache {
+    cluster: walbust::offline::throwaway::ThrowawayRedisCluster,
+    conn: redis::cluster_async::ClusterConnection,
+}
+
+impl ClusterCache {
+    async fn start() -> anyhow::Result<ClusterCache> {
+        let cluster =
+            tokio::task::spawn_blocking(|| walbust::offline::throwaway::ThrowawayRedisCluster::start(3, 0)).await??;
+        let conn = redis::cluster::ClusterClient::new(vec![cluster.url()])?.get_async_connection().await?;
+        println!("redis cluster: three primaries, seed {}\n", cluster.url());
+        Ok(ClusterCache { cluster, conn })
+    }
+
+    fn url(&self) -> String {
+        self.cluster.url()
+    }
+
+    async fn seed(&self, keys: impl Iterator<Item = String>) -> anyhow::Result<()> {
+        use futures_util::StreamExt;
+        let sets = futures_util::stream::iter(keys.map(|k| {
+            let mut conn = self.conn.clone();
+            async move { redis::cmd("SET").arg(k).arg("cached").exec_async(&mut conn).await }
+        }))
+        .buffer_unordered(512);
+        let failed: Vec<redis::RedisError> = sets.filter_map(|r| async move { r.err() }).collect().await;
+        ensure!(failed.is_empty(), "seeding the cluster failed: {}", failed[0]);
+        Ok(())
+    }
+
+    /// Keys on all nodes together.
+    async fn dbsize(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for node in &self.cluster.nodes {
+            let mut conn = redis::Client::open(node.url())?.get_multiplexed_async_connection().await?;
+            total +=
+                redis::cmd("DBSIZE").query_async::<u64>(&mut conn).await? - crate::env::fence_keys(&mut conn).await?;
+        }
+        Ok(total)
+    }
+
+    async fn flushall(&self) -> anyhow::Result<()> {
+        for node in &self.cluster.nodes {
+            let mut conn = redis::Client::open(node.url())?.get_multiplexed_async_connection().await?;
+            redis::cmd("FLUSHALL").exec_async(&mut conn).await?;
+        }
+        Ok(())
+    }
 }

@@ -81,6 +81,9 @@ struct Cli {
     /// Longest wait for the load to settle, in seconds; then measure anyway and say so.
     #[arg(long, default_value_t = 600)]
     pub(crate) load_wait_secs: u64,
+    /// Drain also into a throwaway Redis Cluster (three primaries), beside the single node.
+    #[arg(long)]
+    pub(crate) cluster: bool,
     #[command(flatten)]
     pub(crate) soak: soak::SoakArgs,
     #[command(flatten)]
