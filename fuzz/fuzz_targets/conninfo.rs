@@ -12,8 +12,8 @@ fuzz_target!(|data: &[u8]| {
         Ok(info) => {
             let _ = format!("{info:?}");
             let _ = info.describe();
-            for host in &info.hosts {
-                let _ = info.endpoint(host);
+            for (host, port) in info.targets() {
+                let _ = info.endpoint(host, port);
             }
         }
         Err(e) => {
