@@ -2,31 +2,16 @@
 //! running walbust serves, /healthz finds a Redis that is down without waiting for a write,
 //! and the logs say each thing once, plainly, at the right level.
 
-use crate::support::{self, StderrLog, TestDb, Walbust, fresh_db, wait_until, write_config_with};
+use crate::support::{
+    self, StderrLog, TestDb, Walbust, free_port, fresh_db, http_get as get, wait_until, write_config_with,
+};
 use regex::Regex;
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use walbust::offline::throwaway::{ThrowawayPostgres, ThrowawayRedis};
 use walbust::telemetry::metrics;
-
-/// GET `path` from 127.0.0.1:`port`; the status code and body.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
-    Some((code, body))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn repo_file(path: &str) -> (PathBuf, String) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path);
