@@ -307,6 +307,18 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
     assert_eq!(walbust.terminate(), Some(0));
 }
 
+/// Whether a log line renders the changed value 4711 ms (`4711ms`, `4.711s`, `4s 711ms`).
+/// Timestamps are left out, and a match must start a number, so that a port such as 44711 or
+/// an LSN such as 0/3924711 does not count.
+fn mentions_value(log: &str) -> bool {
+    log.lines().filter_map(|line| line.split_once(' ').map(|(_, rest)| rest)).any(|line| {
+        ["4711", "4.711", "4s 711"].iter().any(|value| {
+            line.match_indices(value)
+                .any(|(at, _)| !line[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '.' || c == '/'))
+        })
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_says_which_changed_settings_take_effect_only_on_restart_without_their_values() {
     let s = support::shared();
@@ -327,7 +339,7 @@ async fn sighup_says_which_changed_settings_take_effect_only_on_restart_without_
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("these changed settings take effect only on restart; the running ones stay"), "{text}");
     assert!(text.contains("[source] status_interval"), "the setting is named:\n{text}");
-    assert!(!text.contains("4711") && !text.contains("4.711"), "its value is not:\n{text}");
+    assert!(!mentions_value(&text), "its value is not:\n{text}");
     assert_eq!(walbust.terminate(), Some(0));
 }
 
