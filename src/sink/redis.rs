@@ -38,6 +38,8 @@ pub struct RedisSink {
     deleted: u64,
     /// Keys deleted, keys scanned and pattern action times since the last [`Sink::take_costs`].
     costs: ApplyCosts,
+    /// On a cluster, the slot map the last pattern delete of this batch ended with.
+    layout: Option<cluster::Layout>,
 }
 
 /// Why a batch could not be applied to Redis.
@@ -177,7 +179,15 @@ impl RedisSink {
     }
 
     fn with_target(target: Target, description: String) -> Self {
-        RedisSink { target, fence: None, description, dead: Vec::new(), deleted: 0, costs: ApplyCosts::default() }
+        RedisSink {
+            target,
+            fence: None,
+            description,
+            dead: Vec::new(),
+            deleted: 0,
+            costs: ApplyCosts::default(),
+            layout: None,
+        }
     }
 
     /// How many keys Redis reported deleted (by `UNLINK`s, pattern deletes and tag busts,
@@ -216,6 +226,7 @@ impl RedisSink {
     /// per hash slot on a cluster); pattern actions and tag busts run between them, so a
     /// write-through SET and an UNLINK of the same key keep their order.
     async fn apply_on(&mut self, conn: &mut Conn, actions: &[Action]) -> Result<(), RedisSinkError> {
+        self.layout = None;
         let mut queued: Vec<(usize, &Action)> = Vec::new();
         for (index, action) in actions.iter().enumerate() {
             match action {

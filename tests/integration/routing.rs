@@ -21,8 +21,13 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> Lsn {
 
 /// Waits until the pipeline has applied and acknowledged everything up to the current position.
 pub async fn drained(run: &Running, client: &tokio_postgres::Client) {
+    drained_within(run, client, WAIT).await;
+}
+
+/// [`drained`], for a backlog that takes longer than the usual deadline.
+pub async fn drained_within(run: &Running, client: &tokio_postgres::Client, deadline: Duration) {
     let target = current_lsn(client).await;
-    wait_until(WAIT, "the pipeline to acknowledge the last write", || {
+    wait_until(deadline, "the pipeline to acknowledge the last write", || {
         let flushed = run.metrics.flushed();
         async move { flushed >= target }
     })

@@ -100,8 +100,8 @@ pub(super) async fn each(conn: &ClusterConnection, commands: Vec<redis::Cmd>) ->
 }
 
 /// The cluster as a pattern delete sees it: the primaries, and whether any slot moves.
-#[derive(Debug, PartialEq, Eq)]
-struct Layout {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Layout {
     /// Each slot range and its primary's address, as `CLUSTER SLOTS` gives them.
     ranges: Vec<(i64, i64, String, u16)>,
     /// A primary reports a slot migrating or importing.
@@ -272,7 +272,9 @@ impl RedisSink {
         Ok(())
     }
 
-    /// [`RedisSink::scan`] on a cluster: every primary, until one pass saw no slot move.
+    /// [`RedisSink::scan`] on a cluster: every primary, until one pass saw no slot move
+    /// (the same slot map before and after it, and no slot migrating at either end). The
+    /// map read after one pattern is the map before the next one of the same batch.
     pub(super) async fn scan_cluster(
         &mut self,
         conn: &mut ClusterConnection,
@@ -282,7 +284,10 @@ impl RedisSink {
         step: PageStep,
     ) -> Result<(), RedisSinkError> {
         for _ in 0..SCAN_PASSES {
-            let before = layout(conn).await.map_err(self.failed("reading the cluster's slots"))?;
+            let before = match self.layout.take() {
+                Some(known) => known,
+                None => layout(conn).await.map_err(self.failed("reading the cluster's slots"))?,
+            };
             for (host, port) in before.primaries() {
                 let mut cursor: u64 = 0;
                 loop {
@@ -301,7 +306,8 @@ impl RedisSink {
                 }
             }
             let after = layout(conn).await.map_err(self.failed("reading the cluster's slots"))?;
-            if !before.moving && before == after {
+            if !before.moving && !after.moving && before == after {
+                self.layout = Some(after);
                 return Ok(());
             }
             tracing::info!(pattern, "slots moved while a pattern was scanned; scanning again");
