@@ -155,6 +155,9 @@ impl VisibilityGate {
                 self.down_logged = false;
                 self.connected_once = true;
                 self.client = Some(client);
+                // A new connection may reach another server (after a failover): what the
+                // last one saw proves nothing there.
+                self.last = None;
             }
             // Before the first connection, one refused for good (a wrong password) also
             // stops the pipeline, which reports it: said once, not once per task.
