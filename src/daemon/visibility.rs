@@ -25,6 +25,10 @@ use tracing::{debug, error, info, warn};
 /// The longest the gate waits for one query before it takes the connection for down.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The gate's one query, prepared once per connection: each look is then one round trip
+/// that the server neither parses nor plans.
+const SNAPSHOT_QUERY: &str = "SELECT pg_current_snapshot()::text";
+
 /// How soon a lost connection is tried again.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
@@ -102,7 +106,8 @@ pub struct VisibilityGate {
     conninfo: ConnInfo,
     slot: String,
     metrics: Arc<Metrics>,
-    client: Option<tokio_postgres::Client>,
+    /// The connection, with [`SNAPSHOT_QUERY`] prepared on it.
+    client: Option<(tokio_postgres::Client, tokio_postgres::Statement)>,
     /// The last snapshot read: a transaction visible in it needs no new query.
     last: Option<Snapshot>,
     connecting: Option<tokio::task::JoinHandle<Result<tokio_postgres::Client, SourceError>>>,
@@ -141,20 +146,32 @@ impl VisibilityGate {
             t => t + Duration::from_millis(100),
         };
         match tokio::time::timeout(limit, &mut task).await {
-            Ok(result) => self.connection_made(result),
+            Ok(result) => self.connection_made(result).await,
             Err(_) => self.connecting = Some(task),
         }
     }
 
-    fn connection_made(&mut self, result: Result<Result<tokio_postgres::Client, SourceError>, tokio::task::JoinError>) {
+    async fn connection_made(
+        &mut self,
+        result: Result<Result<tokio_postgres::Client, SourceError>, tokio::task::JoinError>,
+    ) {
         match result {
             Ok(Ok(client)) => {
+                let statement = match tokio::time::timeout(QUERY_TIMEOUT, client.prepare(SNAPSHOT_QUERY)).await {
+                    Ok(Ok(statement)) => statement,
+                    Ok(Err(e)) => {
+                        return warn!(error = %crate::errors::causes::error_chain(&e), "visibility gate cannot prepare its query; it connects again");
+                    }
+                    Err(_) => {
+                        return warn!(timeout = ?QUERY_TIMEOUT, "visibility gate timed out preparing its query; it connects again");
+                    }
+                };
                 if self.down_logged {
                     info!("visibility gate connected again");
                 }
                 self.down_logged = false;
                 self.connected_once = true;
-                self.client = Some(client);
+                self.client = Some((client, statement));
                 // A new connection may reach another server (after a failover): what the
                 // last one saw proves nothing there.
                 self.last = None;
@@ -180,14 +197,14 @@ impl VisibilityGate {
     }
 
     /// The connection if it is up; starts a new attempt when one is due.
-    async fn client(&mut self) -> Option<&tokio_postgres::Client> {
-        if self.client.as_ref().is_some_and(tokio_postgres::Client::is_closed) {
+    async fn client(&mut self) -> Option<&(tokio_postgres::Client, tokio_postgres::Statement)> {
+        if self.client.as_ref().is_some_and(|(client, _)| client.is_closed()) {
             self.client = None;
         }
         if self.client.is_none() {
             if let Some(task) = self.connecting.take_if(|t| t.is_finished()) {
                 let result = task.await;
-                self.connection_made(result);
+                self.connection_made(result).await;
             }
             if self.client.is_none()
                 && self.connecting.is_none()
@@ -200,16 +217,11 @@ impl VisibilityGate {
     }
 
     async fn snapshot(&mut self) -> Option<Snapshot> {
-        let client = self.client().await?;
-        // The simple protocol: one round trip, where an unprepared extended query takes two.
-        let query = client.simple_query("SELECT pg_current_snapshot()::text");
-        match tokio::time::timeout(QUERY_TIMEOUT, query).await {
-            Ok(Ok(messages)) => {
-                let text = messages.iter().find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                    _ => None,
-                });
-                let snapshot = text.as_deref().and_then(Snapshot::parse);
+        let (client, statement) = self.client().await?;
+        match tokio::time::timeout(QUERY_TIMEOUT, client.query_one(statement, &[])).await {
+            Ok(Ok(row)) => {
+                let text: Option<&str> = row.try_get(0).ok();
+                let snapshot = text.and_then(Snapshot::parse);
                 if snapshot.is_none() {
                     error!(snapshot = ?text, "visibility gate cannot read the server's snapshot");
                 }
@@ -233,7 +245,7 @@ impl VisibilityGate {
     /// stall both.
     async fn walsender_is_synchronous(&mut self) -> bool {
         let slot = self.slot.clone();
-        let Some(client) = self.client().await else { return false };
+        let Some((client, _)) = self.client().await else { return false };
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
         let query = client.query_opt(
             "SELECT r.sync_state::text FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
