@@ -145,10 +145,11 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
                 let waiter = waiter(env.pg.url("bench"), first + count, Duration::from_secs(cli.latency_secs));
                 let (r, waits) = tokio::join!(latency_run(env, rate, first, count), waiter);
                 let (r, (waits, timed_out)) = (r?, waits?);
+                let gate = scrape(metrics_port).await.map(|page| gate_figures(&page)).unwrap_or_default();
                 stop_child(&mut child).await;
                 env.drop_slot(&slot).await?;
                 eprintln!(
-                    "  consistency latency {rate}/s run {} {name}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, {} missing; wait() p50 {:.3} ms, p99 {:.3} ms over {} calls, {timed_out} timed out",
+                    "  consistency latency {rate}/s run {} {name}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, {} missing; wait() p50 {:.3} ms, p99 {:.3} ms over {} calls, {timed_out} timed out{gate}",
                     run + 1,
                     r.p50,
                     r.p99,
@@ -198,6 +199,17 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
          duration (in the off mode the write position is the first delete's too).\n"
     );
     Ok(())
+}
+
+/// What the visibility gate did in a run, from walbust's metrics page: transactions held,
+/// and how long they were held in all.
+fn gate_figures(page: &str) -> String {
+    let value =
+        |name: &str| page.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    match (value("walbust_gate_held_transactions_total "), value("walbust_gate_wait_seconds_sum ")) {
+        (Some(held), Some(wait)) => format!("; gate held {held} transactions, {:.1} ms in all", wait * 1e3),
+        _ => String::new(),
+    }
 }
 
 /// One latency run's figures: p50, p99, max, wait() p50, wait() p99 (ms), and wait() timeouts.
