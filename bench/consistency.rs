@@ -204,9 +204,7 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
 /// What the visibility gate did in a run, from walbust's metrics page: transactions held,
 /// and how long they were held in all.
 fn gate_figures(page: &str) -> String {
-    let value =
-        |name: &str| page.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-    match (value("walbust_gate_held_transactions_total "), value("walbust_gate_wait_seconds_sum ")) {
+    match (sample(page, "walbust_gate_held_transactions_total "), sample(page, "walbust_gate_wait_seconds_sum ")) {
         (Some(held), Some(wait)) => format!("; gate held {held} transactions, {:.1} ms in all", wait * 1e3),
         _ => String::new(),
     }

@@ -357,9 +357,13 @@ pub(crate) async fn scrape(port: u16) -> Option<String> {
 /// Commits of a `walbust_*_lag_seconds` histogram later than the bucket bound `le`:
 /// its count minus that bucket, from a metrics page.
 pub(crate) fn later_than(page: &str, histogram: &str, le: &str) -> Option<f64> {
-    let value =
-        |name: &str| page.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-    Some(value(&format!("{histogram}_count "))? - value(&format!("{histogram}_bucket{{le=\"{le}\"}}"))?)
+    Some(sample(page, &format!("{histogram}_count "))? - sample(page, &format!("{histogram}_bucket{{le=\"{le}\"}}"))?)
+}
+
+/// The value of the first sample on a metrics page whose line starts with `prefix` (the
+/// name and labels, then a space).
+pub(crate) fn sample(page: &str, prefix: &str) -> Option<f64> {
+    page.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
 }
 
 /// The sum of `walbust_changes_total` on the metrics endpoint, if it answers.
