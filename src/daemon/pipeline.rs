@@ -30,7 +30,7 @@ use crate::domain::batch::{Batch, ChangeRecord, CommitRecord, Origin};
 use crate::domain::config::Config;
 use crate::domain::config::OnSlotLost;
 use crate::domain::progress::Progress;
-use crate::domain::redelete::{self, Redeletes};
+use crate::domain::redelete::{self, Due, Redeletes};
 use crate::domain::routing::{MANUAL_RULE, Routing, Tally};
 use crate::domain::rules::manual::{ManualError, Refusal};
 use crate::domain::rules::{Change, Op, Routed, RuleSet};
@@ -469,8 +469,10 @@ async fn apply_loop<S: Sink>(
     let mut next_ping = tokio::time::Instant::now();
     loop {
         let due = redeletes.as_ref().and_then(Redeletes::next_due).map(tokio::time::Instant::from_std);
+        // A batch goes first: second deletes that are due ride along with it.
         let batch = tokio::select! {
             biased;
+            batch = rx.recv() => batch,
             _ = sleep_until_some(due), if due.is_some() => {
                 let queue = redeletes.as_mut().expect("a second delete is due only when they are on");
                 if !redelete_due(&mut sink, queue, &applied, &observers, &mut redis, &abandon).await {
@@ -478,14 +480,13 @@ async fn apply_loop<S: Sink>(
                 }
                 continue;
             }
-            batch = rx.recv() => batch,
             _ = tokio::time::sleep_until(next_ping) => {
                 redis.ping(&mut sink, &observers).await;
                 next_ping = tokio::time::Instant::now() + if redis.outage.is_on() { PING_DOWN } else { PING_IDLE };
                 continue;
             }
         };
-        let Some(batch) = batch else { break };
+        let Some(mut batch) = batch else { break };
         let visible_at = match gate.as_mut() {
             Some(gate) => match gate.pass(&batch.xids, &abandon).await {
                 Passed::Abandoned => return,
@@ -493,13 +494,23 @@ async fn apply_loop<S: Sink>(
             },
             None => Instant::now(),
         };
+        // Second deletes already due go in the same round trip, after the batch's own
+        // actions: a batch never waits behind a separate one.
+        let mut due = redeletes.as_mut().map(|q| q.take_due(Instant::now())).unwrap_or_default();
+        let own = batch.actions.len();
+        batch.actions.append(&mut due.actions);
         if !apply_with_retry(&mut sink, &batch.actions, &observers, &mut redis, &abandon).await {
             return;
         }
         next_ping = tokio::time::Instant::now() + PING_IDLE;
         let Observers { events, dead_letter_file, metrics, .. } = &observers;
         for dead in sink.take_dead_letters() {
+            // Past the batch's own actions there are no origins: a second delete shows as one.
             set_aside(&batch.actions, &batch.origins, &dead, metrics, dead_letter_file.as_deref());
+        }
+        due.actions = batch.actions.split_off(own);
+        if let Some(queue) = redeletes.as_ref() {
+            redeletes_done(queue, &due, &applied, &observers);
         }
         metrics.batch_applied();
         let now = SystemTime::now();
@@ -614,6 +625,15 @@ async fn redelete_due<S: Sink>(
             set_aside(&due.actions, &[], &dead, &observers.metrics, observers.dead_letter_file.as_deref());
         }
     }
+    redeletes_done(queue, &due, applied, observers);
+    true
+}
+
+/// Counts the second deletes `due`, just applied, and moves the durable position past them.
+fn redeletes_done(queue: &Redeletes, due: &Due, applied: &watch::Sender<Applied>, observers: &Observers) {
+    if due.entries == 0 {
+        return;
+    }
     if due.early > 0 {
         warn!(
             early = due.early,
@@ -625,7 +645,6 @@ async fn redelete_due<S: Sink>(
     observers.metrics.set_redeletes_pending(queue.len());
     let pending = !queue.is_empty();
     applied.send_modify(|a| a.redeleted(due.ack, pending));
-    true
 }
 
 /// Logs, counts and (when configured) writes down an action Redis refused for good. The
@@ -1736,11 +1755,14 @@ mod tests {
         assert_eq!(s.batch.xids, [7, 8], "the deduplicated action needs transaction 8 visible too; 9 routed nothing");
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn deletes_are_applied_twice_and_their_position_is_durable_only_after_the_second() {
+    /// An applier over a memory sink with second deletes 20 ms after visibility and no gate:
+    /// the sink, the batch channel, the applier's loop to spawn, what it reports, its metrics.
+    fn applier_parts()
+    -> (crate::sink::MemorySink, mpsc::Sender<Sealed>, impl Future<Output = ()>, watch::Receiver<Applied>, Arc<Metrics>)
+    {
         let sink = crate::sink::MemorySink::new();
         let (tx, rx) = mpsc::channel(1);
-        let (applied_tx, mut applied) = watch::channel(Applied::default());
+        let (applied_tx, applied) = watch::channel(Applied::default());
         let observers = Observers {
             events: None,
             dead_letter_file: None,
@@ -1754,7 +1776,14 @@ mod tests {
             redeletes: Some(Redeletes::new(Duration::from_millis(20), redelete::DEFAULT_MAX_BYTES)),
         };
         let metrics = observers.metrics.clone();
-        let applier = tokio::spawn(apply_loop(sink.clone(), rx, applied_tx, observers, consistency, Arc::default()));
+        let applier = apply_loop(sink.clone(), rx, applied_tx, observers, consistency, Arc::default());
+        (sink, tx, applier, applied, metrics)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn deletes_are_applied_twice_and_their_position_is_durable_only_after_the_second() {
+        let (sink, tx, apply, mut applied, metrics) = applier_parts();
+        let applier = tokio::spawn(apply);
         let batch = |seq, actions: Vec<Action>, ack| Sealed {
             seq,
             actions,
@@ -1776,6 +1805,40 @@ mod tests {
             "the bump is not repeated"
         );
         assert_eq!(metrics.redeletes_applied_total(), 1);
+        drop(tx);
+        applier.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn second_deletes_already_due_ride_with_the_next_batch_in_one_round_trip() {
+        let (sink, tx, apply, mut applied, metrics) = applier_parts();
+        let unlink = |k: &str| Action::Unlink(k.into());
+        let batch = |seq, key: &str, ack| Sealed {
+            seq,
+            actions: vec![unlink(key)],
+            origins: Vec::new(),
+            ack: Some(Lsn(ack)),
+            commits: Vec::new(),
+            changes: Vec::new(),
+            xids: Vec::new(),
+        };
+        // Both batches wait in the channel before the applier runs; the first one's second
+        // delete falls due while the applier is held up, then the second batch arrives.
+        tx.send(batch(1, "a", 100)).await.unwrap();
+        let applier = tokio::spawn(apply);
+        applied.wait_for(|a| a.seq == 1).await.unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        tx.send(batch(2, "b", 200)).await.unwrap();
+        let a = *applied.wait_for(|a| a.seq == 2).await.unwrap();
+        assert_eq!(
+            sink.calls(),
+            [vec![unlink("a")], vec![unlink("b"), unlink("a")]],
+            "one call: the batch, then what is due"
+        );
+        assert_eq!((a.applied, a.durable, a.pending), (Lsn(200), Lsn(100), true), "a is durable, b is not yet");
+        assert_eq!(metrics.redeletes_applied_total(), 1);
+        let a = *applied.wait_for(|a| !a.pending).await.unwrap();
+        assert_eq!(a.durable, Lsn(200));
         drop(tx);
         applier.await.unwrap();
     }

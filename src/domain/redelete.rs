@@ -62,6 +62,8 @@ pub struct Due {
     pub ack: Option<Lsn>,
     /// How many of the actions were taken before their time because memory was at its bound.
     pub early: usize,
+    /// How many entries (one per batch) were taken.
+    pub entries: usize,
 }
 
 impl Redeletes {
@@ -159,6 +161,7 @@ impl Redeletes {
             }
             let entry = self.entries.pop_front().expect("the front entry exists");
             self.front_seq += 1;
+            due.entries += 1;
             for action in entry.actions {
                 self.pending.remove(&action);
                 self.bytes -= action.size() + PER_ACTION_OVERHEAD;
@@ -175,6 +178,7 @@ impl Redeletes {
         let mut due = self.take_due(Instant::now());
         let rest = std::mem::replace(self, Redeletes::new(self.after, self.max_bytes));
         for entry in rest.entries {
+            due.entries += 1;
             due.early += entry.actions.len();
             due.actions.extend(entry.actions);
             due.ack = due.ack.max(entry.ack);

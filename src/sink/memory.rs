@@ -5,10 +5,10 @@ use crate::domain::action::Action;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
-/// Records every applied action in order; clones share the record.
+/// Records every call to apply, in order; clones share the record.
 #[derive(Debug, Clone, Default)]
 pub struct MemorySink {
-    applied: Arc<Mutex<Vec<Action>>>,
+    calls: Arc<Mutex<Vec<Vec<Action>>>>,
 }
 
 impl MemorySink {
@@ -19,7 +19,12 @@ impl MemorySink {
 
     /// Every action applied so far, in order.
     pub fn applied(&self) -> Vec<Action> {
-        self.applied.lock().expect("memory sink lock poisoned by a panicking test").clone()
+        self.calls().concat()
+    }
+
+    /// The actions of each call to apply (one round trip to a real Redis), in order.
+    pub fn calls(&self) -> Vec<Vec<Action>> {
+        self.calls.lock().expect("memory sink lock poisoned by a panicking test").clone()
     }
 }
 
@@ -27,7 +32,7 @@ impl Sink for MemorySink {
     type Error = Infallible;
 
     async fn apply(&mut self, actions: &[Action]) -> Result<(), Infallible> {
-        self.applied.lock().expect("memory sink lock poisoned by a panicking test").extend_from_slice(actions);
+        self.calls.lock().expect("memory sink lock poisoned by a panicking test").push(actions.to_vec());
         Ok(())
     }
 }
