@@ -490,7 +490,8 @@ async fn apply_loop<S: Sink>(
         let visible_at = match gate.as_mut() {
             Some(gate) => match gate.pass(&batch.xids, &abandon).await {
                 Passed::Abandoned => return,
-                Passed::Visible { .. } | Passed::Bypassed => Instant::now(),
+                Passed::Visible { at, .. } => at,
+                Passed::Bypassed => Instant::now(),
             },
             None => Instant::now(),
         };
@@ -499,6 +500,7 @@ async fn apply_loop<S: Sink>(
         let mut due = redeletes.as_mut().map(|q| q.take_due(Instant::now())).unwrap_or_default();
         let own = batch.actions.len();
         batch.actions.append(&mut due.actions);
+        let sent_at = Instant::now();
         if !apply_with_retry(&mut sink, &batch.actions, &observers, &mut redis, &abandon).await {
             return;
         }
@@ -519,7 +521,7 @@ async fn apply_loop<S: Sink>(
         }
         // Queued when it has deletes or second deletes wait before it: then its position is
         // not durable yet.
-        let queued = redeletes.as_mut().is_some_and(|q| q.schedule(&batch.actions, visible_at, batch.ack));
+        let queued = redeletes.as_mut().is_some_and(|q| q.schedule(&batch.actions, visible_at, sent_at, batch.ack));
         applied.send_modify(|a| a.record(batch.seq, batch.ack, queued));
         if let Some(queue) = redeletes.as_mut() {
             metrics.set_redeletes_pending(queue.len());

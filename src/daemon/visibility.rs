@@ -5,7 +5,7 @@
 //! transaction leaves the proc array and becomes visible to other sessions; with a
 //! synchronous standby the backend waits for the standby in between, for as long as the
 //! standby takes. A key deleted in that window is refilled with the old row by the next
-//! cache-aside reader. The gate asks the server, on an ordinary SQL connection, for
+//! cache-aside reader. The gate asks the primary, on an ordinary SQL connection, for
 //! `pg_current_snapshot()` and holds the batch until every one of its transactions is
 //! visible in it (`pg_visible_in_snapshot()`'s rule, evaluated here so that one query
 //! covers any number of transactions). The batch behind it waits too, so the flushed
@@ -15,7 +15,7 @@
 //! walbust's own walsender is a synchronous standby (the commit would wait for walbust,
 //! which would wait for the commit). Each such batch is logged and counted.
 
-use crate::postgres::{ConnInfo, SourceError, sql};
+use crate::postgres::{ConnInfo, SourceError, TargetSessionAttrs, sql};
 use crate::telemetry::metrics::Metrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,6 +94,9 @@ pub enum Passed {
     Visible {
         /// Time spent waiting for transactions that were not yet visible.
         held: Duration,
+        /// By when every transaction was visible: when the snapshot that showed the last of
+        /// them arrived (earlier than now for a backlog, whose first snapshot covers it).
+        at: Instant,
     },
     /// The gate could not ask and let the batch through.
     Bypassed,
@@ -108,8 +111,9 @@ pub struct VisibilityGate {
     metrics: Arc<Metrics>,
     /// The connection, with [`SNAPSHOT_QUERY`] prepared on it.
     client: Option<(tokio_postgres::Client, tokio_postgres::Statement)>,
-    /// The last snapshot read: a transaction visible in it needs no new query.
-    last: Option<Snapshot>,
+    /// The last snapshot read and when it arrived: a transaction visible in it needs no
+    /// new query, and was visible by then.
+    last: Option<(Snapshot, Instant)>,
     connecting: Option<tokio::task::JoinHandle<Result<tokio_postgres::Client, SourceError>>>,
     last_attempt: Option<Instant>,
     /// The connection was down at the last batch: logged once until it is back.
@@ -119,9 +123,14 @@ pub struct VisibilityGate {
 }
 
 impl VisibilityGate {
-    /// A gate asking the server `conninfo` names; `slot` is walbust's, to find its walsender.
-    /// It connects in the background; batches go through ungated until it is connected.
-    pub fn new(conninfo: ConnInfo, slot: String, metrics: Arc<Metrics>) -> Self {
+    /// A gate asking the primary among the servers `conninfo` names, whatever its
+    /// `target_session_attrs`: readers see a commit there, and a standby's snapshot can
+    /// show a transaction before the primary's does (a synchronous standby with
+    /// `remote_apply` replays the commit while the primary's backend still waits for it).
+    /// `slot` is walbust's, to find its walsender. It connects in the background; batches
+    /// go through ungated until it is connected.
+    pub fn new(mut conninfo: ConnInfo, slot: String, metrics: Arc<Metrics>) -> Self {
+        conninfo.target_session_attrs = TargetSessionAttrs::Primary;
         let mut gate = VisibilityGate {
             conninfo,
             slot,
@@ -262,13 +271,13 @@ impl VisibilityGate {
     /// batch through when the gate cannot ask; `abandon` gives up at shutdown.
     pub async fn pass(&mut self, xids: &[u32], abandon: &Notify) -> Passed {
         if xids.is_empty() {
-            return Passed::Visible { held: Duration::ZERO };
+            return Passed::Visible { held: Duration::ZERO, at: Instant::now() };
         }
         let mut waiting = xids.to_vec();
-        if let Some(last) = &self.last {
+        if let Some((last, at)) = &self.last {
             waiting.retain(|&xid| !last.visible(xid));
             if waiting.is_empty() {
-                return Passed::Visible { held: Duration::ZERO };
+                return Passed::Visible { held: Duration::ZERO, at: *at };
             }
         }
         let mut poll = FIRST_POLL;
@@ -287,11 +296,12 @@ impl VisibilityGate {
                 }
                 return Passed::Bypassed;
             };
+            let at = Instant::now();
             waiting.retain(|&xid| !snapshot.visible(xid));
-            self.last = Some(snapshot);
+            self.last = Some((snapshot, at));
             let Some(since) = held_since else {
                 if waiting.is_empty() {
-                    return Passed::Visible { held: Duration::ZERO };
+                    return Passed::Visible { held: Duration::ZERO, at };
                 }
                 held_since = Some(Instant::now());
                 held_count = waiting.len();
@@ -301,7 +311,7 @@ impl VisibilityGate {
             if waiting.is_empty() {
                 let held = since.elapsed();
                 self.metrics.observe_gate_wait(held);
-                return Passed::Visible { held };
+                return Passed::Visible { held, at };
             }
             if !sync_checked && since.elapsed() >= SYNC_CHECK_AFTER {
                 sync_checked = true;
@@ -357,8 +367,9 @@ mod tests {
         let mut gate = VisibilityGate::new(conninfo, "slot".into(), metrics);
         gate.connected().await;
         let abandon = Notify::new();
-        gate.last = Snapshot::parse("100:110:105");
-        assert_eq!(gate.pass(&[99, 101, 109], &abandon).await, Passed::Visible { held: Duration::ZERO });
+        let seen = Instant::now();
+        gate.last = Snapshot::parse("100:110:105").map(|s| (s, seen));
+        assert_eq!(gate.pass(&[99, 101, 109], &abandon).await, Passed::Visible { held: Duration::ZERO, at: seen });
         assert_eq!(gate.pass(&[101, 105], &abandon).await, Passed::Bypassed, "105 was running: the gate must ask");
         assert_eq!(gate.pass(&[110], &abandon).await, Passed::Bypassed, "110 was not yet visible");
     }

@@ -83,11 +83,17 @@ impl Redeletes {
         self.max_bytes
     }
 
-    /// Schedules the delete-type actions of a batch whose transactions became visible at
-    /// `visible_at`, and the position the batch acknowledges. Returns false when nothing
-    /// was queued: the batch had no delete and nothing was pending before it, so its
-    /// position is durable at once.
-    pub fn schedule(&mut self, actions: &[Action], visible_at: Instant, ack: Option<Lsn>) -> bool {
+    /// Schedules the delete-type actions of a batch whose transactions were visible by
+    /// `visible_at` and whose first deletes went to Redis at `sent_at`, and the position
+    /// the batch acknowledges. Returns false when nothing was queued: the batch had no
+    /// delete to repeat and nothing was pending before it, so its position is durable at once.
+    ///
+    /// A batch sent `after` or more past `visible_at` (a backlog being caught up) needs no
+    /// second delete: a reader that read a row before its transaction became visible and
+    /// filled the cache after the first delete took longer than `after` from read to fill,
+    /// which a second delete at `after` would not cover either.
+    pub fn schedule(&mut self, actions: &[Action], visible_at: Instant, sent_at: Instant, ack: Option<Lsn>) -> bool {
+        let repeat = visible_at.checked_add(self.after).is_none_or(|at| sent_at < at);
         let seq = self.front_seq + self.entries.len() as u64;
         // Batches are applied in order, but a clock step must not reorder the queue.
         let due = self.entries.back().map_or(visible_at + self.after, |last| last.due.max(visible_at + self.after));
@@ -100,7 +106,7 @@ impl Redeletes {
                 self.cancel(&Action::Unlink(key.clone()));
                 continue;
             }
-            if !is_delete(action) {
+            if !repeat || !is_delete(action) {
                 continue;
             }
             match self.pending.insert(action.clone(), seq) {
@@ -201,8 +207,8 @@ mod tests {
         let t = Instant::now();
         let bump = Action::Incr("v".into());
         let publish = Action::Publish { channel: "c".into(), message: "m".into() };
-        assert!(!q.schedule(&[bump.clone(), publish], t, Some(Lsn(10))), "nothing to repeat, nothing pending");
-        assert!(q.schedule(&[bump, unlink("a"), Action::BustTag("t".into())], t, Some(Lsn(20))));
+        assert!(!q.schedule(&[bump.clone(), publish], t, t, Some(Lsn(10))), "nothing to repeat, nothing pending");
+        assert!(q.schedule(&[bump, unlink("a"), Action::BustTag("t".into())], t, t, Some(Lsn(20))));
         assert_eq!(q.len(), 2);
         assert_eq!(q.next_due(), Some(t + Duration::from_secs(1)));
         assert_eq!(q.take_due(t + Duration::from_millis(999)), Due::default(), "not due yet");
@@ -216,8 +222,13 @@ mod tests {
     fn a_batch_without_deletes_behind_pending_ones_waits_for_them() {
         let mut q = Redeletes::new(Duration::from_secs(1), DEFAULT_MAX_BYTES);
         let t = Instant::now();
-        q.schedule(&[unlink("a")], t, Some(Lsn(10)));
-        assert!(q.schedule(&[Action::Incr("v".into())], t + Duration::from_millis(5), Some(Lsn(20))));
+        q.schedule(&[unlink("a")], t, t, Some(Lsn(10)));
+        assert!(q.schedule(
+            &[Action::Incr("v".into())],
+            t + Duration::from_millis(5),
+            t + Duration::from_millis(5),
+            Some(Lsn(20))
+        ));
         let first = q.take_due(t + Duration::from_secs(1));
         assert_eq!(first.ack, Some(Lsn(10)), "the later position is not durable before its turn");
         let second = q.take_due(t + Duration::from_millis(1005));
@@ -228,8 +239,8 @@ mod tests {
     fn a_key_pending_twice_is_deleted_once_at_the_later_time() {
         let mut q = Redeletes::new(Duration::from_secs(1), DEFAULT_MAX_BYTES);
         let t = Instant::now();
-        q.schedule(&[unlink("hot"), unlink("a")], t, Some(Lsn(10)));
-        q.schedule(&[unlink("hot")], t + Duration::from_millis(300), Some(Lsn(20)));
+        q.schedule(&[unlink("hot"), unlink("a")], t, t, Some(Lsn(10)));
+        q.schedule(&[unlink("hot")], t + Duration::from_millis(300), t + Duration::from_millis(300), Some(Lsn(20)));
         assert_eq!(q.len(), 2, "held once");
         let first = q.take_due(t + Duration::from_secs(1));
         assert_eq!(first.actions, [unlink("a")], "moved to the later entry");
@@ -240,12 +251,25 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_sent_redelete_after_past_its_visibility_is_not_repeated_but_keeps_its_turn() {
+        let mut q = Redeletes::new(Duration::from_secs(1), DEFAULT_MAX_BYTES);
+        let t = Instant::now();
+        let late = t + Duration::from_secs(1);
+        assert!(!q.schedule(&[unlink("a")], t, late, Some(Lsn(10))), "a backlog's batch: nothing to repeat");
+        assert!(q.schedule(&[unlink("b")], t, late - Duration::from_millis(1), Some(Lsn(20))), "just in time");
+        assert!(q.schedule(&[unlink("c")], t, late, Some(Lsn(30))), "not repeated, but its position waits for b's");
+        assert_eq!(q.len(), 1);
+        let due = q.take_due(late);
+        assert_eq!((due.actions, due.ack), (vec![unlink("b")], Some(Lsn(30))));
+    }
+
+    #[test]
     fn a_later_write_through_of_a_key_cancels_its_pending_second_delete() {
         let mut q = Redeletes::new(Duration::from_secs(1), DEFAULT_MAX_BYTES);
         let t = Instant::now();
-        q.schedule(&[unlink("k"), unlink("other")], t, Some(Lsn(10)));
+        q.schedule(&[unlink("k"), unlink("other")], t, t, Some(Lsn(10)));
         let set = Action::Set { key: "k".into(), value: "new row".into(), ttl: None };
-        q.schedule(&[set], t, Some(Lsn(20)));
+        q.schedule(&[set], t, t, Some(Lsn(20)));
         let due = q.take_due(t + Duration::from_secs(2));
         assert_eq!(due.actions, [unlink("other")], "the written key keeps its new value");
         assert_eq!(due.ack, Some(Lsn(20)));
@@ -256,7 +280,10 @@ mod tests {
     fn a_write_through_after_a_delete_in_the_same_batch_is_not_deleted_again() {
         let mut q = Redeletes::new(Duration::from_secs(1), DEFAULT_MAX_BYTES);
         let set = Action::Set { key: "k".into(), value: "new row".into(), ttl: None };
-        assert!(!q.schedule(&[unlink("k"), set], Instant::now(), Some(Lsn(10))), "nothing left to repeat");
+        assert!(
+            !q.schedule(&[unlink("k"), set], Instant::now(), Instant::now(), Some(Lsn(10))),
+            "nothing left to repeat"
+        );
         assert!(q.is_empty() && q.pending.is_empty() && q.bytes == 0);
     }
 
@@ -267,7 +294,7 @@ mod tests {
         let t = Instant::now();
         let mut early = 0;
         for i in 0..1000u64 {
-            q.schedule(&[unlink(&format!("{i:04}"))], t, Some(Lsn(i)));
+            q.schedule(&[unlink(&format!("{i:04}"))], t, t, Some(Lsn(i)));
             let due = q.take_due(t);
             early += due.early;
             assert!(q.bytes <= bound, "over the bound after {i}");

@@ -10,8 +10,10 @@ use redis::AsyncCommands;
 use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
+use walbust::daemon::visibility::{Passed, VisibilityGate};
 use walbust::offline::oracle;
 use walbust::offline::throwaway::{PostgresOptions, ThrowawayPostgres, ThrowawayRedis, ThrowawayStandby};
+use walbust::postgres::ConnInfo;
 use walbust::postgres::lsn::Lsn;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -337,4 +339,84 @@ async fn the_oracle_finds_no_stale_key_with_a_stalling_standby_and_a_sigkill() {
     let stale = oracle("", Duration::from_secs(8)).await;
     let lines: Vec<String> = stale.iter().map(ToString::to_string).collect();
     assert!(lines.is_empty(), "{} stale keys:\n{}", lines.len(), lines.join("\n"));
+}
+
+/// The gate asks the primary even when the connection string names a standby first and
+/// lets any server do: a standby's snapshot can show a commit before the primary's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_asks_the_primary_when_the_connection_string_names_a_standby_first() {
+    support::shared();
+    let (primary, standby) = tokio::task::spawn_blocking(|| {
+        let mut primary =
+            ThrowawayPostgres::start(&PostgresOptions::default()).unwrap_or_else(|e| panic!("the primary: {e}"));
+        let standby = primary.start_standby(&[]).unwrap_or_else(|e| panic!("the standby: {e}"));
+        (primary, standby)
+    })
+    .await
+    .expect("start-up thread");
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=disable&target_session_attrs=any&connect_timeout=5",
+        standby.port(),
+        primary.port()
+    );
+    let info = ConnInfo::parse(&url, |_| None).expect("conninfo");
+    let admin = connect(&primary.url("postgres")).await;
+    // An autocommit statement that takes an xid commits it.
+    let xid: String = admin.query_one("SELECT txid_current()::text", &[]).await.expect("xid").get(0);
+    let xid = xid.parse::<u64>().expect("xid8") as u32;
+
+    let metrics = walbust::telemetry::metrics::Metrics::new();
+    let mut gate = VisibilityGate::new(info, "walbust".into(), metrics);
+    gate.connected().await;
+    let passed = gate.pass(&[xid], &tokio::sync::Notify::new()).await;
+    assert!(matches!(passed, Passed::Visible { .. }), "the gate did not ask: {passed:?}");
+    let asked = |client: tokio_postgres::Client| async move {
+        let row = client
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_current_snapshot()::text'", &[])
+            .await
+            .expect("pg_stat_activity");
+        row.get::<_, i64>(0)
+    };
+    assert_eq!(asked(connect(&standby.url("postgres")).await).await, 0, "the gate asked the standby");
+    assert_eq!(asked(admin).await, 1, "the gate did not ask the primary");
+}
+
+/// A backlog's transaction known visible `redelete_after` before its first delete went out
+/// gets no second delete: a reader that filled the cache after that delete with a row read
+/// before the commit took longer than `redelete_after`, which no second delete covers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_known_visible_long_before_its_first_delete_is_not_deleted_twice() {
+    let s = support::shared();
+    let db = fresh_db(
+        &s.pg,
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0); INSERT INTO items VALUES (1, 0), (2, 0);",
+    )
+    .await;
+    let mut redis = ThrowawayRedis::start().expect("a Redis of its own");
+    // One transaction per batch, so the second one is sent after Redis comes back.
+    let extra = "\n[batch]\nmax_actions = 1\n[consistency]\nredelete_after = \"300ms\"\n";
+    let files = write_config_with(&db, &redis.url(), &rules(&db.name), "", extra, "off");
+    Running::start(&files.path).await.stop().await.expect("stops cleanly");
+
+    // The backlog: two transactions walbust will find both visible at its first look.
+    db.client.execute("UPDATE items SET v = 1 WHERE id = 1", &[]).await.expect("update 1");
+    db.client.execute("UPDATE items SET v = 1 WHERE id = 2", &[]).await.expect("update 2");
+    let commit = current_lsn(&db.client).await;
+    redis.stop().expect("stop Redis");
+    let running = Running::start(&files.path).await;
+    wait_until(WAIT, "the first batch to reach Redis and fail", || async { running.metrics.redis_errors() >= 1 }).await;
+    // The first batch retries until Redis is back; the second goes out a second after the
+    // snapshot that showed it visible.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.start_again().expect("start Redis again");
+    wait_until(WAIT, "the slot to confirm both commits, second deletes included", || async {
+        confirmed_flush(&db.client, &db.name).await >= commit
+    })
+    .await;
+    assert_eq!(
+        running.metrics.redeletes_applied_total(),
+        1,
+        "the first batch went out as its transactions showed visible, so its delete is repeated; the second went out late and is not"
+    );
+    running.stop().await.expect("stops cleanly");
 }
