@@ -5,10 +5,17 @@
 
 BEGIN;
 
--- The role walbust logs in as: LOGIN and REPLICATION, no superuser. pgoutput sends rows
--- through the publication, so it needs no SELECT on the tables. Give it a password with
+-- The role walbust logs in as: LOGIN and REPLICATION, no superuser; created unless a role
+-- of that name exists, which is left as it is. pgoutput sends rows through the
+-- publication, so it needs no SELECT on the tables. Give it a password with
 -- \password "walbust" (or another method in pg_hba.conf); keep it out of config.toml.
-CREATE ROLE "walbust" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;
+DO $walbust$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'walbust') THEN
+    CREATE ROLE "walbust" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;
+  END IF;
+END
+$walbust$;
 GRANT CONNECT ON DATABASE "app" TO "walbust";
 
 -- The publication: the tables the rules name, with TRUNCATE published.

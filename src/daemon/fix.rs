@@ -71,6 +71,18 @@ pub fn create_role(role: &str, database: &str) -> String {
     )
 }
 
+/// [`create_role`] for a script that may run again: the role is created only when no role
+/// of that name exists (an existing one is left as it is).
+pub fn create_role_if_missing(role: &str, database: &str) -> String {
+    let body = format!(
+        "BEGIN\n  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {name}) THEN\n    \
+         CREATE ROLE {r} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n  END IF;\nEND\n",
+        name = quote_literal(role),
+        r = quote_ident(role),
+    );
+    format!("{}GRANT CONNECT ON DATABASE {} TO {};\n", do_block(&body), quote_ident(database), quote_ident(role))
+}
+
 /// `ALTER ROLE ... LOGIN REPLICATION`, for an existing role that lacks either.
 pub fn role_login_replication(role: &str) -> String {
     format!("ALTER ROLE {} LOGIN REPLICATION;", quote_ident(role))
@@ -115,7 +127,12 @@ pub fn emit_message_grants(roles: &[String], revoke: &[String]) -> String {
         );
     }
     body.push_str("  END LOOP;\nEND\n");
-    // A dollar-quote tag that the body (role names included) cannot end early.
+    do_block(&body)
+}
+
+/// `body` as a `DO` block, in a dollar-quote tag that the body (role names included)
+/// cannot end early.
+fn do_block(body: &str) -> String {
     let mut tag = String::from("walbust");
     while body.contains(&format!("${tag}$")) {
         tag.push('_');
@@ -284,6 +301,18 @@ mod tests {
         assert!(!none.contains("GRANT"), "{none}");
         let revoking = emit_message_grants(&["walbust".into()], &["reporting".into()]);
         assert!(revoking.contains(r#"REVOKE EXECUTE ON FUNCTION %s FROM %s', f, '"reporting"');"#), "{revoking}");
+    }
+
+    #[test]
+    fn the_scripts_role_is_created_only_when_missing() {
+        assert_eq!(
+            create_role_if_missing("walbust", "app"),
+            "DO $walbust$\nBEGIN\n  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'walbust') THEN\n    \
+             CREATE ROLE \"walbust\" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n  END IF;\nEND\n$walbust$;\n\
+             GRANT CONNECT ON DATABASE \"app\" TO \"walbust\";\n"
+        );
+        let odd = create_role_if_missing("o'$walbust$", "app");
+        assert!(odd.starts_with("DO $walbust_$\n") && odd.contains("rolname = 'o''$walbust$'"), "{odd}");
     }
 
     #[test]

@@ -288,11 +288,12 @@ pub fn setup_sql_with(config: &Config, rules: &RuleSet, app_roles: &[String], li
     );
     let _ = write!(
         out,
-        "-- The role walbust logs in as: LOGIN and REPLICATION, no superuser. pgoutput sends rows\n\
-         -- through the publication, so it needs no SELECT on the tables. Give it a password with\n\
+        "-- The role walbust logs in as: LOGIN and REPLICATION, no superuser; created unless a role\n\
+         -- of that name exists, which is left as it is. pgoutput sends rows through the\n\
+         -- publication, so it needs no SELECT on the tables. Give it a password with\n\
          -- \\password {} (or another method in pg_hba.conf); keep it out of config.toml.\n{}\n",
         comment_safe(&quote_ident(role)),
-        fix::create_role(role, database),
+        fix::create_role_if_missing(role, database),
     );
     let publication = &source.publication;
     let tables = rules.tables();
@@ -649,7 +650,7 @@ keys = ["odd:{id}"]
     fn the_script_creates_a_least_privilege_role_and_the_publication() {
         let sql = setup_sql(&config("walbust", "walbust"), &rules(RULES), &["app".into()]);
         assert!(
-            sql.contains("CREATE ROLE \"walbust\" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n"),
+            sql.contains("    CREATE ROLE \"walbust\" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n"),
             "{sql}"
         );
         assert!(sql.contains("GRANT CONNECT ON DATABASE \"app\" TO \"walbust\";\n"), "{sql}");

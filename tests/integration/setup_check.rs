@@ -132,3 +132,37 @@ async fn setup_and_check_online_agree_that_a_write_through_only_table_needs_no_f
     assert!(check.contains(fix) && check.matches("REPLICA IDENTITY FULL;").count() == 1, "{check}");
     assert!(!check.contains("rule `profiles`"), "{check}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_script_runs_where_walbusts_role_already_exists() {
+    let s = support::shared();
+    let db = fresh_db(&s.pg, &tables_only()).await;
+    db.client.batch_execute(&format!("DROP PUBLICATION {}", db.name)).await.unwrap();
+    // A role the DBA made beforehand, with a password of their choosing.
+    let role = format!("{}_walbust", db.name);
+    db.client.batch_execute(&format!("CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'chosen'")).await.unwrap();
+    let url = db.url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    assert_ne!(url, db.url, "the test database's URL names the postgres user");
+    let as_role = support::TestDb { name: db.name.clone(), url, client: support::connect(&db.url).await };
+    let files = write_config(&as_role, &s.redis.url(), include_str!("../../rules/demo.toml"), "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walbust"))
+        .args(["setup", "--config", files.path.to_str().unwrap(), "--admin-url", &db.url])
+        .output()
+        .expect("walbust setup");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let script = String::from_utf8(out.stdout).expect("utf-8 script");
+    db.client.batch_execute(&script).await.unwrap_or_else(|e| panic!("the script failed: {e:?}\n{script}"));
+    let row = db
+        .client
+        .query_one("SELECT rolreplication, rolpassword IS NOT NULL FROM pg_authid WHERE rolname = $1", &[&role])
+        .await
+        .expect("the role");
+    assert_eq!((row.get::<_, bool>(0), row.get::<_, bool>(1)), (true, true), "the existing role is left as it was");
+    let published: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&db.name])
+        .await
+        .expect("publication")
+        .get(0);
+    assert_eq!(published, 1, "the rest of the script ran");
+}
