@@ -1358,7 +1358,7 @@ impl Reader<'_> {
             }
             StreamEvent::Message { lsn, xid, message } if message.prefix == self.config.source.message_prefix => {
                 // A manual invalidation: applied in order with the transaction's row changes.
-                let policy = Some(&self.config.source.manual);
+                let policy = &self.config.source.manual;
                 let (routing, mut tally) = self.routing(xid.unwrap_or(0), lsn);
                 routing.message(&message.content, policy, lsn, batch, &mut tally);
             }

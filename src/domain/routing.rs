@@ -98,16 +98,8 @@ impl Routing {
     }
 
     /// Applies the manual invalidation message `body`, at `lsn`, to `batch`: each action
-    /// `policy` allows (every one when there is no policy), or none when the body is
-    /// malformed.
-    pub fn message(
-        &mut self,
-        body: &[u8],
-        policy: Option<&ManualPolicy>,
-        lsn: Lsn,
-        batch: &mut Batch,
-        tally: &mut impl Tally,
-    ) {
+    /// `policy` allows, or none when the body is malformed.
+    pub fn message(&mut self, body: &[u8], policy: &ManualPolicy, lsn: Lsn, batch: &mut Batch, tally: &mut impl Tally) {
         let mut actions = match manual::actions(body) {
             Ok(actions) => actions,
             Err(e) => {
@@ -115,15 +107,13 @@ impl Routing {
                 return;
             }
         };
-        if let Some(policy) = policy {
-            actions.retain(|a| match policy.check(a) {
-                Ok(()) => true,
-                Err(refusal) => {
-                    tally.refused(a, refusal);
-                    false
-                }
-            });
-        }
+        actions.retain(|a| match policy.check(a) {
+            Ok(()) => true,
+            Err(refusal) => {
+                tally.refused(a, refusal);
+                false
+            }
+        });
         tally.manual(&actions, batch);
         for a in actions {
             batch.push_from(a, Some(Origin { rule: self.manual_rule.clone(), lsn }));

@@ -60,6 +60,15 @@ impl Refusal {
             Refusal::TooLong => "too_long",
         }
     }
+
+    /// Why, in words, with the setting that decides it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Refusal::NotAllowed => "outside every prefix of manual_prefixes",
+            Refusal::MatchAll => "a pattern with no literal prefix, refused unless manual_match_all = true",
+            Refusal::TooLong => "longer than a key may be (64 KiB)",
+        }
+    }
 }
 
 impl ManualPolicy {

@@ -10,7 +10,7 @@ use crate::domain::action::Action;
 use crate::domain::batch::Batch;
 use crate::domain::diagnostic::plural;
 use crate::domain::routing::{Routing, Tally};
-use crate::domain::rules::manual::ManualError;
+use crate::domain::rules::manual::{ManualError, ManualPolicy, Refusal};
 use crate::domain::rules::{Change, Op, Routed, RuleSet};
 use crate::postgres::lsn::Lsn;
 use crate::postgres::pgoutput::{OldTuple, Relation, Tuple, Value};
@@ -571,7 +571,8 @@ impl Lane {
                     self.routing.change(&change, Lsn::ZERO, &mut batch, &mut tally);
                 }
                 Step::Message { prefix, content } if *prefix == self.prefix => {
-                    self.routing.message(content, None, Lsn::ZERO, &mut batch, &mut tally);
+                    // `walbust run`'s default policy: a replay names no config.
+                    self.routing.message(content, &ManualPolicy::default(), Lsn::ZERO, &mut batch, &mut tally);
                 }
                 Step::Message { prefix, .. } => {
                     *tally.counts.summary.other_messages.entry(prefix.clone()).or_default() += 1;
@@ -659,6 +660,13 @@ impl Tally for LaneTally<'_> {
     fn malformed(&mut self, error: &ManualError) {
         self.counts.summary.malformed_messages += 1;
         self.notes.push(format!("a malformed manual message was skipped, as walbust run skips it: {error}"));
+    }
+
+    fn refused(&mut self, action: &Action, refusal: Refusal) {
+        self.notes.push(format!(
+            "a manual message asks for {action}, which walbust run leaves out by default: {}",
+            refusal.describe()
+        ));
     }
 }
 
@@ -957,6 +965,21 @@ changes no rule matched:
 ";
         assert_eq!(text, expected, "\n{text}");
         assert_eq!(replay(recording().as_bytes(), rules(RULES)).unwrap().render(), text, "deterministic");
+    }
+
+    #[test]
+    fn a_match_all_pattern_in_a_message_is_left_out_with_a_note_as_run_leaves_it_out() {
+        let message = ChangeRecord {
+            op: ChangeOp::Message,
+            prefix: Some("walbust".into()),
+            content: Some(r#"{"keys":["admin"],"patterns":["*"]}"#.into()),
+            ..Default::default()
+        };
+        let text = [header(vec![relation(1, &["id", "org"])]), tx(10, vec![message])].join("\n") + "\n";
+        let r = replay(text.as_bytes(), rules(RULES)).unwrap();
+        assert_eq!(r.outcomes[0].actions, [Action::Unlink("admin".into())]);
+        assert_eq!(r.outcomes[0].notes.len(), 1, "{:?}", r.outcomes[0].notes);
+        assert!(r.outcomes[0].notes[0].contains("manual_match_all"), "{:?}", r.outcomes[0].notes);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::domain::action::Action;
 use crate::domain::batch::Batch;
 use crate::domain::diagnostic::{self, Diagnostic, Diagnostics, LineIndex, did_you_mean};
 use crate::domain::routing::{Routing, Tally};
-use crate::domain::rules::manual::ManualError;
+use crate::domain::rules::manual::{ManualError, ManualPolicy, Refusal};
 use crate::domain::rules::{Change, Op, Routed, RuleSet, TableName, Widening};
 use crate::postgres::lsn::Lsn;
 use crate::postgres::pgoutput::{Column, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
@@ -238,6 +238,14 @@ refresh = [{ key = "card:{id}", columns = ["id", "active", "bio"] }]
         assert!(r.passed());
         assert_eq!(r.txs[0].notes.len(), 1, "{:?}", r.txs[0].notes);
         assert!(r.txs[0].notes[0].contains("line 5 was skipped"), "{:?}", r.txs[0].notes);
+    }
+
+    #[test]
+    fn a_match_all_pattern_in_a_message_is_left_out_with_a_note_as_run_leaves_it_out() {
+        let r = run_one(&one_tx("{ message = { keys = [\"a\"], patterns = [\"*\"] } }", "\"UNLINK a\""));
+        assert!(r.passed(), "{:?}", r.txs[0]);
+        assert_eq!(r.txs[0].notes.len(), 1, "{:?}", r.txs[0].notes);
+        assert!(r.txs[0].notes[0].contains("manual_match_all"), "{:?}", r.txs[0].notes);
     }
 
     #[test]

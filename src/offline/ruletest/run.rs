@@ -108,7 +108,8 @@ impl Case {
                         }
                         Step::Message { line, body } => {
                             tally.line = *line;
-                            routing.message(body, None, Lsn::ZERO, &mut batch, &mut tally);
+                            // `walbust run`'s default policy: test files name no config.
+                            routing.message(body, &ManualPolicy::default(), Lsn::ZERO, &mut batch, &mut tally);
                         }
                     }
                 }
@@ -163,6 +164,14 @@ impl Tally for CaseTally {
 
     fn malformed(&mut self, error: &ManualError) {
         self.notes.push(format!("the message on line {} was skipped, as walbust run skips it: {error}", self.line));
+    }
+
+    fn refused(&mut self, action: &Action, refusal: Refusal) {
+        self.notes.push(format!(
+            "the message on line {} asks for {action}, which walbust run leaves out by default: {}",
+            self.line,
+            refusal.describe()
+        ));
     }
 }
 
