@@ -389,4 +389,14 @@ async fn check_online_and_status_report_the_cluster_state_and_slot_coverage() {
     .await
     .unwrap();
     assert!(out.contains(&format!("redis:               {expected}")), "{out}{err}");
+    let (_, out, err) = tokio::task::spawn_blocking({
+        let path = files.path.clone();
+        move || walbust(&["status", "--json"], &path)
+    })
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(json["redis"]["summary"], expected, "{out}");
+    assert_eq!(json["redis"]["problems"], serde_json::json!([]), "{out}");
+    assert_eq!(json["slot"], *n, "the slot's fields stay at the top level: {out}");
 }
