@@ -4,7 +4,7 @@
 //! Readers do what applications do: `GET` the row's key; on a miss, `SELECT` the row, wait
 //! their think time (the application's work between reading and caching), and `SET` the
 //! key. Writers update one row per transaction. walbust invalidates the row's key through
-//! [`RULES`]. At the end, once walbust has applied everything, a cached value that differs
+//! [`rules`]. At the end, once walbust has applied everything, a cached value that differs
 //! from the row is stale. The integration tests run it briefly; the bench runs it long,
 //! with a stalling synchronous standby and a `kill -9` of walbust.
 

@@ -608,7 +608,7 @@ enum PageStep {
 impl Sink for RedisSink {
     type Error = RedisSinkError;
 
-    /// Applies actions in order (see [`RedisSink::apply_on`]); under Sentinel, on the
+    /// Applies actions in order (see `RedisSink::apply_on`); under Sentinel, on the
     /// master of the moment, and the batch counts as applied only once enough replicas
     /// confirmed it (`WAIT`), so that a failover cannot drop it after it was acknowledged.
     async fn apply(&mut self, actions: &[Action]) -> Result<(), RedisSinkError> {

@@ -202,7 +202,7 @@ const REBIND_MAX: Duration = Duration::from_secs(10);
 
 /// Binds `addr` and serves on it until `shutdown`. While the address cannot be bound (the
 /// port is taken, the interface not up yet) it logs why and tries again, backing off to
-/// [`REBIND_MAX`]: metrics matter less than invalidation, which goes on meanwhile.
+/// 10 s: metrics matter less than invalidation, which goes on meanwhile.
 pub async fn serve_when_bound(
     addr: String,
     metrics: Arc<Metrics>,
