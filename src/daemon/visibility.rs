@@ -16,7 +16,7 @@
 //! which would wait for the commit). Each such batch is logged and counted.
 
 use crate::postgres::{ConnInfo, SourceError, TargetSessionAttrs, sql};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{self, Metrics};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -227,8 +227,10 @@ impl VisibilityGate {
 
     async fn snapshot(&mut self) -> Option<Snapshot> {
         let (client, statement) = self.client().await?;
+        let asked = Instant::now();
         match tokio::time::timeout(QUERY_TIMEOUT, client.query_one(statement, &[])).await {
             Ok(Ok(row)) => {
+                self.metrics.observe_gate_query(asked.elapsed());
                 let text: Option<&str> = row.try_get(0).ok();
                 let snapshot = text.and_then(Snapshot::parse);
                 if snapshot.is_none() {
@@ -286,7 +288,7 @@ impl VisibilityGate {
         let mut sync_checked = false;
         loop {
             let Some(snapshot) = self.snapshot().await else {
-                self.metrics.gate_bypassed("connection");
+                self.metrics.gate_bypassed(metrics::BYPASS_CONNECTION);
                 if !self.down_logged {
                     warn!(
                         transactions = waiting.len(),
@@ -316,7 +318,7 @@ impl VisibilityGate {
             if !sync_checked && since.elapsed() >= SYNC_CHECK_AFTER {
                 sync_checked = true;
                 if self.walsender_is_synchronous().await {
-                    self.metrics.gate_bypassed("synchronous_walsender");
+                    self.metrics.gate_bypassed(metrics::BYPASS_SYNCHRONOUS_WALSENDER);
                     error!(slot = %self.slot, transactions = held_count,
                         "walbust's walsender is a synchronous standby, so a commit waits for walbust; applying without the visibility gate (remove walbust's application_name from synchronous_standby_names)");
                     return Passed::Bypassed;

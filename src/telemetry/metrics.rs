@@ -147,6 +147,7 @@ pub const ALL: &[&str] = &[
     APPLIED_LSN,
     GATE_HELD,
     GATE_WAIT,
+    GATE_QUERY,
     GATE_BYPASSED,
     REDELETES_PENDING,
     REDELETES_APPLIED,
@@ -159,8 +160,17 @@ pub const APPLIED_LSN: &str = "walbust_applied_lsn_bytes";
 pub const GATE_HELD: &str = "walbust_gate_held_transactions_total";
 /// How long the visibility gate held a batch whose transactions were not yet visible.
 pub const GATE_WAIT: &str = "walbust_gate_wait_seconds";
+/// How long each of the visibility gate's snapshot queries took to answer.
+pub const GATE_QUERY: &str = "walbust_gate_query_seconds";
 /// Batches applied without the visibility gate, by reason.
 pub const GATE_BYPASSED: &str = "walbust_gate_bypassed_total";
+/// The `reason` label values of [`GATE_BYPASSED`]: the gate's connection is down; walbust's
+/// walsender is a synchronous standby.
+pub const BYPASS_REASONS: [&str; 2] = [BYPASS_CONNECTION, BYPASS_SYNCHRONOUS_WALSENDER];
+/// [`GATE_BYPASSED`]'s reason when the gate has no connection.
+pub const BYPASS_CONNECTION: &str = "connection";
+/// [`GATE_BYPASSED`]'s reason when walbust's walsender is a synchronous standby.
+pub const BYPASS_SYNCHRONOUS_WALSENDER: &str = "synchronous_walsender";
 /// Second deletes waiting for their time.
 pub const REDELETES_PENDING: &str = "walbust_redeletes_pending";
 /// Second deletes applied.
@@ -173,6 +183,11 @@ pub const WAIT_CALLS: &str = "walbust_wait_calls_total";
 /// Bucket bounds of [`GATE_WAIT`], in seconds.
 pub const GATE_WAIT_BUCKETS: &[f64] =
     &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0];
+
+/// Bucket bounds of [`GATE_QUERY`], in seconds: a round trip on the same host is tens of
+/// microseconds; past its 2 s timeout the gate lets batches through.
+pub const GATE_QUERY_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0];
 
 /// Bucket bounds of [`ACK_LAG`] and [`RECEIVE_LAG`], in seconds.
 pub const ACK_LAG_BUCKETS: &[f64] =
@@ -478,6 +493,7 @@ pub struct Metrics {
     applied_lsn: Gauge<u64, AtomicU64>,
     gate_held: Counter,
     gate_wait: Histogram,
+    gate_query: Histogram,
     gate_bypassed: Labelled<Reason>,
     redeletes_pending: Gauge<u64, AtomicU64>,
     redeletes_applied: Counter,
@@ -536,12 +552,17 @@ impl Default for Metrics {
             applied_lsn: Gauge::default(),
             gate_held: Counter::default(),
             gate_wait: Histogram::new(GATE_WAIT_BUCKETS.iter().copied()),
+            gate_query: Histogram::new(GATE_QUERY_BUCKETS.iter().copied()),
             gate_bypassed: Labelled::default(),
             redeletes_pending: Gauge::default(),
             redeletes_applied: Counter::default(),
             redeletes_early: Counter::default(),
             wait_calls: Labelled::default(),
         };
+        // Every reason exists from the start at 0, so that `increase()` sees the first one.
+        for reason in BYPASS_REASONS {
+            m.gate_bypassed.counter(Reason { reason: reason.to_string() });
+        }
         m.registered()
     }
 }
@@ -729,6 +750,12 @@ impl Metrics {
             GATE_WAIT,
             "Seconds the visibility gate held a batch until its transactions were visible.",
             self.gate_wait.clone(),
+        );
+        register(
+            r,
+            GATE_QUERY,
+            "Seconds each of the visibility gate's snapshot queries took to answer.",
+            self.gate_query.clone(),
         );
         register(
             r,
@@ -1018,6 +1045,11 @@ impl Metrics {
     /// Records how long the visibility gate held a batch.
     pub fn observe_gate_wait(&self, held: Duration) {
         self.gate_wait.observe(held.as_secs_f64());
+    }
+
+    /// Observes one of the gate's snapshot queries, answered after `took`.
+    pub fn observe_gate_query(&self, took: Duration) {
+        self.gate_query.observe(took.as_secs_f64());
     }
 
     /// Counts a batch applied without the visibility gate, for `reason`.

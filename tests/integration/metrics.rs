@@ -64,6 +64,9 @@ async fn metrics_move_under_writes_and_healthz_follows_redis() {
     assert_eq!(sample(&after, "walbust_receive_lag_seconds_count"), commits, "{after}");
     assert!(commits >= 20.0, "{after}");
     assert!(after.contains("rule=\"items\""), "{after}");
+    // The visibility gate looked at least once for the writes, and each look is timed.
+    assert!(sample(&after, "walbust_gate_query_seconds_count") >= 1.0, "{after}");
+    assert!(sample(&after, "walbust_gate_query_seconds_sum") > 0.0, "{after}");
 
     // Redis goes away: health says so within seconds, then recovers.
     redis = tokio::task::spawn_blocking(move || {
