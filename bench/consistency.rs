@@ -204,9 +204,14 @@ async fn cost(cli: &Cli, env: &Env, bin: &Path) -> anyhow::Result<()> {
 /// What the visibility gate did in a run, from walbust's metrics page: transactions held,
 /// and how long they were held in all.
 fn gate_figures(page: &str) -> String {
-    match (sample(page, "walbust_gate_held_transactions_total "), sample(page, "walbust_gate_wait_seconds_sum ")) {
-        (Some(held), Some(wait)) => format!("; gate held {held} transactions, {:.1} ms in all", wait * 1e3),
-        _ => String::new(),
+    let held =
+        match (sample(page, "walbust_gate_held_transactions_total "), sample(page, "walbust_gate_wait_seconds_sum ")) {
+            (Some(held), Some(wait)) => format!("; gate held {held} transactions, {:.1} ms in all", wait * 1e3),
+            _ => String::new(),
+        };
+    match (sample(page, "walbust_gate_query_seconds_count "), sample(page, "walbust_gate_query_seconds_sum ")) {
+        (Some(n), Some(sum)) if n > 0.0 => format!("{held}; {n} gate queries, {:.3} ms each on average", sum * 1e3 / n),
+        _ => held,
     }
 }
 
