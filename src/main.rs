@@ -43,13 +43,16 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             cli::warn_password_on_command_line("--admin-url", cli::ADMIN_URL_ENV, also, admin_url.as_deref());
             runtime.block_on(cli::setup::setup(&config, &app_roles, admin_url.as_deref(), apply))
         }
-        Command::Test { files, run, junit } => cli::test::test(&files, run.as_deref(), junit.as_deref()),
+        Command::Test { files, run, junit, config } => {
+            cli::test::test(&files, run.as_deref(), junit.as_deref(), config.as_deref())
+        }
         Command::Record { config, output, duration, max_transactions, until_lsn } => runtime.block_on(
             cli::record::record(&config, &output, duration.as_deref(), max_transactions, until_lsn.as_deref()),
         ),
-        Command::Replay { file, rules, against, apply, redis } => {
+        Command::Replay { file, rules, against, config, apply, redis } => {
             cli::warn_password_on_command_line("--redis", cli::REDIS_URL_ENV, "", redis.as_deref().filter(|_| apply));
-            runtime.block_on(cli::replay::replay(&file, &rules, &against, redis.as_deref().filter(|_| apply)))
+            let redis = redis.as_deref().filter(|_| apply);
+            runtime.block_on(cli::replay::replay(&file, &rules, &against, config.as_deref(), redis))
         }
         Command::Invalidate { config, keys, patterns, tags } => {
             runtime.block_on(cli::invalidate::invalidate(&config, keys, patterns, tags))

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use walbust::domain::config::{Config, ConfigError};
 use walbust::domain::diagnostic::Diagnostics;
+use walbust::domain::rules::manual::ManualPolicy;
 use walbust::errors::exit;
 
 /// walbust: invalidates Redis cache keys from Postgres' logical replication stream.
@@ -84,6 +85,9 @@ pub enum Command {
         /// Also write the results as JUnit XML to this file.
         #[arg(long, value_name = "FILE")]
         junit: Option<PathBuf>,
+        /// Apply this config's manual-message policy (`manual_prefixes`, `manual_match_all`) instead of the default.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Show the slot: active pid, confirmed flush LSN, retained WAL, wal_status, lag; exit 1 when it is missing or lost.
     Status {
@@ -138,6 +142,9 @@ pub enum Command {
         /// A glob of the rule files to compare with (repeatable): print only the actions --rules adds and drops.
         #[arg(long, value_name = "GLOB")]
         against: Vec<String>,
+        /// Apply this config's manual-message policy (`manual_prefixes`, `manual_match_all`) instead of the default.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Also execute the actions in Redis, batched as `walbust run` does.
         #[arg(long, requires = "redis", conflicts_with = "against")]
         apply: bool,
@@ -244,6 +251,14 @@ pub fn report(e: &CliError) {
 /// Loads the config file; the error is every problem in the file, or the read error.
 pub fn load_config(path: &Path) -> Result<Config, CliError> {
     Config::load(path).map_err(CliError::usage)
+}
+
+/// The manual-message policy of the config at `path` (read as the offline `check` reads it:
+/// no secret, an unset `${VAR}` no error), or `walbust run`'s default without one.
+pub fn manual_policy(path: Option<&Path>) -> Result<ManualPolicy, CliError> {
+    let Some(path) = path else { return Ok(ManualPolicy::default()) };
+    let (config, _notes) = Config::load_offline(path).map_err(CliError::usage)?;
+    Ok(config.source.manual)
 }
 
 /// Sets up `tracing` from the flags.

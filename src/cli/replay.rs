@@ -17,16 +17,26 @@ use walbust::sink::RedisSink;
 /// and a summary; with `against`, prints only what `rules` adds and drops compared with
 /// `against`; with `redis`, applies the actions there too. Returns the exit code: 0 done,
 /// 1 applying failed, 2 a usage, rule file or recording error (nothing printed to stdout).
-pub async fn replay(file: &Path, rules: &[String], against: &[String], redis: Option<&str>) -> Outcome {
+pub async fn replay(
+    file: &Path,
+    rules: &[String],
+    against: &[String],
+    config: Option<&Path>,
+    redis: Option<&str>,
+) -> Outcome {
+    let policy = super::manual_policy(config)?;
     let new = load(rules, "--rules")?;
     let old = if against.is_empty() { None } else { Some(load(against, "--against")?) };
     let input = walbust::input::user_file::open(file, walbust::input::user_file::Kind::Recording)
         .map_err(|e| CliError::usage(e).hint("record one with `walbust record --config config.toml --output FILE`"))?;
     let input = std::io::BufReader::with_capacity(1 << 16, input);
     let (report, replayed) = match old {
-        Some(old) => (replayer::replay_against(input, new, old).map_err(|e| bad_recording(file, &e))?.render(), None),
+        Some(old) => {
+            let diff = replayer::replay_against_with_policy(input, new, old, &policy);
+            (diff.map_err(|e| bad_recording(file, &e))?.render(), None)
+        }
         None => {
-            let r = replayer::replay(input, new).map_err(|e| bad_recording(file, &e))?;
+            let r = replayer::replay_with_policy(input, new, &policy).map_err(|e| bad_recording(file, &e))?;
             (r.render(), Some(r))
         }
     };

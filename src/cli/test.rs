@@ -10,7 +10,8 @@ use walbust::offline::ruletest::{self, SuiteResult};
 /// Runs the tests in `files` (directories are searched for `*.test.toml`) whose names match
 /// `run`, prints one line per test and a diff per failure, writes JUnit XML to `junit` when
 /// asked, and returns the exit code: 0 all passed, 1 a test failed, 2 a usage or file error.
-pub fn test(files: &[PathBuf], run: Option<&str>, junit: Option<&Path>) -> Outcome {
+pub fn test(files: &[PathBuf], run: Option<&str>, junit: Option<&Path>, config: Option<&Path>) -> Outcome {
+    let policy = super::manual_policy(config)?;
     let filter = run.map(regex::Regex::new).transpose().map_err(|e| {
         CliError::usage(anyhow::Error::new(e).context(format!("invalid --run regex `{}`", run.unwrap_or_default())))
             .hint("--run takes a regular expression searched for in test names, as in --run 'reset|defaults'")
@@ -26,7 +27,8 @@ pub fn test(files: &[PathBuf], run: Option<&str>, junit: Option<&Path>) -> Outco
     if !loaded.warnings.0.is_empty() {
         eprintln!("{}", loaded.warnings);
     }
-    let results = ruletest::run(&loaded.suites, |name| filter.as_ref().is_none_or(|r| r.is_match(name)));
+    let results =
+        ruletest::run_with_policy(&loaded.suites, &policy, |name| filter.as_ref().is_none_or(|r| r.is_match(name)));
     let (passed, failed) = ruletest::totals(&results);
     let total: usize = loaded.suites.iter().map(|s| s.cases.len()).sum();
     if passed + failed == 0 {

@@ -108,3 +108,32 @@ fn a_malformed_test_file_is_a_usage_error_at_file_line_col() {
     assert!(stderr.contains("no test was run"), "{stderr}");
     assert!(text(&out.stdout).is_empty(), "nothing runs: {}", text(&out.stdout));
 }
+
+#[test]
+fn with_config_a_test_applies_its_manual_prefixes_as_walbust_run_does() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("rules.toml"), "[[rule]]\nname = \"t\"\ntable = \"t\"\nkeys = [\"t:{id}\"]\n")
+        .expect("rules");
+    std::fs::write(
+        dir.path().join("m.test.toml"),
+        "rules = [\"rules.toml\"]\n[[test]]\nname = \"admin keys only\"\n[[test.tx]]\n\
+         changes = [{ message = { keys = [\"admin:x\", \"other:y\"] } }]\nexpect = [\"UNLINK admin:x\"]\n",
+    )
+    .expect("test file");
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "rules = [\"rules.toml\"]\n[source]\nurl = \"postgres://walbust@127.0.0.1:5432/app\"\n\
+         manual_prefixes = [\"admin:\"]\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n",
+    )
+    .expect("config");
+
+    // The default policy lets `other:y` through: the expectation does not hold.
+    let out = walbust_test(&["m.test.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
+    // The config's manual_prefixes leave it out, as `walbust run` with that config would.
+    let out = walbust_test(&["m.test.toml", "--config", "config.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
+    let out = walbust_test(&["m.test.toml", "--config", "missing.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stderr).contains("missing.toml"), "{}", text(&out.stderr));
+}

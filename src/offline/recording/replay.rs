@@ -156,9 +156,19 @@ pub struct Diff {
     pub dropped: BTreeMap<Source, u64>,
 }
 
-/// Replays the recording read from `input` through `rules`.
+/// Replays the recording read from `input` through `rules`, with `walbust run`'s default
+/// manual-message policy.
 pub fn replay(input: impl BufRead, rules: Arc<RuleSet>) -> Result<Replay, RecordingError> {
-    let mut out = run(input, &[rules], false)?;
+    replay_with_policy(input, rules, &ManualPolicy::default())
+}
+
+/// [`replay`] with the manual-message policy of a config (`manual_prefixes`, `manual_match_all`).
+pub fn replay_with_policy(
+    input: impl BufRead,
+    rules: Arc<RuleSet>,
+    policy: &ManualPolicy,
+) -> Result<Replay, RecordingError> {
+    let mut out = run(input, &[rules], false, policy)?;
     Ok(out.pop().expect("one replay per rule set"))
 }
 
@@ -171,7 +181,7 @@ pub fn replay_file(path: &Path, rules: Arc<RuleSet>) -> Result<Replay, Recording
 
 /// Reads and checks a whole recording without routing it.
 pub fn validate(input: impl BufRead) -> Result<Header, RecordingError> {
-    let mut engine = Engine::open(input, &[], false)?;
+    let mut engine = Engine::open(input, &[], false, &ManualPolicy::default())?;
     engine.run()?;
     Ok(engine.header)
 }
@@ -179,7 +189,17 @@ pub fn validate(input: impl BufRead) -> Result<Header, RecordingError> {
 /// Replays the recording through `new` and `old` and keeps what differs: the actions the
 /// new rules add and the ones they drop, per transaction.
 pub fn replay_against(input: impl BufRead, new: Arc<RuleSet>, old: Arc<RuleSet>) -> Result<Diff, RecordingError> {
-    let mut out = run(input, &[new, old], true)?;
+    replay_against_with_policy(input, new, old, &ManualPolicy::default())
+}
+
+/// [`replay_against`] with the manual-message policy of a config.
+pub fn replay_against_with_policy(
+    input: impl BufRead,
+    new: Arc<RuleSet>,
+    old: Arc<RuleSet>,
+    policy: &ManualPolicy,
+) -> Result<Diff, RecordingError> {
+    let mut out = run(input, &[new, old], true, policy)?;
     let old = out.pop().expect("two replays");
     let new = out.pop().expect("two replays");
     Ok(diff(&new, &old))
@@ -239,8 +259,13 @@ pub async fn apply<S: Sink>(replay: &Replay, sink: &mut S, max_actions: usize) -
 }
 
 /// Replays through every rule set in one pass over the file.
-fn run(input: impl BufRead, sets: &[Arc<RuleSet>], sources: bool) -> Result<Vec<Replay>, RecordingError> {
-    let mut engine = Engine::open(input, sets, sources)?;
+fn run(
+    input: impl BufRead,
+    sets: &[Arc<RuleSet>],
+    sources: bool,
+    policy: &ManualPolicy,
+) -> Result<Vec<Replay>, RecordingError> {
+    let mut engine = Engine::open(input, sets, sources, policy)?;
     engine.run()?;
     let header = engine.header;
     Ok(engine.lanes.into_iter().map(|l| l.finish(header.clone())).collect())
@@ -271,14 +296,14 @@ struct Engine<R> {
 }
 
 impl<R: BufRead> Engine<R> {
-    fn open(input: R, sets: &[Arc<RuleSet>], sources: bool) -> Result<Self, RecordingError> {
+    fn open(input: R, sets: &[Arc<RuleSet>], sources: bool, policy: &ManualPolicy) -> Result<Self, RecordingError> {
         let reader = Reader::open(input)?;
         let header = reader.header().clone();
         let mut engine = Engine {
             reader,
             header: header.clone(),
             definitions: HashMap::new(),
-            lanes: sets.iter().map(|s| Lane::new(s.clone(), sources, &header.message_prefix)).collect(),
+            lanes: sets.iter().map(|s| Lane::new(s.clone(), sources, &header.message_prefix, policy)).collect(),
             transactions: 0,
         };
         for r in &header.relations {
@@ -518,6 +543,8 @@ struct Lane {
     counts: Counts,
     sources: bool,
     prefix: String,
+    /// Which actions of manual messages are applied, as `walbust run` decides.
+    policy: ManualPolicy,
 }
 
 fn op_index(op: Op) -> usize {
@@ -530,7 +557,7 @@ fn op_index(op: Op) -> usize {
 }
 
 impl Lane {
-    fn new(rules: Arc<RuleSet>, sources: bool, prefix: &str) -> Self {
+    fn new(rules: Arc<RuleSet>, sources: bool, prefix: &str, policy: &ManualPolicy) -> Self {
         Lane {
             routing: Routing::new(rules),
             bound: HashMap::new(),
@@ -538,6 +565,7 @@ impl Lane {
             counts: Counts::default(),
             sources,
             prefix: prefix.to_string(),
+            policy: policy.clone(),
         }
     }
 
@@ -571,8 +599,7 @@ impl Lane {
                     self.routing.change(&change, Lsn::ZERO, &mut batch, &mut tally);
                 }
                 Step::Message { prefix, content } if *prefix == self.prefix => {
-                    // `walbust run`'s default policy: a replay names no config.
-                    self.routing.message(content, &ManualPolicy::default(), Lsn::ZERO, &mut batch, &mut tally);
+                    self.routing.message(content, &self.policy, Lsn::ZERO, &mut batch, &mut tally);
                 }
                 Step::Message { prefix, .. } => {
                     *tally.counts.summary.other_messages.entry(prefix.clone()).or_default() += 1;
@@ -663,10 +690,8 @@ impl Tally for LaneTally<'_> {
     }
 
     fn refused(&mut self, action: &Action, refusal: Refusal) {
-        self.notes.push(format!(
-            "a manual message asks for {action}, which walbust run leaves out by default: {}",
-            refusal.describe()
-        ));
+        self.notes
+            .push(format!("a manual message asks for {action}, which walbust run leaves out: {}", refusal.describe()));
     }
 }
 
@@ -969,17 +994,27 @@ changes no rule matched:
 
     #[test]
     fn a_match_all_pattern_in_a_message_is_left_out_with_a_note_as_run_leaves_it_out() {
-        let message = ChangeRecord {
-            op: ChangeOp::Message,
-            prefix: Some("walbust".into()),
-            content: Some(r#"{"keys":["admin"],"patterns":["*"]}"#.into()),
-            ..Default::default()
+        let with = |content: &str| {
+            let message = ChangeRecord {
+                op: ChangeOp::Message,
+                prefix: Some("walbust".into()),
+                content: Some(content.into()),
+                ..Default::default()
+            };
+            [header(vec![relation(1, &["id", "org"])]), tx(10, vec![message])].join("\n") + "\n"
         };
-        let text = [header(vec![relation(1, &["id", "org"])]), tx(10, vec![message])].join("\n") + "\n";
-        let r = replay(text.as_bytes(), rules(RULES)).unwrap();
+        let r = replay(with(r#"{"keys":["admin"],"patterns":["*"]}"#).as_bytes(), rules(RULES)).unwrap();
         assert_eq!(r.outcomes[0].actions, [Action::Unlink("admin".into())]);
         assert_eq!(r.outcomes[0].notes.len(), 1, "{:?}", r.outcomes[0].notes);
         assert!(r.outcomes[0].notes[0].contains("manual_match_all"), "{:?}", r.outcomes[0].notes);
+
+        // A config's prefixes narrow it further, as they narrow `walbust run`.
+        let policy = ManualPolicy { prefixes: vec!["adm".into()], match_all: true };
+        let r = replay_with_policy(with(r#"{"keys":["other"],"patterns":["o*"]}"#).as_bytes(), rules(RULES), &policy);
+        let r = r.unwrap();
+        assert!(r.outcomes[0].actions.is_empty(), "{:?}", r.outcomes[0].actions);
+        assert_eq!(r.outcomes[0].notes.len(), 2, "{:?}", r.outcomes[0].notes);
+        assert!(r.outcomes[0].notes[0].contains("manual_prefixes"), "{:?}", r.outcomes[0].notes);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! with the expected file (written by `walbust replay --rules ... FILE > FILE.expected`).
 
 use crate::domain::rules::RuleSet;
+use crate::domain::rules::manual::ManualPolicy;
 use crate::input::user_file::{self, Kind};
 use crate::offline::recording::format::RecordingError;
 use crate::offline::recording::replay;
@@ -61,8 +62,8 @@ impl RecordingCase {
 
     /// Replays the recording through `rules`; returns the problems (none when the report
     /// equals the expected output), each one line.
-    pub fn run(&self, rules: Arc<RuleSet>) -> Vec<String> {
-        let actual = match replay::replay(&self.contents[..], rules) {
+    pub fn run(&self, rules: Arc<RuleSet>, policy: &ManualPolicy) -> Vec<String> {
+        let actual = match replay::replay_with_policy(&self.contents[..], rules, policy) {
             Ok(r) => r.render(),
             // Checked at load; reading from memory cannot fail otherwise.
             Err(e) => return vec![format!("replaying `{}` failed: {e}", self.recording.display())],

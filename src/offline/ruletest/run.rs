@@ -65,9 +65,14 @@ impl Case {
     /// Runs the test: binds its tables, routes each transaction's changes through the
     /// production router, deduplicates through a batch per transaction, and compares.
     pub fn run(&self) -> CaseResult {
+        self.run_with_policy(&ManualPolicy::default())
+    }
+
+    /// [`Case::run`] with the manual-message policy of a config.
+    pub fn run_with_policy(&self, policy: &ManualPolicy) -> CaseResult {
         let started = Instant::now();
         if let Some(r) = &self.recording {
-            let problems = r.run(self.rules.clone());
+            let problems = r.run(self.rules.clone(), policy);
             return CaseResult {
                 name: self.name.clone(),
                 line: self.line,
@@ -108,8 +113,7 @@ impl Case {
                         }
                         Step::Message { line, body } => {
                             tally.line = *line;
-                            // `walbust run`'s default policy: test files name no config.
-                            routing.message(body, &ManualPolicy::default(), Lsn::ZERO, &mut batch, &mut tally);
+                            routing.message(body, policy, Lsn::ZERO, &mut batch, &mut tally);
                         }
                     }
                 }
@@ -168,7 +172,7 @@ impl Tally for CaseTally {
 
     fn refused(&mut self, action: &Action, refusal: Refusal) {
         self.notes.push(format!(
-            "the message on line {} asks for {action}, which walbust run leaves out by default: {}",
+            "the message on line {} asks for {action}, which walbust run leaves out: {}",
             self.line,
             refusal.describe()
         ));
@@ -191,13 +195,19 @@ impl SuiteResult {
     }
 }
 
-/// Runs every test of `suites` whose name `selected` accepts.
+/// Runs every test of `suites` whose name `selected` accepts, with `walbust run`'s default
+/// manual-message policy.
 pub fn run(suites: &[Suite], selected: impl Fn(&str) -> bool) -> Vec<SuiteResult> {
+    run_with_policy(suites, &ManualPolicy::default(), selected)
+}
+
+/// [`run`] with the manual-message policy of a config (`manual_prefixes`, `manual_match_all`).
+pub fn run_with_policy(suites: &[Suite], policy: &ManualPolicy, selected: impl Fn(&str) -> bool) -> Vec<SuiteResult> {
     suites
         .iter()
         .map(|s| SuiteResult {
             file: s.file.clone(),
-            cases: s.cases.iter().filter(|c| selected(&c.name)).map(Case::run).collect(),
+            cases: s.cases.iter().filter(|c| selected(&c.name)).map(|c| c.run_with_policy(policy)).collect(),
         })
         .collect()
 }
