@@ -32,7 +32,7 @@ pub async fn replay(
     let input = std::io::BufReader::with_capacity(1 << 16, input);
     let (report, replayed) = match old {
         Some(old) => {
-            let diff = replayer::replay_against_with_policy(input, new, old, &policy);
+            let diff = replayer::replay_against(input, new, old, &policy);
             (diff.map_err(|e| bad_recording(file, &e))?.render(), None)
         }
         None => {

@@ -27,8 +27,7 @@ pub fn test(files: &[PathBuf], run: Option<&str>, junit: Option<&Path>, config: 
     if !loaded.warnings.0.is_empty() {
         eprintln!("{}", loaded.warnings);
     }
-    let results =
-        ruletest::run_with_policy(&loaded.suites, &policy, |name| filter.as_ref().is_none_or(|r| r.is_match(name)));
+    let results = ruletest::run(&loaded.suites, &policy, |name| filter.as_ref().is_none_or(|r| r.is_match(name)));
     let (passed, failed) = ruletest::totals(&results);
     let total: usize = loaded.suites.iter().map(|s| s.cases.len()).sum();
     if passed + failed == 0 {

@@ -93,7 +93,7 @@ impl Redeletes {
     /// filled the cache after the first delete took longer than `after` from read to fill,
     /// which a second delete at `after` would not cover either.
     pub fn schedule(&mut self, actions: &[Action], visible_at: Instant, sent_at: Instant, ack: Option<Lsn>) -> bool {
-        let repeat = visible_at.checked_add(self.after).is_none_or(|at| sent_at < at);
+        let repeat = sent_at < visible_at + self.after;
         let seq = self.front_seq + self.entries.len() as u64;
         // Batches are applied in order, but a clock step must not reorder the queue.
         let due = self.entries.back().map_or(visible_at + self.after, |last| last.due.max(visible_at + self.after));

@@ -187,13 +187,8 @@ pub fn validate(input: impl BufRead) -> Result<Header, RecordingError> {
 }
 
 /// Replays the recording through `new` and `old` and keeps what differs: the actions the
-/// new rules add and the ones they drop, per transaction.
-pub fn replay_against(input: impl BufRead, new: Arc<RuleSet>, old: Arc<RuleSet>) -> Result<Diff, RecordingError> {
-    replay_against_with_policy(input, new, old, &ManualPolicy::default())
-}
-
-/// [`replay_against`] with the manual-message policy of a config.
-pub fn replay_against_with_policy(
+/// new rules add and the ones they drop, per transaction; manual messages as `policy` says.
+pub fn replay_against(
     input: impl BufRead,
     new: Arc<RuleSet>,
     old: Arc<RuleSet>,
@@ -1021,13 +1016,14 @@ changes no rule matched:
     fn the_difference_names_only_what_one_changed_rule_adds_and_drops() {
         let new = format!("{RULES}[[rule]]\nname = \"lists\"\ntable = \"items\"\nkeys = [\"list:{{org}}\"]\n");
         let old = format!("{RULES}[[rule]]\nname = \"lists\"\ntable = \"items\"\nkeys = [\"lists:{{org}}\"]\n");
-        let d = replay_against(recording().as_bytes(), rules(&new), rules(&old)).unwrap();
+        let d = replay_against(recording().as_bytes(), rules(&new), rules(&old), &ManualPolicy::default()).unwrap();
         let text = d.render();
         assert!(text.contains("  + UNLINK list:a  (rule `lists` on public.items)\n"), "{text}");
         assert!(text.contains("  - UNLINK lists:a  (rule `lists` on public.items)\n"), "{text}");
         assert!(!text.contains("rule `items`"), "only the changed rule shows: {text}");
         assert!(text.contains("difference: 3 added, 3 dropped, in 3 of 3 transactions and messages"), "{text}");
-        let same = replay_against(recording().as_bytes(), rules(RULES), rules(RULES)).unwrap();
+        let same =
+            replay_against(recording().as_bytes(), rules(RULES), rules(RULES), &ManualPolicy::default()).unwrap();
         assert!(same.render().starts_with("no difference"), "{}", same.render());
     }
 

@@ -52,7 +52,7 @@ mod run;
 
 pub use load::{discover, load, parse};
 pub use report::{failure_report, junit, totals};
-pub use run::{CaseResult, Origin, SuiteResult, TxResult, run, run_with_policy};
+pub use run::{CaseResult, Origin, SuiteResult, TxResult, run};
 
 // ---------------------------------------------------------------------------------------
 // Validated tests.

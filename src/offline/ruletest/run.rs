@@ -195,14 +195,9 @@ impl SuiteResult {
     }
 }
 
-/// Runs every test of `suites` whose name `selected` accepts, with `walbust run`'s default
-/// manual-message policy.
-pub fn run(suites: &[Suite], selected: impl Fn(&str) -> bool) -> Vec<SuiteResult> {
-    run_with_policy(suites, &ManualPolicy::default(), selected)
-}
-
-/// [`run`] with the manual-message policy of a config (`manual_prefixes`, `manual_match_all`).
-pub fn run_with_policy(suites: &[Suite], policy: &ManualPolicy, selected: impl Fn(&str) -> bool) -> Vec<SuiteResult> {
+/// Runs every test of `suites` whose name `selected` accepts, applying manual messages as
+/// `policy` (a config's `manual_prefixes` and `manual_match_all`, or the default) says.
+pub fn run(suites: &[Suite], policy: &ManualPolicy, selected: impl Fn(&str) -> bool) -> Vec<SuiteResult> {
     suites
         .iter()
         .map(|s| SuiteResult {
