@@ -18,8 +18,15 @@ END
 $walbust$;
 GRANT CONNECT ON DATABASE "app" TO "walbust";
 
--- The publication: the tables the rules name, with TRUNCATE published.
-CREATE PUBLICATION walbust FOR TABLE public.plans, public.user_settings WITH (publish = 'insert, update, delete, truncate');
+-- The publication: the tables the rules name, with TRUNCATE published; created unless a
+-- publication of that name exists, which is left as it is.
+DO $walbust$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'walbust') THEN
+    CREATE PUBLICATION walbust FOR TABLE public.plans, public.user_settings WITH (publish = 'insert, update, delete, truncate');
+  END IF;
+END
+$walbust$;
 
 -- Manual invalidations ride pg_logical_emit_message(true, 'walbust', ...), so only the
 -- application roles that send them keep it: "app". walbust's role keeps it

@@ -31,6 +31,18 @@ pub fn create_publication(publication: &str, tables: &[&TableName]) -> String {
     format!("CREATE PUBLICATION {} FOR {target} WITH (publish = {});", sql_ident(publication), quote_literal(PUBLISH))
 }
 
+/// [`create_publication`] for a script that may run again: the publication is created only
+/// when none of that name exists (an existing one is left as it is; `walbust check
+/// --online` says what it lacks).
+pub fn create_publication_if_missing(publication: &str, tables: &[&TableName]) -> String {
+    let body = format!(
+        "BEGIN\n  IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = {name}) THEN\n    {create}\n  END IF;\nEND\n",
+        name = quote_literal(publication),
+        create = create_publication(publication, tables),
+    );
+    do_block(&body)
+}
+
 /// `ALTER PUBLICATION ... ADD TABLE` for `tables` the publication lacks.
 pub fn add_tables(publication: &str, tables: &[&TableName]) -> String {
     let names: Vec<String> = tables.iter().map(|t| sql_table(t)).collect();
@@ -313,6 +325,18 @@ mod tests {
         );
         let odd = create_role_if_missing("o'$walbust$", "app");
         assert!(odd.starts_with("DO $walbust_$\n") && odd.contains("rolname = 'o''$walbust$'"), "{odd}");
+    }
+
+    #[test]
+    fn the_scripts_publication_is_created_only_when_missing() {
+        assert_eq!(
+            create_publication_if_missing("walbust", &[&t("public", "users")]),
+            "DO $walbust$\nBEGIN\n  IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'walbust') THEN\n    \
+             CREATE PUBLICATION walbust FOR TABLE public.users WITH (publish = 'insert, update, delete, truncate');\n  \
+             END IF;\nEND\n$walbust$;\n"
+        );
+        let odd = create_publication_if_missing("p$walbust$'", &[]);
+        assert!(odd.starts_with("DO $walbust_$\n") && odd.contains("pubname = 'p$walbust$'''"), "{odd}");
     }
 
     #[test]

@@ -301,8 +301,9 @@ pub fn setup_sql_with(config: &Config, rules: &RuleSet, app_roles: &[String], li
     if !needs.exists {
         let _ = write!(
             out,
-            "-- The publication: the tables the rules name, with TRUNCATE published.\n{}\n\n",
-            fix::create_publication(publication, &tables),
+            "-- The publication: the tables the rules name, with TRUNCATE published; created unless a\n\
+             -- publication of that name exists, which is left as it is.\n{}\n",
+            fix::create_publication_if_missing(publication, &tables),
         );
     } else if needs.lacking.is_empty() {
         out.push_str("-- The publication exists and publishes every table the rules name.\n");
@@ -794,7 +795,7 @@ keys = ["odd:{id}"]
         let missing = catalog(Identity::Full, None);
         assert!(created(&run(&missing)), "run: {:#?}", run(&missing));
         assert!(created(&online(&missing)), "check --online: {:#?}", online(&missing));
-        assert!(script(None, Vec::new()).contains(&format!("\n{create}\n")), "setup");
+        assert!(script(None, Vec::new()).contains(&format!("\n    {create}\n")), "setup");
 
         // A replica identity that leaves out an old-row column a rule reads.
         let full = fix::replica_identity_full(&table("users"));

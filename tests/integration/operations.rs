@@ -159,7 +159,7 @@ async fn status_while_walbust_streams_shows_the_walsender_and_its_last_heartbeat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_of_an_unreachable_server_is_an_error_with_exit_code_2() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = support::free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("config.toml");
     std::fs::write(
@@ -465,4 +465,10 @@ async fn the_generated_setup_script_runs_as_is_with_odd_names() {
         .get(0);
     assert_eq!(published, 1, "{script}");
     assert!(replica_identity_advice(&db.client, &rules).await.expect("advice").is_empty());
+    // Run again, as a DBA re-running a saved script would: the role and the publication
+    // exist now, and the script printed without a connection still creates both.
+    let offline = setup_sql_with(&load(&files), &rules, std::slice::from_ref(&app), Err("no connection"));
+    for again in [&script, &offline] {
+        db.client.batch_execute(again).await.unwrap_or_else(|e| panic!("the script fails a second time: {e}\n{again}"));
+    }
 }
