@@ -338,7 +338,7 @@ pub(crate) async fn wait_sent(env: &Env, slot: &str, target: Lsn, limit: Duratio
 }
 
 pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(walbust::offline::throwaway::free_port()?)
 }
 
 /// walbust's metrics page, if it answers within 5 s.

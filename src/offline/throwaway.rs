@@ -864,7 +864,27 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-fn free_port() -> Result<u16, ThrowawayError> {
+/// The ports [`free_port`] hands out: below Linux's default ephemeral range
+/// (32768-60999), so that the local end of some outgoing connection cannot take a port
+/// between the moment it was found free and the moment its server binds it.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port that was free a moment ago and that no earlier call of this process
+/// returned. Each process starts at its own place in [`PORTS`], so that two test or bench
+/// processes running at once rarely try the same ports.
+pub fn free_port() -> Result<u16, ThrowawayError> {
+    static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+    let span = usize::from(PORTS.end - PORTS.start);
+    let start = std::process::id() as usize * 97 % span;
+    let _ = NEXT.compare_exchange(usize::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORTS.start + offset as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Every port of the range is taken: let the kernel pick one.
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port", "127.0.0.1:0"))?;
     listener.local_addr().map(|a| a.port()).map_err(io("finding a free port", "127.0.0.1:0"))
 }

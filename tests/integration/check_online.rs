@@ -168,7 +168,7 @@ async fn unreachable_database_is_a_usage_error_with_a_clear_message() {
     let s = support::shared();
     let db = fresh_db(&s.pg, "CREATE TABLE plans (id int PRIMARY KEY);").await;
     // A port nobody listens on: bound, then released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+    let port = support::free_port();
     let gone = TestDb { url: format!("postgres://postgres@127.0.0.1:{port}/{}?sslmode=disable", db.name), ..db };
     let files = write_config(&gone, &s.redis.url(), "[[rule]]\nname = \"p\"\ntable = \"plans\"\nkeys = [\"p\"]\n", "");
     let out = walbust_check(&files.path, &["--online"]).await;

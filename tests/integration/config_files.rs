@@ -58,7 +58,7 @@ fn a_missing_config_prints_one_error_line_with_the_os_reason_once_under_every_su
 #[test]
 fn an_unreachable_redis_under_invalidate_names_the_os_reason_once() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = crate::support::free_port();
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,

@@ -165,7 +165,7 @@ async fn a_role_without_replication_gets_an_error_naming_the_fix() {
 async fn several_hosts_are_tried_in_order_and_target_session_attrs_picks_the_server() {
     let port = support::shared().pg.port();
     // Nothing listens on the first port: a free one, taken and let go.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let dead = support::free_port();
     let hosts = format!("host=127.0.0.1,localhost port={dead},{port} user=postgres dbname=postgres sslmode=disable");
     for attrs in ["any", "read-write", "primary", "prefer-standby"] {
         let info = conninfo(&format!("{hosts} target_session_attrs={attrs}"));

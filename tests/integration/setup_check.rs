@@ -80,7 +80,7 @@ async fn setup_prints_the_script_without_the_password_file_and_says_why_identity
     let s = support::shared();
     let db = fresh_db(&s.pg, &tables_only()).await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = support::free_port();
     let config = dir.path().join("config.toml");
     std::fs::write(dir.path().join("demo.toml"), include_str!("../../rules/demo.toml")).unwrap();
     // Nothing listens on `port`, and the password file does not exist yet.
