@@ -5,15 +5,6 @@ use crate::support::markers::{Markers, write_load};
 use crate::support::{self, Walbust, free_port, fresh_db, http_get, redis_conn, wait_until, write_config_with};
 use std::time::{Duration, Instant};
 
-/// The walsender holding `slot`, if any.
-async fn holder(client: &tokio_postgres::Client, slot: &str) -> Option<i32> {
-    let row = client
-        .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
-        .await
-        .expect("slot query");
-    row.map(|r| r.get(0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_within_seconds_of_a_kill_9_and_loses_no_invalidation() {
     let s = support::shared();
@@ -29,10 +20,10 @@ async fn a_standby_takes_over_within_seconds_of_a_kill_9_and_loses_no_invalidati
     let args = ["--log-level", "info", "run", "--config"];
     let mut active = Walbust::spawn(&args, &active_files.path, std::process::Stdio::null());
     wait_until(Duration::from_secs(60), "the active instance to hold the slot", || async {
-        holder(&db.client, &n).await.is_some()
+        support::streaming_walsender(&db.client, &n).await.is_some()
     })
     .await;
-    let first = holder(&db.client, &n).await;
+    let first = support::streaming_walsender(&db.client, &n).await;
 
     let log = standby_files.path.with_file_name("standby.log");
     let standby = Walbust::spawn(&args, &standby_files.path, std::fs::File::create(&log).unwrap().into());
@@ -55,7 +46,7 @@ async fn a_standby_takes_over_within_seconds_of_a_kill_9_and_loses_no_invalidati
     active.0.wait().expect("reap");
     let killed = Instant::now();
     wait_until(Duration::from_secs(30), "the standby to hold the slot", || async {
-        holder(&db.client, &n).await.is_some_and(|pid| Some(pid) != first)
+        support::streaming_walsender(&db.client, &n).await.is_some_and(|pid| Some(pid) != first)
     })
     .await;
     let took = killed.elapsed();

@@ -216,17 +216,10 @@ async fn a_second_instance_says_the_busy_slot_is_held_by_the_servers_walsender_w
     let n = &db.name;
     let files = write_config(&db, &s.redis.url(), PLAN_RULE, "");
     let first = support::Walbust::spawn(&["--log-level", "warn", "run", "--config"], &files.path, Stdio::null());
-    let walsender = || async {
-        let row = db
-            .client
-            .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active", &[n])
-            .await
-            .expect("slot query");
-        row.map(|r| r.get::<_, i32>(0))
-    };
-    support::wait_until(DEADLINE, "the first instance to hold its slot", || async { walsender().await.is_some() })
+    let walsender = || support::streaming_walsender(&db.client, n);
+    support::wait_until(DEADLINE, "the first instance to stream its slot", || async { walsender().await.is_some() })
         .await;
-    let pid = walsender().await.expect("the slot is held");
+    let pid = walsender().await.expect("the slot is streamed");
 
     let log = files.path.with_file_name("second.log");
     let second = support::Walbust::spawn(

@@ -398,6 +398,20 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// The pid of the walsender that streams `slot` (past `START_REPLICATION`), if one does. A
+/// walsender that only created the slot holds it a moment before the streaming one does.
+pub async fn streaming_walsender(client: &tokio_postgres::Client, slot: &str) -> Option<i32> {
+    let row = client
+        .query_opt(
+            "SELECT s.active_pid FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+             WHERE s.slot_name = $1 AND r.state IN ('catchup', 'streaming')",
+            &[&slot],
+        )
+        .await
+        .expect("slot query");
+    row.map(|r| r.get(0))
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago, handed out once.
 pub fn free_port() -> u16 {
     walbust::offline::throwaway::free_port().expect("a free port")
