@@ -3,7 +3,7 @@
 //! and the logs say each thing once, plainly, at the right level.
 
 use crate::support::{
-    self, StderrLog, TestDb, Walbust, free_port, fresh_db, http_get as get, wait_until, write_config_with,
+    self, StderrLog, TestDb, Walbust, containing, free_port, fresh_db, http_get as get, wait_until, write_config_with,
 };
 use regex::Regex;
 use std::collections::BTreeSet;
@@ -341,9 +341,9 @@ async fn healthz_says_redis_is_down_at_start_without_a_write_and_recovers_within
     log.wait_for("redis reachable again after", Duration::from_secs(10)).await;
     assert_eq!(walbust.terminate(), Some(0));
 
-    let lines = log.lines();
+    let lines = log.read_to_end();
     assert!(lines.iter().all(|l| !l.contains('\u{1b}')), "no colour codes into a pipe:\n{}", lines.join("\n"));
-    let pings = log.matching("redis does not answer a ping");
+    let pings = containing(&lines, "redis does not answer a ping");
     // Pings fail every second while Redis is down; the outage is logged when it starts (and
     // again only after a minute).
     assert!((1..=2).contains(&pings.len()), "the outage is logged once when it starts:\n{}", lines.join("\n"));
@@ -353,7 +353,7 @@ async fn healthz_says_redis_is_down_at_start_without_a_write_and_recovers_within
         "the cause is said once: {}",
         pings[0]
     );
-    let stopped = log.matching("stopped; everything applied is acknowledged");
+    let stopped = containing(&lines, "stopped; everything applied is acknowledged");
     assert_eq!(stopped.len(), 1, "{}", lines.join("\n"));
 }
 
@@ -376,8 +376,8 @@ async fn a_transaction_is_one_debug_line_without_keys_and_its_keys_show_only_at_
             .expect("a transaction");
         log.wait_for(" transaction ", Duration::from_secs(60)).await;
         assert_eq!(walbust.terminate(), Some(0));
-        let lines = log.lines();
-        let transaction = log.matching(" transaction ");
+        let lines = log.read_to_end();
+        let transaction = containing(&lines, " transaction ");
         assert_eq!(transaction.len(), 1, "{}", lines.join("\n"));
         let line = &transaction[0];
         assert!(line.contains(" DEBUG "), "{line}");
@@ -428,16 +428,16 @@ async fn a_terminated_backend_is_a_warning_with_its_sqlstate_and_streaming_resum
     log.wait_for("57P01", Duration::from_secs(60)).await;
     assert_eq!(walbust.terminate(), Some(0));
 
-    let lines = log.lines();
+    let lines = log.read_to_end();
     let all = lines.join("\n");
-    let sqlstate = log.matching("57P01");
+    let sqlstate = containing(&lines, "57P01");
     assert!(sqlstate.iter().all(|l| l.contains(" WARN ")), "a transient failure is a warning:\n{all}");
     assert!(
         sqlstate.iter().any(|l| l.contains("terminating connection due to administrator command")),
         "the server's message:\n{all}"
     );
     assert!(lines.iter().all(|l| !l.contains("db error")), "never a bare `db error`:\n{all}");
-    let interrupted = log.matching("replication interrupted");
+    let interrupted = containing(&lines, "replication interrupted");
     assert_eq!(interrupted.len(), 1, "{all}");
     assert!(
         interrupted[0].contains("the replication stream failed") && !interrupted[0].contains("connection failed"),

@@ -343,10 +343,16 @@ impl Drop for Walbust {
     }
 }
 
+/// The lines of `lines` that contain `needle`.
+pub fn containing(lines: &[String], needle: &str) -> Vec<String> {
+    lines.iter().filter(|l| l.contains(needle)).cloned().collect()
+}
+
 /// Every line a child process writes to stderr, collected as it comes and echoed, so a
 /// failing test shows them.
 pub struct StderrLog {
     lines: Arc<std::sync::Mutex<Vec<String>>>,
+    reader: std::thread::JoinHandle<()>,
 }
 
 impl StderrLog {
@@ -356,13 +362,24 @@ impl StderrLog {
         let stderr = child.stderr.take().expect("stderr is piped");
         let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
         let collected = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("{line}");
                 collected.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
-        StderrLog { lines }
+        StderrLog { lines, reader }
+    }
+
+    /// Every line, once the process has exited: waits (up to 30 s) until the pipe is read to
+    /// its end, since the last lines may still be in it when the exit is seen.
+    pub fn read_to_end(self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.reader.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "stderr still open 30 s after the exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.lines()
     }
 
     /// The lines so far.
@@ -372,7 +389,7 @@ impl StderrLog {
 
     /// The lines so far that contain `needle`.
     pub fn matching(&self, needle: &str) -> Vec<String> {
-        self.lines().into_iter().filter(|l| l.contains(needle)).collect()
+        containing(&self.lines(), needle)
     }
 
     /// Waits for a line containing `needle`; panics at the caller's line after `timeout`.
