@@ -164,7 +164,7 @@ impl ThrowawayPostgres {
         }
         let mut conf = format!(
             "\n# throwaway cluster\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
-             wal_level = logical\nmax_wal_senders = 64\nmax_replication_slots = 64\nmax_connections = 200\n\
+             wal_level = logical\nmax_wal_senders = 64\nmax_replication_slots = 256\nmax_connections = 200\n\
              fsync = off\nfull_page_writes = off\nshared_buffers = 64MB\nlog_min_messages = warning\n",
             self.port,
             self.root.display()
