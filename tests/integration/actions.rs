@@ -266,12 +266,10 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
     let all: Vec<String> = ["old:1", "old:2", "new:1", "new:2"].iter().map(|k| format!("{n}:{k}")).collect();
     cache(&mut redis, &all).await;
     let (walbust, log) = run_logged(&files.path);
-    let slot_active = || async {
-        let row =
-            db.client.query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&n]).await.unwrap();
-        row.is_some_and(|r| r.get::<_, bool>(0))
-    };
-    wait_until(Duration::from_secs(60), "walbust to hold its slot", slot_active).await;
+    wait_until(Duration::from_secs(60), "walbust to stream its slot", || async {
+        support::streaming_walsender(&db.client, &n).await.is_some()
+    })
+    .await;
     let hup = |child: &support::Walbust| child.signal(libc::SIGHUP);
     let log_has = |needle: &'static str| log_has(&log, needle);
 
@@ -296,7 +294,8 @@ async fn sighup_with_broken_rules_keeps_the_old_ones_and_with_good_rules_swaps_t
 
     let expected = [all[1].clone(), all[2].clone()];
     let mut left = Vec::new();
-    for _ in 0..400 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
         left = existing(&mut redis, &all).await;
         if left == expected {
             break;

@@ -310,6 +310,21 @@ async fn cluster_failover_and_slot_migration_under_writes_leave_no_marker() {
         nodes(&c).into_iter().filter(|(_, (_, p, _))| *p).map(|(id, (port, _, _))| (id, port)).collect();
     let (from, to) = (primaries[0].clone(), primaries[1].clone());
     let seed = format!("127.0.0.1:{}", to.1);
+    // redis-cli refuses to reshard while the nodes disagree about the failover.
+    wait_until(Duration::from_secs(60), "every node to agree on the slots after the failover", || {
+        let seed = seed.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new("redis-cli")
+                    .args(["--cluster", "check", &seed])
+                    .output()
+                    .is_ok_and(|out| out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("[ERR]"))
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
     let reshard = tokio::task::spawn_blocking(move || {
         std::process::Command::new("redis-cli")
             .args(["--cluster", "reshard", &seed, "--cluster-from", &from.0, "--cluster-to", &to.0])

@@ -144,7 +144,8 @@ async fn a_promoted_standby_resumes_from_the_synchronized_slot_and_loses_no_inva
     .await;
 
     // The writer: cache a marker, then commit the row it stands for, on whichever server is
-    // the primary; a write whose outcome is unknown is retried (ON CONFLICT: at most once).
+    // the primary; a write whose outcome is unknown is retried as an upsert, which changes
+    // the row either way.
     let writer_url = format!(
         "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname={name} target_session_attrs=read-write connect_timeout=2",
         primary.port(),
@@ -174,7 +175,10 @@ async fn a_promoted_standby_resumes_from_the_synchronized_slot_and_loses_no_inva
                 };
                 let key = format!("{name}:item:{id}");
                 let _: () = redis::cmd("SET").arg(&key).arg("cached").query_async(&mut redis).await.expect("marker");
-                match c.execute("INSERT INTO items (id) VALUES ($1) ON CONFLICT DO NOTHING", &[&id]).await {
+                // A retry after a commit whose answer was lost still changes the row, so the
+                // marker set again before it is busted again.
+                let upsert = "INSERT INTO items (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET at = now()";
+                match c.execute(upsert, &[&id]).await {
                     Ok(_) => {
                         id += 1;
                         committed.store(id as u64, Ordering::Relaxed);
