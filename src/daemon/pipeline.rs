@@ -461,12 +461,14 @@ async fn apply_loop<S: Sink>(
     abandon: Arc<tokio::sync::Notify>,
 ) {
     let Consistency { mut gate, mut redeletes } = consistency;
+    let mut redis = RedisState::default();
+    // The first ping goes at once, before the gate's first connection is waited for: a wrong
+    // URL or a Redis that is down shows before any write, however slow Postgres answers.
+    redis.ping(&mut sink, &observers).await;
+    let mut next_ping = tokio::time::Instant::now() + if redis.outage.is_on() { PING_DOWN } else { PING_IDLE };
     if let Some(gate) = gate.as_mut() {
         gate.connected().await;
     }
-    let mut redis = RedisState::default();
-    // The first ping goes at once: a wrong URL or a Redis that is down shows before any write.
-    let mut next_ping = tokio::time::Instant::now();
     loop {
         let due = redeletes.as_ref().and_then(Redeletes::next_due).map(tokio::time::Instant::from_std);
         // A batch goes first: second deletes that are due ride along with it.
