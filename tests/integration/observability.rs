@@ -319,7 +319,7 @@ async fn healthz_says_redis_is_down_at_start_without_a_write_and_recovers_within
     let redis_down = move || async move {
         get(port, "/healthz").is_some_and(|(code, body)| code == 503 && body.contains("redis unreachable"))
     };
-    wait_until(Duration::from_secs(30), "/healthz to say Redis is unreachable, with no write", redis_down).await;
+    wait_until(Duration::from_secs(10), "/healthz to say Redis is unreachable, with no write", redis_down).await;
     let (_, body) = get(port, "/healthz").expect("healthz");
     assert!(body.contains("failed while answering a ping"), "the reason: {body}");
     // Streaming starts meanwhile; only Redis keeps it unhealthy.
@@ -335,7 +335,7 @@ async fn healthz_says_redis_is_down_at_start_without_a_write_and_recovers_within
     .await
     .unwrap();
     let healthy = move || async move { get(port, "/healthz").is_some_and(|(code, _)| code == 200) };
-    wait_until(Duration::from_secs(30), "/healthz to turn healthy after Redis started", healthy).await;
+    wait_until(Duration::from_secs(10), "/healthz to turn healthy after Redis started", healthy).await;
     let text = get(port, "/metrics").expect("metrics").1;
     assert!(text.contains("\nwalbust_redis_reachable 1\n") && text.contains("\nwalbust_streaming 1\n"), "{text}");
     log.wait_for("redis reachable again after", Duration::from_secs(30)).await;
