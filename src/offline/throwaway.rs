@@ -870,7 +870,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 const PORTS: std::ops::Range<u16> = 20_000..32_000;
 
 /// A loopback port that was free a moment ago and that no earlier call of this process
-/// returned. Each process starts at its own place in [`PORTS`], so that two test or bench
+/// returned. Each process starts at its own place in 20000-31999, so that two test or bench
 /// processes running at once rarely try the same ports.
 pub fn free_port() -> Result<u16, ThrowawayError> {
     static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
