@@ -35,12 +35,8 @@ pub fn create_publication(publication: &str, tables: &[&TableName]) -> String {
 /// when none of that name exists (an existing one is left as it is; `walbust check
 /// --online` says what it lacks).
 pub fn create_publication_if_missing(publication: &str, tables: &[&TableName]) -> String {
-    let body = format!(
-        "BEGIN\n  IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = {name}) THEN\n    {create}\n  END IF;\nEND\n",
-        name = quote_literal(publication),
-        create = create_publication(publication, tables),
-    );
-    do_block(&body)
+    let exists = format!("SELECT FROM pg_publication WHERE pubname = {}", quote_literal(publication));
+    unless_exists(&exists, &create_publication(publication, tables))
 }
 
 /// `ALTER PUBLICATION ... ADD TABLE` for `tables` the publication lacks.
@@ -86,13 +82,14 @@ pub fn create_role(role: &str, database: &str) -> String {
 /// [`create_role`] for a script that may run again: the role is created only when no role
 /// of that name exists (an existing one is left as it is).
 pub fn create_role_if_missing(role: &str, database: &str) -> String {
-    let body = format!(
-        "BEGIN\n  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {name}) THEN\n    \
-         CREATE ROLE {r} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;\n  END IF;\nEND\n",
-        name = quote_literal(role),
-        r = quote_ident(role),
-    );
-    format!("{}GRANT CONNECT ON DATABASE {} TO {};\n", do_block(&body), quote_ident(database), quote_ident(role))
+    let create = format!("CREATE ROLE {} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;", quote_ident(role));
+    let exists = format!("SELECT FROM pg_roles WHERE rolname = {}", quote_literal(role));
+    format!(
+        "{}GRANT CONNECT ON DATABASE {} TO {};\n",
+        unless_exists(&exists, &create),
+        quote_ident(database),
+        quote_ident(role)
+    )
 }
 
 /// `ALTER ROLE ... LOGIN REPLICATION`, for an existing role that lacks either.
@@ -140,6 +137,11 @@ pub fn emit_message_grants(roles: &[String], revoke: &[String]) -> String {
     }
     body.push_str("  END LOOP;\nEND\n");
     do_block(&body)
+}
+
+/// A `DO` block that runs `statement` only when the query `exists` returns no row.
+fn unless_exists(exists: &str, statement: &str) -> String {
+    do_block(&format!("BEGIN\n  IF NOT EXISTS ({exists}) THEN\n    {statement}\n  END IF;\nEND\n"))
 }
 
 /// `body` as a `DO` block, in a dollar-quote tag that the body (role names included)

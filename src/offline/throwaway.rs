@@ -873,12 +873,11 @@ const PORTS: std::ops::Range<u16> = 20_000..32_000;
 /// returned. Each process starts at its own place in 20000-31999, so that two test or bench
 /// processes running at once rarely try the same ports.
 pub fn free_port() -> Result<u16, ThrowawayError> {
-    static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
     let span = usize::from(PORTS.end - PORTS.start);
-    let start = std::process::id() as usize * 97 % span;
-    let _ = NEXT.compare_exchange(usize::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    let start = std::process::id() as usize * 97;
     for _ in 0..span {
-        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let offset = (start + CALLS.fetch_add(1, Ordering::Relaxed)) % span;
         let port = PORTS.start + offset as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
