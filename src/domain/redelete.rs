@@ -15,8 +15,10 @@
 
 use crate::domain::action::Action;
 use crate::postgres::lsn::Lsn;
+use foldhash::fast::RandomState;
+use foldhash::{HashMap, HashMapExt};
 use indexmap::IndexSet;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// What one pending action costs beyond its bytes: the entry's slot and the index's.
@@ -36,7 +38,7 @@ pub fn is_delete(action: &Action) -> bool {
 #[derive(Debug)]
 struct Entry {
     due: Instant,
-    actions: IndexSet<Action>,
+    actions: IndexSet<Action, RandomState>,
     ack: Option<Lsn>,
 }
 
@@ -97,7 +99,7 @@ impl Redeletes {
         let seq = self.front_seq + self.entries.len() as u64;
         // Batches are applied in order, but a clock step must not reorder the queue.
         let due = self.entries.back().map_or(visible_at + self.after, |last| last.due.max(visible_at + self.after));
-        self.entries.push_back(Entry { due, actions: IndexSet::new(), ack });
+        self.entries.push_back(Entry { due, actions: IndexSet::default(), ack });
         // In the batch's order, which is the order Redis applies it in.
         for action in actions {
             if let Action::Set { key, .. } = action {

@@ -11,14 +11,14 @@
 
 use crate::postgres::WalStatus;
 use crate::postgres::lsn::Lsn;
+use foldhash::HashMap;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, prometheus_text};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -197,12 +197,12 @@ pub const REDIS_APPLY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// [`Counter`] handles found again by a small key (an OID and op, a rule's address and an
-/// action kind), hashed with a multiply-rotate mix rather than SipHash: the per-change path
+/// action kind), hashed with foldhash rather than SipHash: the per-change path
 /// counts without hashing label strings or taking the registry's lock. Two keys resolving
 /// to the same label set share one counter, so a key only has to be stable, not unique.
 #[derive(Debug)]
 pub struct CounterCache<K> {
-    map: HashMap<K, Counter, BuildHasherDefault<MixHasher>>,
+    map: HashMap<K, Counter>,
 }
 
 impl<K: Hash + Eq> Default for CounterCache<K> {
@@ -220,41 +220,6 @@ impl<K: Hash + Eq> CounterCache<K> {
     /// Forgets every handle (the counters themselves keep their counts in the registry).
     pub fn clear(&mut self) {
         self.map.clear();
-    }
-}
-
-/// A fast, unkeyed hasher for small integer keys the process itself chooses (never for
-/// data from outside, which could be crafted to collide).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct MixHasher(u64);
-
-impl MixHasher {
-    const K: u64 = 0x517c_c1b7_2722_0a95;
-
-    fn mix(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(Self::K);
-    }
-}
-
-impl Hasher for MixHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.mix(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.mix(u64::from(n));
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.mix(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
     }
 }
 

@@ -11,7 +11,7 @@ use super::template::{Filter, Image, Part, Template, Value as Placeholder};
 use super::{Op, Rule, RuleSet, TableName, Test};
 use crate::domain::action::{Action, MAX_KEY_BYTES, MAX_VALUE_BYTES, glob_escape_into};
 use crate::postgres::pgoutput::{OldTuple, Relation, Tuple, Value};
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::fmt;
 use std::fmt::Write as _;
 use std::sync::Arc;

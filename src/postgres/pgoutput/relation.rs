@@ -1,6 +1,6 @@
 //! A cache of the table schemas announced by Relation messages.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use super::message::Relation;
