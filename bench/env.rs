@@ -2,6 +2,7 @@
 //! scenario shares, and the helpers that talk to them.
 
 use anyhow::{Context, bail, ensure};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -259,10 +260,32 @@ impl Env {
         metrics: Option<u16>,
         extra: &str,
     ) -> anyhow::Result<tokio::process::Child> {
+        self.spawn_walbust_wrapped(&[], bin, slot, create_slot, metrics, extra)
+    }
+
+    /// [`Env::spawn_walbust_with`] run under `wrapper`, a program and its arguments that
+    /// take the binary and its arguments next (callgrind), or directly when it is empty.
+    pub(crate) fn spawn_walbust_wrapped(
+        &self,
+        wrapper: &[OsString],
+        bin: &Path,
+        slot: &str,
+        create_slot: bool,
+        metrics: Option<u16>,
+        extra: &str,
+    ) -> anyhow::Result<tokio::process::Child> {
         let config = self.dir.join(format!("{slot}.toml"));
         std::fs::write(&config, self.config_text_with(slot, create_slot, metrics, extra))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("walbust.log"))?;
-        let child = tokio::process::Command::new(bin)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = tokio::process::Command::new(program);
+                command.args(args).arg(bin);
+                command
+            }
+            None => tokio::process::Command::new(bin),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&config)

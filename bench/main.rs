@@ -12,6 +12,7 @@ mod consistency;
 mod cost;
 mod drain;
 mod env;
+mod instructions;
 mod large_txn;
 mod latency;
 mod measure;
@@ -34,6 +35,8 @@ enum Scenario {
     Soak,
     /// The consistency oracle (stale keys, on and off) and the cost of never-stale.
     Consistency,
+    /// Instructions per change under callgrind, beside `--baseline` when given.
+    Instructions,
 }
 
 /// walbust benchmarks; every scenario starts its own throwaway Postgres and Redis.
@@ -84,6 +87,10 @@ struct Cli {
     /// Drain also into a throwaway Redis Cluster (three primaries), beside the single node.
     #[arg(long)]
     pub(crate) cluster: bool,
+    /// A walbust binary built from another commit, counted beside this build on the same
+    /// WAL (instructions scenario).
+    #[arg(long)]
+    pub(crate) baseline: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) soak: soak::SoakArgs,
     #[command(flatten)]
@@ -129,6 +136,9 @@ async fn run(cli: Cli, walbust_bin: PathBuf) -> anyhow::Result<()> {
     }
     if cli.scenario == Scenario::Consistency {
         consistency::consistency(&cli, &env, &walbust_bin).await?;
+    }
+    if cli.scenario == Scenario::Instructions {
+        instructions::instructions(&cli, &env, &walbust_bin).await?;
     }
     Ok(())
 }

@@ -859,7 +859,8 @@ pub fn postgres_bin_dir() -> Result<PathBuf, ThrowawayError> {
     )
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+/// The first file called `name` in a directory of `PATH`.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
